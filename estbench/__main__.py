@@ -1,0 +1,5 @@
+import sys
+
+from estbench.cli import main
+
+sys.exit(main())

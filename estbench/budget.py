@@ -1,0 +1,43 @@
+"""The budget every estimator gets on a task: identical for all of them, so comparisons are fair."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """steps: optimiser steps; n_samples: f-evaluations per data point per step (the estimator
+    spends them as it likes, in whole units); checkpoints: how many evenly spaced measurement points
+    (including step 0 and the last step); measure_samples: independent gradient estimates M per
+    measurement (bias and variance come from these)."""
+
+    steps: int = 100
+    n_samples: int = 4
+    checkpoints: int = 3
+    measure_samples: int = 256
+
+    def __post_init__(self):
+        for k in ("steps", "n_samples", "checkpoints", "measure_samples"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"budget {k} must be an integer, got {v!r}")
+        if self.steps < 0:
+            raise ValueError(f"budget steps must be >= 0, got {self.steps}")
+        if self.n_samples < 1:
+            raise ValueError(f"budget n_samples must be >= 1, got {self.n_samples}")
+        if self.checkpoints < 0:
+            raise ValueError(f"budget checkpoints must be >= 0, got {self.checkpoints}")
+        if self.checkpoints and self.measure_samples < 2:
+            raise ValueError(f"budget measure_samples must be >= 2 to estimate a variance, got {self.measure_samples}")
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps (before the update of that step) at which to measure; includes 0 and ``steps``."""
+        if self.checkpoints == 0:
+            return []
+        if self.checkpoints == 1 or self.steps == 0:
+            return [self.steps]
+        k = self.checkpoints
+        return sorted({round(i * self.steps / (k - 1)) for i in range(k)})
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,230 @@
+"""The ``estbench`` command line.
+
+    estbench run  [--tasks ...] [--estimators ...] [--seeds 0,1,2] [--device cpu|cuda|all]
+                  [--steps N] [--n-samples N] [--out DIR]
+    estbench list
+
+Lists are comma-separated; options go in the name, ``gumbel_softmax[temperature=0.5]``.
+Bad input gets one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import estimators
+import tasks
+from estbench import store, sweep, table
+from estbench.budget import Budget
+from estbench.spec import SpecError, parse_list, split_list
+
+DEFAULTS = Budget()
+DEFAULT_SEEDS = "0,1,2"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = []
+        for part in split_list(text):
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except (ValueError, SpecError):
+        raise UsageError(f"{what} must be comma-separated integers (or ranges a-b), got {text!r}") from None
+    if not out:
+        raise UsageError(f"{what} is empty")
+    if len(set(out)) != len(out):
+        raise UsageError(f"{what} lists a value twice: {text!r}")
+    return out
+
+
+def _positive(text: str, what: str, minimum: int = 1) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise UsageError(f"{what} must be an integer, got {text!r}") from None
+    if v < minimum:
+        raise UsageError(f"{what} must be >= {minimum}, got {v}")
+    return v
+
+
+def default_tasks() -> list[str]:
+    return [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
+
+
+def _progress_printer(stream, quiet: bool):
+    start = time.perf_counter()
+
+    def progress(i, n, cell, res, cached):
+        if quiet:
+            return
+        elapsed = time.perf_counter() - start
+        eta = elapsed / i * (n - i)
+        if cached:
+            status = "cached"
+        else:
+            status = res.status + (f": {res.error}" if res.error else "") + f" ({res.seconds:.1f}s)"
+        print(f"[{i}/{n}] {cell.label()} ... {status}  ETA {eta:.0f}s", file=stream, flush=True)
+
+    return progress
+
+
+def cmd_run(args) -> int:
+    try:
+        task_specs = parse_list(args.tasks) if args.tasks else parse_list(",".join(default_tasks()))
+        est_specs = parse_list(args.estimators) if args.estimators else parse_list(
+            ",".join(estimators.available()))
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    seeds = _ints(args.seeds, "--seeds")
+    if any(s < 0 for s in seeds):
+        raise UsageError("--seeds must be non-negative")
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
+    budget = Budget(
+        steps=_positive(args.steps, "--steps", 0),
+        n_samples=_positive(args.n_samples, "--n-samples"),
+        checkpoints=_positive(args.checkpoints, "--checkpoints", 0),
+        measure_samples=_positive(args.measure_samples, "--measure-samples", 2),
+    )
+    try:
+        plan = sweep.expand(task_specs, est_specs, seeds, devices, budget)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    err = sys.stderr
+    if plan.missing_devices:
+        if args.device == "cuda":
+            raise UsageError("--device cuda: CUDA is not available on this machine")
+        print("note: CUDA not available, running on cpu only", file=err)
+    for t, e, why in plan.skipped:
+        if args.estimators and args.tasks and not args.quiet:
+            print(f"note: skipping {t} x {e}: {why}", file=err)
+    if not plan.cells:
+        raise UsageError("nothing to run: no selected estimator supports the selected tasks' latent family")
+
+    out = Path(args.out) if args.out else Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_meta(out, {**store.run_metadata(sys.argv), "budget": budget.as_dict(),
+                           "tasks": [str(t) for t in task_specs],
+                           "estimators": [str(e) for e in est_specs], "seeds": seeds,
+                           "devices": devices})
+    if not args.quiet:
+        print(f"running {len(plan.cells)} cells ({len(task_specs)} tasks x {len(est_specs)} estimators"
+              f" x {len(seeds)} seeds, {budget.steps} steps, {budget.n_samples} f-evals/point) -> {out}",
+              file=err)
+    try:
+        sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet))
+    except KeyboardInterrupt:
+        store.write_merged(out)
+        print(f"interrupted: finished cells are kept in {out}; rerun the same command to finish", file=err)
+        return 130
+    store.write_merged(out)
+    records, cells = store.load(out)
+    keep = records[records.task.isin([str(t) for t in task_specs])
+                   & records.estimator.isin([str(e) for e in est_specs])
+                   & records.seed.isin(seeds)
+                   & (records.n_samples == budget.n_samples) & (records.steps == budget.steps)]
+    summ = table.summary(keep)
+    if args.json:
+        print(summ.to_json(orient="records"))
+    else:
+        print(table.render(summ, cells))
+        print(f"results: {out / 'results.parquet'} (tidy records), {out / 'cells'} (one file per cell)")
+    failed = cells[cells.status == "failed"] if not cells.empty else cells
+    return 0 if failed.empty else 1
+
+
+def _describe_options(cls) -> str:
+    if not cls.options:
+        return ""
+    return ", ".join(f"{k}={o.default!r}" for k, o in cls.options.items())
+
+
+def cmd_list(args) -> int:
+    out = []
+    out.append("tasks:")
+    for n in tasks.available():
+        c = tasks.get_class(n)
+        out.append(f"  {n:<18} [{c.family}] {c.description}")
+        for k, o in c.options.items():
+            out.append(f"      {k} = {o.default!r}  {o.doc}")
+    out.append("")
+    out.append("estimators:")
+    for n in estimators.available():
+        c = estimators.get_class(n)
+        fams = ",".join(sorted(c.families))
+        flag = "unbiased" if c.unbiased else "biased"
+        out.append(f"  {n:<18} [{fams}] {flag}; {c.paper}")
+        for k, o in c.options.items():
+            out.append(f"      {k} = {o.default!r}  {o.doc}")
+    skipped = {**tasks.skipped(), **estimators.skipped()}
+    if skipped:
+        out.append("")
+        out.append("skipped plug-ins:")
+        for k, v in skipped.items():
+            out.append(f"  {k}: {v}")
+    if args.json:
+        print(json.dumps({
+            "tasks": {n: {"family": tasks.get_class(n).family,
+                          "options": {k: o.default for k, o in tasks.get_class(n).options.items()}}
+                      for n in tasks.available()},
+            "estimators": {n: {"families": sorted(estimators.get_class(n).families),
+                               "unbiased": estimators.get_class(n).unbiased,
+                               "options": {k: o.default for k, o in estimators.get_class(n).options.items()}}
+                           for n in estimators.available()},
+            "skipped": skipped,
+        }, indent=2))
+    else:
+        print("\n".join(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="estbench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train and measure estimators on tasks; print a summary table")
+    r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks)")
+    r.add_argument("--estimators", help="comma-separated estimators with options (default: all)")
+    r.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
+    r.add_argument("--steps", default=str(DEFAULTS.steps), help=f"training steps (default {DEFAULTS.steps})")
+    r.add_argument("--n-samples", default=str(DEFAULTS.n_samples),
+                   help=f"f-evaluations per data point per step (default {DEFAULTS.n_samples})")
+    r.add_argument("--checkpoints", default=str(DEFAULTS.checkpoints),
+                   help=f"measurement points incl. start and end (default {DEFAULTS.checkpoints})")
+    r.add_argument("--measure-samples", default=str(DEFAULTS.measure_samples),
+                   help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
+    r.add_argument("--out", help="results folder (default results/runs/<timestamp>)")
+    r.add_argument("--force", action="store_true", help="recompute cells already in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="show every task and estimator with its options and defaults")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"estbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

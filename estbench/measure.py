@@ -1,0 +1,150 @@
+"""Measuring an estimator: M independent gradient estimates at fixed parameters vs a reference.
+
+The M estimates are computed in **one** pass.  The batch's distribution parameters are stacked M
+times on a new leading batch axis (``replicas``), so the estimator sees one problem with M x more
+batch elements; because estimators never mix batch elements, replica m's surrogate depends only on
+replica m's parameter slice.  One backward pass to the stacked parameters therefore yields M
+separate gradients w.r.t. the distribution parameters, and one vmapped vector-Jacobian product
+(``is_grads_batched``) carries them back to the estimated parameters (an encoder, say).
+``batched=False`` is the plain loop of M estimate/backward calls, kept for benchmarks and checks.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from estimators import families as fam
+from tasks import Reference, flat_grad
+
+
+def replicate(problem, M: int):
+    """The problem with M replicas stacked on a new leading batch axis.
+
+    Returns ``(params, stacked, dist, context)``: the original distribution parameters, their stacked
+    views (differentiate w.r.t. these for per-replica gradients), the replicated distribution and the
+    replicated context.
+    """
+    params = fam.params(problem.dist)
+    stacked = {k: v.unsqueeze(0).expand(M, *v.shape) for k, v in params.items()}
+    dist = fam.rebuild(problem.dist, stacked)
+    ctx = problem.context
+    if isinstance(ctx, torch.Tensor):
+        ctx = ctx.unsqueeze(0).expand(M, *ctx.shape)
+    return params, stacked, dist, ctx
+
+
+def _zeros_if_none(grads, like):
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
+
+
+def gradient_estimates(task, estimator, batch, n_samples: int, M: int, batched: bool = True):
+    """M gradient estimates of d/d(estimated params) sum_b E[f], as a ``(M, P)`` tensor.
+
+    The estimator is deep-copied first: measuring never changes the training estimator's state.
+    Returns ``(G, n_evals)``.
+    """
+    est = copy.deepcopy(estimator)
+    targets = task.estimated_parameters()
+    if not batched:
+        rows, n_evals = [], None
+        for _ in range(M):
+            prob = task.problem(batch)
+            e = est.estimate(prob.dist, prob.f, n_samples, prob.context)
+            rows.append(flat_grad(e.surrogate, targets))
+            n_evals = e.n_evals
+        return torch.stack(rows), n_evals
+
+    prob = task.problem(batch)
+    params, stacked, dist, ctx = replicate(prob, M)
+    e = est.estimate(dist, prob.f, n_samples, ctx)
+    keys = list(stacked)
+    g_stacked = torch.autograd.grad(
+        e.surrogate, [stacked[k] for k in keys], allow_unused=True, retain_graph=True
+    )
+    g_stacked = _zeros_if_none(g_stacked, [stacked[k] for k in keys])
+    outs = [params[k] for k in keys]
+    try:
+        per = torch.autograd.grad(
+            outs, targets, grad_outputs=g_stacked, is_grads_batched=True, allow_unused=True,
+            retain_graph=True,
+        )
+        per = [p if p is not None else torch.zeros(M, *t.shape, device=t.device, dtype=t.dtype)
+               for p, t in zip(per, targets)]
+        G = torch.cat([p.reshape(M, -1) for p in per], dim=1)
+    except RuntimeError:
+        # an op without a batching rule (some RNN kernels): fall back to one VJP per replica,
+        # which still shares the single forward pass and the single estimator call above
+        rows = []
+        for m in range(M):
+            gm = torch.autograd.grad(outs, targets, grad_outputs=[g[m] for g in g_stacked],
+                                     allow_unused=True, retain_graph=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
+                                   for g, t in zip(gm, targets)]))
+        G = torch.stack(rows)
+    return G.detach(), e.n_evals
+
+
+def summarise(G: torch.Tensor, ref: Reference) -> dict[str, float]:
+    """Bias, variance and friends of the estimates ``G`` (M x P) against the reference.
+
+    bias        ||mean_m G_m - ref||_2
+    bias_noise  the bias expected from Monte Carlo noise alone, sqrt(tr Cov / M + sum ref_se^2):
+                a bias well above it is real
+    variance    trace of the covariance of one estimate (sum of per-coordinate variances, ddof=1)
+    cosine      mean over estimates of cos(G_m, ref): how well one step points the right way
+    snr         ||mean G|| / sqrt(variance)
+    ref_norm    ||ref||_2, the scale the others are read against
+    """
+    G = G.double()
+    r = ref.grad.detach().double().to(G.device).reshape(-1)
+    M = G.shape[0]
+    mean = G.mean(0)
+    var = G.var(0, unbiased=True).sum()
+    noise = var / M
+    if ref.stderr is not None:
+        noise = noise + (ref.stderr.double().to(G.device) ** 2).sum()
+    rn = r.norm()
+    cos = torch.nn.functional.cosine_similarity(G, r.expand_as(G), dim=1, eps=1e-30)
+    if rn == 0:
+        cos = torch.full_like(cos, float("nan"))
+    out = {
+        "bias": (mean - r).norm(),
+        "bias_noise": noise.sqrt(),
+        "variance": var,
+        "cosine": cos.mean(),
+        "snr": mean.norm() / var.sqrt() if var > 0 else torch.tensor(math.inf),
+        "ref_norm": rn,
+    }
+    return {k: float(v) for k, v in out.items()}
+
+
+@contextmanager
+def isolated_rng(seed: int, device: torch.device):
+    """Run a block on its own RNG stream and restore the caller's afterwards.
+
+    torch.distributions samples from the default generator, so a checkpoint measurement is run
+    inside ``fork_rng``: the training stream continues exactly as if no measurement had happened.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        torch.manual_seed(seed)
+        yield
+
+
+def measure(task, estimator, n_samples: int, M: int, seed: int, batch=None,
+            reference: Optional[Reference] = None, batched: bool = True) -> dict[str, float]:
+    """All measurement metrics for one checkpoint, on the task's measurement batch."""
+    if batch is None:
+        batch = task.measure_batch()
+    device = task.device
+    with isolated_rng(seed, device):
+        if reference is None:
+            reference = task.reference_gradient(batch)
+        G, n_evals = gradient_estimates(task, estimator, batch, n_samples, M, batched=batched)
+    out = summarise(G, reference)
+    out["n_evals"] = float(n_evals)
+    return out

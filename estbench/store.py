@@ -1,0 +1,142 @@
+"""The results store: one Parquet file per finished cell, written atomically, merged on read.
+
+Layout of a run folder::
+
+    RUN/meta.json               run metadata (versions, device names, git commit, command)
+    RUN/cells/<key>.parquet     tidy records of one cell; its status row rides in the file metadata
+    RUN/results.parquet         all records merged (rewritten after every sweep; derived, disposable)
+
+A cell file appears only complete (temp file + ``os.replace``), so an interrupted sweep never leaves
+a half-written record, and a cell whose file exists is not recomputed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from estbench import __version__
+
+RECORD_COLUMNS = ["task", "estimator", "seed", "device", "n_samples", "steps", "step", "metric", "value"]
+_CELL_KEY = b"estbench.cell"
+
+
+def git_commit() -> str:
+    """The git commit of the estbench source tree (with ``-dirty`` if modified), or ''."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        if not sha:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def code_version() -> str:
+    """What goes into the cache key for 'the code': package version and git commit."""
+    return f"{__version__}+{git_commit() or 'nogit'}"
+
+
+def run_metadata(argv: list[str] | None = None) -> dict:
+    cuda = torch.cuda.is_available()
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "estbench": __version__,
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": __import__("numpy").__version__,
+        "pandas": pd.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "command": " ".join(argv) if argv is not None else None,
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
+    return df.astype({"seed": "int64", "n_samples": "int64", "steps": "int64", "step": "int64",
+                      "value": "float64"})
+
+
+def cell_path(run_dir: Path, key: str) -> Path:
+    return Path(run_dir) / "cells" / f"{key}.parquet"
+
+
+def write_cell(run_dir: Path, key: str, result) -> Path:
+    """Write one finished cell's records atomically; returns the path."""
+    table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
+    row = {**result.summary_row(), "key": key}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           _CELL_KEY: json.dumps(row).encode()})
+    path = cell_path(run_dir, key)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return path
+
+
+def write_meta(run_dir: Path, meta: dict) -> None:
+    path = Path(run_dir) / "meta.json"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def load(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All records of a run folder as one long DataFrame, and one status row per cell.
+
+    Unreadable or foreign files under ``cells/`` are skipped with a warning naming them.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no results folder at {run_dir}")
+    frames, rows = [], []
+    for path in sorted((run_dir / "cells").glob("*.parquet")):
+        try:
+            table = pq.read_table(path)
+            meta = table.schema.metadata or {}
+            if _CELL_KEY not in meta or not set(RECORD_COLUMNS) <= set(table.column_names):
+                raise ValueError("not an estbench cell record")
+            rows.append(json.loads(meta[_CELL_KEY]))
+            frames.append(table.to_pandas()[RECORD_COLUMNS])
+        except Exception as exc:
+            warnings.warn(f"skipping unreadable results file {path}: {exc}", stacklevel=2)
+    records = pd.concat(frames, ignore_index=True) if frames else records_frame([])
+    cells = pd.DataFrame(rows)
+    return records, cells
+
+
+def write_merged(run_dir: Path) -> Path:
+    records, _ = load(run_dir)
+    path = Path(run_dir) / "results.parquet"
+    _atomic_write(path, lambda tmp: records.to_parquet(tmp, index=False))
+    return path

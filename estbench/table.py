@@ -1,0 +1,66 @@
+"""The summary table of a run: one row per task x estimator, means over seeds.
+
+Derived from the tidy records only.  bias and variance are averaged over the checkpoints of a cell
+(along its training trajectory), then over seeds; step time is seconds per training step; final
+ELBO is the task's held-out figure at the end (higher is better).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+SUMMARY_METRICS = ["final_elbo", "bias", "variance", "cosine", "step_time", "n_evals", "diverged"]
+
+
+def summary(records: pd.DataFrame) -> pd.DataFrame:
+    if records.empty:
+        return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS])
+    keys = ["task", "estimator", "seed", "device"]
+    per_cell = (records[records.metric.isin(SUMMARY_METRICS)]
+                .groupby(keys + ["metric"])["value"].mean().unstack("metric"))
+    per_cell = per_cell.reindex(columns=SUMMARY_METRICS)
+    grouped = per_cell.groupby(["task", "estimator", "device"])
+    out = grouped.mean()
+    out["final_elbo_sd"] = grouped["final_elbo"].std()
+    out["seeds"] = grouped.size()
+    out["diverged"] = grouped["diverged"].sum()
+    return out.reset_index()
+
+
+def _fmt(v, spec):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
+    """A fixed-width text table, grouped by task, sorted by final ELBO (best first)."""
+    if summary_df.empty:
+        return "(no results)"
+    header = f"{'estimator':<32} {'final ELBO':>18} {'bias':>10} {'variance':>10} {'cosine':>7} " \
+             f"{'step ms':>8} {'f-evals':>7} {'seeds':>5}"
+    lines = []
+    for (task, device), df in summary_df.groupby(["task", "device"], sort=True):
+        lines.append(f"== {task} [{device}] ==")
+        lines.append(header)
+        df = df.sort_values("final_elbo", ascending=False, na_position="last")
+        for _, r in df.iterrows():
+            elbo = _fmt(r.final_elbo, ".4f")
+            if not (isinstance(r.final_elbo_sd, float) and math.isnan(r.final_elbo_sd)):
+                elbo += f" ±{r.final_elbo_sd:.4f}"
+            note = f"  ({int(r.diverged)} diverged)" if r.diverged else ""
+            lines.append(
+                f"{r.estimator:<32} {elbo:>18} {_fmt(r.bias, '.3g'):>10} {_fmt(r.variance, '.3g'):>10} "
+                f"{_fmt(r.cosine, '.3f'):>7} {_fmt(r.step_time * 1e3 if r.step_time == r.step_time else float('nan'), '.2f'):>8} "
+                f"{_fmt(r.n_evals, '.0f'):>7} {int(r.seeds):>5}{note}"
+            )
+        lines.append("")
+    if cells is not None and not cells.empty:
+        bad = cells[cells.status == "failed"]
+        if len(bad):
+            lines.append("failed cells:")
+            for _, r in bad.drop_duplicates(["task", "estimator", "error"]).iterrows():
+                lines.append(f"  {r.task} x {r.estimator}: {r.error}")
+    return "\n".join(lines).rstrip() + "\n"

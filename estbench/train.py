@@ -1,0 +1,187 @@
+"""Train one cell -- (task, estimator, seed, device, budget) -- and return its tidy records.
+
+Every estimator on a task gets the same model initialisation, optimiser, learning rate, data order
+and seed; only the gradient estimate differs.  At checkpoints the harness measures bias and variance
+from M estimates on their own RNG stream (so the training curve is identical with measurement on or
+off), and at the end the task's held-out figure.  Divergence (a non-finite surrogate or gradient)
+ends the cell and is recorded, never raised.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import estimators
+import tasks
+from estbench import __version__
+from estbench.budget import Budget
+from estbench.measure import measure
+from estbench.spec import Spec, parse
+
+#: the identifying columns of every record, in order
+KEY_COLUMNS = ["task", "estimator", "seed", "device", "n_samples", "steps"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    estimator: str
+    seed: int
+    device: str
+    budget: Budget
+
+    def key(self, code_version: str = "") -> str:
+        """Content hash of everything that changes the result (and nothing else)."""
+        blob = json.dumps(
+            {"task": self.task, "estimator": self.estimator, "seed": self.seed,
+             "device": self.device, "budget": self.budget.as_dict(), "code": code_version},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def label(self) -> str:
+        return f"{self.task} x {self.estimator} seed={self.seed} {self.device}"
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    status: str  # "ok" | "diverged" | "failed"
+    records: list[dict] = field(default_factory=list)
+    error: str = ""
+    seconds: float = 0.0
+
+    def summary_row(self) -> dict:
+        d = {"task": self.cell.task, "estimator": self.cell.estimator, "seed": self.cell.seed,
+             "device": self.cell.device, **self.cell.budget.as_dict(),
+             "status": self.status, "error": self.error, "seconds": self.seconds}
+        return d
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _finite_grads(params) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def build(cell: Cell):
+    """Instantiate the task and estimator of a cell (ValueError with a clear message if impossible)."""
+    tspec, espec = parse(cell.task), parse(cell.estimator)
+    task = tasks.get(tspec.name, **tspec.options)
+    est = estimators.get(espec.name, **espec.options)
+    if task.family not in est.families:
+        raise estimators.FamilyError(
+            f"estimator {espec.name!r} supports {sorted(est.families)}; task {tspec.name!r} has "
+            f"{task.family!r} latents"
+        )
+    return task, est
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
+    return dev
+
+
+def run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellResult:
+    """Run one cell; never raises for estimator/task failures (they become a 'failed' status)."""
+    t_start = time.perf_counter()
+    res = CellResult(cell, "ok")
+    base = {"task": cell.task, "estimator": cell.estimator, "seed": cell.seed,
+            "device": cell.device, "n_samples": cell.budget.n_samples, "steps": cell.budget.steps}
+
+    def rec(step: int, metric: str, value: float) -> None:
+        res.records.append({**base, "step": int(step), "metric": metric, "value": float(value)})
+
+    try:
+        _train(cell, rec)
+    except _Diverged as d:
+        res.status = "diverged"
+        res.error = str(d)
+    except Exception as exc:  # recorded, not raised: one bad cell never stops a sweep
+        res.status = "failed"
+        res.error = f"{type(exc).__name__}: {exc}"
+        if log:
+            log("".join(traceback.format_exception_only(type(exc), exc)).strip())
+    rec(cell.budget.steps, "diverged", 1.0 if res.status == "diverged" else 0.0)
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+class _Diverged(Exception):
+    pass
+
+
+def _train(cell: Cell, rec) -> None:
+    budget = cell.budget
+    device = resolve_device(cell.device)
+    task, est = build(cell)
+    est.check_budget(budget.n_samples)
+    # three independent, explicitly seeded streams: model init, data order, and sampling
+    init_gen = torch.Generator().manual_seed(cell.seed)
+    data_gen = torch.Generator().manual_seed(cell.seed + 1_000_003)
+    task.setup(device, init_gen)
+    est.to(device)
+    optimizer = task.make_optimizer()
+    params = task.parameters()
+    batches = task.train_batches(data_gen)
+    checkpoints = set(budget.checkpoint_steps())
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                               device_type="cuda" if device.type == "cuda" else "cpu"):
+        torch.manual_seed(cell.seed)
+        train_time = 0.0
+        since_ckpt_steps, since_ckpt_obj = 0, 0.0
+        n_evals = float("nan")
+        for step in range(budget.steps + 1):
+            if step in checkpoints:
+                m = measure(task, est, budget.n_samples, budget.measure_samples,
+                            seed=cell.seed * 7919 + step)
+                m.pop("n_evals")  # recorded once, from training, at the end
+                for k, v in m.items():
+                    rec(step, k, v)
+                rec(step, "elbo", task.evaluate(final=False))
+                rec(step, "wall_time", train_time)
+                if since_ckpt_steps:
+                    rec(step, "train_objective", since_ckpt_obj / since_ckpt_steps)
+                since_ckpt_steps, since_ckpt_obj = 0, 0.0
+            if step == budget.steps:
+                break
+            batch = next(batches)
+            _sync(device)
+            t0 = time.perf_counter()
+            prob = task.problem(batch)
+            e = est.estimate(prob.dist, prob.f, budget.n_samples, prob.context)
+            objective = e.surrogate
+            if prob.analytic is not None:
+                objective = objective + prob.analytic
+            optimizer.zero_grad(set_to_none=True)
+            (-objective).backward()
+            if not torch.isfinite(objective.detach()) or not _finite_grads(params):
+                raise _Diverged(f"non-finite surrogate or gradient at step {step}")
+            optimizer.step()
+            est.update()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            since_ckpt_steps += 1
+            value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
+            since_ckpt_obj += float(value)
+            n_evals = float(e.n_evals)
+        final = task.evaluate(final=True)
+        if not math.isfinite(final):
+            raise _Diverged("non-finite final evaluation")
+        rec(budget.steps, "final_elbo", final)
+        rec(budget.steps, "n_evals", n_evals)
+        rec(budget.steps, "step_time", train_time / max(budget.steps, 1))

@@ -1,0 +1,102 @@
+"""Straight-through and continuous-relaxation estimators for discrete latents.
+
+All of them differentiate f itself (so f must accept relaxed inputs) and are biased for the
+original discrete objective; the harness measures that bias against the exact gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import distributions as D
+
+from .base import Estimate, Estimator, Option, check_f_output
+from . import families as fam
+
+DISCRETE = frozenset({"bernoulli", "categorical"})
+
+
+def relaxed_sample(dist, n, temperature):
+    """n reparameterised Concrete samples with the batch/event layout of ``dist``.
+
+    Bernoulli -> RelaxedBernoulli (the binary Concrete), categorical -> RelaxedOneHotCategorical:
+    y = softmax((logits + Gumbel noise) / temperature) (Maddison et al. 2017, Eq. 4; Jang et al. 2017, Eq. 1).
+    """
+    base, _ = fam.unwrap(dist)
+    t = torch.as_tensor(temperature, dtype=base.logits.dtype, device=base.logits.device)
+    if isinstance(base, D.Bernoulli):
+        relaxed = D.RelaxedBernoulli(t, logits=base.logits, validate_args=False)
+    else:
+        relaxed = D.RelaxedOneHotCategorical(t, logits=base.logits, validate_args=False)
+    return relaxed.rsample((n,))
+
+
+def harden(y, family):
+    """The discrete sample a relaxed sample rounds to: threshold at 1/2, or one-hot of the argmax.
+
+    For the Gumbel-max construction this rounding is an exact sample of the discrete distribution.
+    """
+    if family == "bernoulli":
+        return (y > 0.5).to(y.dtype)
+    return torch.nn.functional.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
+
+
+def straight_through(hard, soft):
+    """Forward value ``hard``, backward gradient of ``soft`` (Bengio, Leonard & Courville 2013)."""
+    return hard + (soft - soft.detach())
+
+
+class _Pathwise(Estimator):
+    families = DISCRETE
+    unbiased = False
+
+    def sample(self, dist, n, family):
+        raise NotImplementedError
+
+    def _estimate(self, dist, f, n, context, family):
+        z = self.sample(dist, n, family)
+        fz = check_f_output(f(z), n, dist.batch_shape, self.name)
+        return Estimate(fz.mean(0).sum(), fz.detach().mean(0), n)
+
+
+class StraightThrough(_Pathwise):
+    """Straight-through estimator (Bengio, Leonard & Courville 2013, Sec. 4): forward an exact
+    discrete sample, backward as if z were its mean (probabilities), i.e. grad ~ f'(z) dq/dlogits.
+    Biased unless f is linear in z; f is evaluated once per sample."""
+
+    name = "straight_through"
+    paper = "Bengio, Leonard & Courville (2013), arXiv:1308.3432, Sec. 4"
+
+    def sample(self, dist, n, family):
+        base, _ = fam.unwrap(dist)
+        hard = dist.sample((n,))
+        return straight_through(hard, base.probs.expand_as(hard))
+
+
+class GumbelSoftmax(_Pathwise):
+    """Gumbel-Softmax / Concrete relaxation (Jang, Gu & Poole 2017, Eq. 1; Maddison, Mnih & Teh 2017,
+    Eq. 4): f is evaluated at the relaxed sample and differentiated through the reparameterisation.
+    Biased for the discrete objective (it optimises the relaxed one); the bias shrinks and the
+    variance grows as the temperature goes to 0."""
+
+    name = "gumbel_softmax"
+    paper = "Jang, Gu & Poole (2017), ICLR, Eq. 1; Maddison, Mnih & Teh (2017), ICLR, Eq. 4"
+    options = {"temperature": Option(1.0, "relaxation temperature (> 0)")}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.config["temperature"] <= 0:
+            raise ValueError(f"gumbel_softmax: temperature must be > 0, got {self.config['temperature']}")
+
+    def sample(self, dist, n, family):
+        return relaxed_sample(dist, n, self.config["temperature"])
+
+
+class STGumbel(GumbelSoftmax):
+    """Straight-through Gumbel-Softmax (Jang, Gu & Poole 2017, Sec. 2.2): forward the exact discrete
+    sample hard(y), backward through the relaxed y.  f is only ever evaluated on discrete points."""
+
+    name = "st_gumbel"
+    paper = "Jang, Gu & Poole (2017), Categorical reparameterization with Gumbel-softmax, ICLR, Sec. 2.2"
+
+    def sample(self, dist, n, family):
+        y = relaxed_sample(dist, n, self.config["temperature"])
+        return straight_through(harden(y, family), y)

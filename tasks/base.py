@@ -1,0 +1,174 @@
+"""The task contract.
+
+A task owns its data, its model and its latent family, and tells the harness -- and nothing more:
+
+* ``setup(device, generator)``       build parameters (deterministically from ``generator``)
+* ``parameters()``                    every parameter the optimiser trains
+* ``estimated_parameters()``          those whose gradient the estimator *estimates*: the
+                                      distribution's parameters for toys, the encoder for models
+* ``train_batches(generator)``        the training data order (identical for every estimator)
+* ``measure_batch()``                 the fixed batch on which gradient estimates are measured
+* ``problem(batch)``                  a :class:`Problem`: ``dist``, ``f``, ``context`` and an
+                                      ``analytic`` part of the training objective (e.g. -KL)
+* ``reference_gradient(batch)``       d/d(estimated params) of sum_b E_q[f] as a :class:`Reference`
+* ``evaluate(final)``                 the held-out figure, higher is better (exact E[f] for toys)
+
+``f`` must broadcast over extra leading dimensions in front of ``dist.batch_shape`` (the harness
+stacks replicas of a batch there to compute many estimates in one pass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Optional
+
+import torch
+from torch import distributions as D
+
+from estimators.plugins import Option, configure, display_name
+
+_REGISTRY: dict[str, type["Task"]] = {}
+
+
+@dataclass
+class Problem:
+    """One batch's estimation problem: maximise sum_b E_{z~dist}[f(z)] + analytic."""
+
+    dist: D.Distribution
+    f: Callable[[torch.Tensor], torch.Tensor]
+    context: Optional[torch.Tensor] = None
+    #: differentiable scalar computed exactly (not estimated), e.g. minus an analytic KL; None if none
+    analytic: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Reference:
+    """A reference gradient, flattened over ``estimated_parameters()`` in order."""
+
+    grad: torch.Tensor
+    exact: bool
+    #: per-coordinate standard error when the reference is itself a Monte Carlo estimate
+    stderr: Optional[torch.Tensor] = None
+    #: how many samples a Monte Carlo reference used
+    n_samples: Optional[int] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def flat_grad(outputs: torch.Tensor, params: list[torch.Tensor], **kw) -> torch.Tensor:
+    """d outputs / d params flattened into one vector (zeros for parameters that do not matter)."""
+    grads = torch.autograd.grad(outputs, params, allow_unused=True, **kw)
+    return torch.cat([
+        (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)
+    ])
+
+
+class Task:
+    """Base class of every task; a subclass with a ``name`` registers itself."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    #: the optimiser every estimator gets on this task (same for all: the budget is fair)
+    optimizer: ClassVar[str] = "adam"
+    lr: ClassVar[float] = 1e-2
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            _REGISTRY[cls.name] = cls
+
+    def __init__(self, **options):
+        self.config = configure("task", self.name, self.options, options)
+        self.device = torch.device("cpu")
+
+    @property
+    def display_name(self) -> str:
+        return display_name(self.name, self.options, self.config)
+
+    # ---- to implement -------------------------------------------------------------------------
+    def setup(self, device: torch.device, generator: torch.Generator) -> None:
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def estimated_parameters(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def measure_batch(self) -> Any:
+        raise NotImplementedError
+
+    def problem(self, batch: Any) -> Problem:
+        raise NotImplementedError
+
+    def reference_gradient(self, batch: Any) -> Reference:
+        raise NotImplementedError
+
+    def evaluate(self, final: bool = False) -> float:
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------------------
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        params = self.parameters()
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr)
+        raise ValueError(f"task {self.name!r}: unknown optimizer {self.optimizer!r}")
+
+
+class ClosedFormToy(Task):
+    """A toy whose objective E_q[f] has a closed form: reference gradients and evaluation are exact.
+
+    Subclasses define ``init_params``, ``dist``, ``f`` and ``expected`` (the closed-form E_q[f], a
+    differentiable function of the parameters); everything else follows.  There is no data: every
+    batch is ``None`` and ``batch_shape`` is ``()``.
+    """
+
+    lr = 5e-2
+    #: toys are what ``estbench run`` runs when no task is named
+    in_default_run = True
+
+    def setup(self, device, generator):
+        self.device = torch.device(device)
+        self.params = {
+            k: torch.nn.Parameter(v.to(self.device)) for k, v in self.init_params(generator).items()
+        }
+
+    def init_params(self, generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dist(self) -> D.Distribution:
+        raise NotImplementedError
+
+    def f(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expected(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameters(self):
+        return list(self.params.values())
+
+    def estimated_parameters(self):
+        return self.parameters()
+
+    def train_batches(self, generator):
+        while True:
+            yield None
+
+    def measure_batch(self):
+        return None
+
+    def problem(self, batch):
+        return Problem(self.dist(), self.f)
+
+    def reference_gradient(self, batch):
+        return Reference(flat_grad(self.expected(), self.estimated_parameters()), exact=True)
+
+    @torch.no_grad()
+    def evaluate(self, final=False):
+        return float(self.expected())
