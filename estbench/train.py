@@ -183,5 +183,7 @@ def _train(cell: Cell, rec) -> None:
         if not math.isfinite(final):
             raise _Diverged("non-finite final evaluation")
         rec(budget.steps, "final_elbo", final)
+        for k, v in task.final_metrics().items():
+            rec(budget.steps, k, v)
         rec(budget.steps, "n_evals", n_evals)
         rec(budget.steps, "step_time", train_time / max(budget.steps, 1))

@@ -71,6 +71,11 @@ class Task:
     #: the optimiser every estimator gets on this task (same for all: the budget is fair)
     optimizer: ClassVar[str] = "adam"
     lr: ClassVar[float] = 1e-2
+    #: named budgets: {"quick": {...Budget fields...}, "standard": {...}}; ``estbench run --budget``
+    budgets: ClassVar[dict[str, dict]] = {
+        "quick": {"steps": 100, "n_samples": 4},
+        "standard": {"steps": 2000, "n_samples": 4},
+    }
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -109,6 +114,10 @@ class Task:
 
     def evaluate(self, final: bool = False) -> float:
         raise NotImplementedError
+
+    def final_metrics(self) -> dict[str, float]:
+        """Extra held-out figures recorded at the end of a cell (e.g. an IWAE bound, accuracy)."""
+        return {}
 
     # ---- shared -------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
