@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 import time
+
+import pandas as pd
 from datetime import datetime
 from pathlib import Path
 
@@ -90,14 +92,15 @@ def cmd_run(args) -> int:
     if any(s < 0 for s in seeds):
         raise UsageError("--seeds must be non-negative")
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
-    budget = Budget(
-        steps=_positive(args.steps, "--steps", 0),
-        n_samples=_positive(args.n_samples, "--n-samples"),
-        checkpoints=_positive(args.checkpoints, "--checkpoints", 0),
-        measure_samples=_positive(args.measure_samples, "--measure-samples", 2),
-    )
+    overrides = {}
+    for key, flag, minimum in [("steps", "--steps", 0), ("n_samples", "--n-samples", 1),
+                               ("checkpoints", "--checkpoints", 0),
+                               ("measure_samples", "--measure-samples", 2)]:
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = _positive(value, flag, minimum)
     try:
-        plan = sweep.expand(task_specs, est_specs, seeds, devices, budget)
+        plan = sweep.expand(task_specs, est_specs, seeds, devices, args.budget, overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
     err = sys.stderr
@@ -105,22 +108,25 @@ def cmd_run(args) -> int:
         if args.device == "cuda":
             raise UsageError("--device cuda: CUDA is not available on this machine")
         print("note: CUDA not available, running on cpu only", file=err)
+    if not plan.cells:
+        why = "; ".join(f"{e} {r}" for _, e, r in plan.skipped[:3])
+        raise UsageError(f"nothing to run: no selected estimator supports the selected tasks' latent "
+                         f"family ({why})")
     for t, e, why in plan.skipped:
         if args.estimators and args.tasks and not args.quiet:
             print(f"note: skipping {t} x {e}: {why}", file=err)
-    if not plan.cells:
-        raise UsageError("nothing to run: no selected estimator supports the selected tasks' latent family")
 
     out = Path(args.out) if args.out else Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    store.write_meta(out, {**store.run_metadata(sys.argv), "budget": budget.as_dict(),
+    budgets = {c.task: c.budget.as_dict() for c in plan.cells}
+    store.write_meta(out, {**store.run_metadata(sys.argv), "budget": args.budget, "budgets": budgets,
                            "tasks": [str(t) for t in task_specs],
                            "estimators": [str(e) for e in est_specs], "seeds": seeds,
                            "devices": devices})
     if not args.quiet:
         print(f"running {len(plan.cells)} cells ({len(task_specs)} tasks x {len(est_specs)} estimators"
-              f" x {len(seeds)} seeds, {budget.steps} steps, {budget.n_samples} f-evals/point) -> {out}",
-              file=err)
+              f" x {len(seeds)} seeds, budget {args.budget!r}"
+              + "".join(f", {k}={v}" for k, v in overrides.items()) + f") -> {out}", file=err)
     try:
         sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet))
     except KeyboardInterrupt:
@@ -129,10 +135,13 @@ def cmd_run(args) -> int:
         return 130
     store.write_merged(out)
     records, cells = store.load(out)
-    keep = records[records.task.isin([str(t) for t in task_specs])
-                   & records.estimator.isin([str(e) for e in est_specs])
-                   & records.seed.isin(seeds)
-                   & (records.n_samples == budget.n_samples) & (records.steps == budget.steps)]
+    if not cells.empty:
+        version = store.code_version()
+        cells = cells[cells.key.isin({c.key(version) for c in plan.cells})]
+    wanted = {(c.task, c.estimator, c.seed, c.device, c.budget.n_samples, c.budget.steps)
+              for c in plan.cells}
+    idx = pd.MultiIndex.from_frame(records[["task", "estimator", "seed", "device", "n_samples", "steps"]])
+    keep = records[idx.isin(list(wanted))] if len(records) else records
     summ = table.summary(keep)
     if args.json:
         print(summ.to_json(orient="records"))
@@ -197,12 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--estimators", help="comma-separated estimators with options (default: all)")
     r.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
-    r.add_argument("--steps", default=str(DEFAULTS.steps), help=f"training steps (default {DEFAULTS.steps})")
-    r.add_argument("--n-samples", default=str(DEFAULTS.n_samples),
-                   help=f"f-evaluations per data point per step (default {DEFAULTS.n_samples})")
-    r.add_argument("--checkpoints", default=str(DEFAULTS.checkpoints),
+    r.add_argument("--budget", default="quick", choices=["quick", "standard"],
+                   help="each task's named budget (default quick); the flags below override it")
+    r.add_argument("--steps", help=f"training steps (toys' quick budget: {DEFAULTS.steps})")
+    r.add_argument("--n-samples", dest="n_samples",
+                   help=f"f-evaluations per data point per step (toys: {DEFAULTS.n_samples})")
+    r.add_argument("--checkpoints",
                    help=f"measurement points incl. start and end (default {DEFAULTS.checkpoints})")
-    r.add_argument("--measure-samples", default=str(DEFAULTS.measure_samples),
+    r.add_argument("--measure-samples", dest="measure_samples",
                    help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
     r.add_argument("--out", help="results folder (default results/runs/<timestamp>)")
     r.add_argument("--force", action="store_true", help="recompute cells already in --out")

@@ -31,8 +31,18 @@ def check_spec(kind: str, spec: Spec):
     return estimators.get(spec.name, **spec.options)
 
 
+def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> Budget:
+    """The budget of a task: Budget defaults < the task's named budget < explicit overrides."""
+    if name not in task.budgets:
+        raise ValueError(f"task {task.name!r} has no budget {name!r}; it has {sorted(task.budgets)}")
+    return Budget(**{**task.budgets[name], **(overrides or {})})
+
+
 def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterable[int],
-           devices: Iterable[str], budget: Budget) -> Plan:
+           devices: Iterable[str], budget: "Budget | str" = "quick",
+           overrides: Optional[dict] = None) -> Plan:
+    """All cells of a selection.  ``budget`` is a Budget used for every task, or the name of each
+    task's own budget ("quick", "standard") with ``overrides`` (e.g. steps from the command line)."""
     task_specs, est_specs = list(task_specs), list(est_specs)
     task_objs = {str(t): check_spec("task", t) for t in task_specs}
     est_objs = {str(e): check_spec("estimator", e) for e in est_specs}
@@ -44,13 +54,14 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
         else:
             usable.append(d)
     for t, task in task_objs.items():
+        b = budget if isinstance(budget, Budget) else task_budget(task, budget, overrides)
         for e, est in est_objs.items():
             if task.family not in est.families:
                 plan.skipped.append((t, e, f"supports {sorted(est.families)}, task is {task.family}"))
                 continue
             for dev in usable:
                 for seed in seeds:
-                    plan.cells.append(Cell(t, e, int(seed), dev, budget))
+                    plan.cells.append(Cell(t, e, int(seed), dev, b))
     return plan
 
 

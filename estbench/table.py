@@ -58,9 +58,11 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
             )
         lines.append("")
     if cells is not None and not cells.empty:
-        bad = cells[cells.status == "failed"]
-        if len(bad):
-            lines.append("failed cells:")
-            for _, r in bad.drop_duplicates(["task", "estimator", "error"]).iterrows():
-                lines.append(f"  {r.task} x {r.estimator}: {r.error}")
+        for status, title in [("infeasible", "not run (budget does not fit the estimator's units):"),
+                              ("failed", "failed cells:")]:
+            bad = cells[cells.status == status]
+            if len(bad):
+                lines.append(title)
+                for _, r in bad.drop_duplicates(["task", "estimator", "error"]).iterrows():
+                    lines.append(f"  {r.task} x {r.estimator}: {r.error}")
     return "\n".join(lines).rstrip() + "\n"

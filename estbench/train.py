@@ -53,7 +53,7 @@ class Cell:
 @dataclass
 class CellResult:
     cell: Cell
-    status: str  # "ok" | "diverged" | "failed"
+    status: str  # "ok" | "diverged" | "infeasible" (budget does not fit) | "failed"
     records: list[dict] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
@@ -109,6 +109,9 @@ def run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellRes
     except _Diverged as d:
         res.status = "diverged"
         res.error = str(d)
+    except estimators.BudgetError as exc:  # the budget does not fit the estimator's units
+        res.status = "infeasible"
+        res.error = str(exc)
     except Exception as exc:  # recorded, not raised: one bad cell never stops a sweep
         res.status = "failed"
         res.error = f"{type(exc).__name__}: {exc}"

@@ -27,6 +27,11 @@ ObjectiveFn = Callable[[torch.Tensor], torch.Tensor]
 _REGISTRY: dict[str, type["Estimator"]] = {}
 
 
+class BudgetError(ValueError):
+    """The budget of f-evaluations cannot be spent in this estimator's whole units (too small, or
+    not a multiple).  The harness records such a cell as ``infeasible``, not as a failure."""
+
+
 @dataclass
 class Estimate:
     """What :meth:`Estimator.estimate` returns.
@@ -116,11 +121,16 @@ class Estimator(nn.Module):
         if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
             raise ValueError(f"estimator {self.name!r}: n_samples must be a positive int, got {n_samples!r}")
         if n_samples < self.min_samples or n_samples % self.sample_unit:
-            raise ValueError(
+            raise BudgetError(
                 f"estimator {self.name!r} cannot spend a budget of {n_samples} f-evaluations per data "
                 f"point: it needs at least {self.min_samples}"
                 + (f" and a multiple of {self.sample_unit}" if self.sample_unit > 1 else "")
             )
+
+    def budget_unit(self, dist: D.Distribution) -> int:
+        """f-evaluations per whole unit of budget on ``dist``: ``sample_unit`` unless the unit depends
+        on the distribution (per-dimension estimators spend D*K per sample and override this)."""
+        return self.sample_unit
 
     # ---- learned parts ------------------------------------------------------------------------
     def update(self) -> None:

@@ -140,6 +140,12 @@ class ClosedFormToy(Task):
     lr = 5e-2
     #: toys are what ``estbench run`` runs when no task is named
     in_default_run = True
+    #: 12 f-evaluations per step: whole units for pairs (6), triples (4) and, at the toys' default
+    #: sizes, the per-dimension Rao-Blackwellisers (D*K <= 12)
+    budgets = {
+        "quick": {"steps": 100, "n_samples": 12},
+        "standard": {"steps": 2000, "n_samples": 12, "checkpoints": 11, "measure_samples": 1000},
+    }
 
     def setup(self, device, generator):
         self.device = torch.device(device)

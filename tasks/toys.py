@@ -25,7 +25,7 @@ class ToyBinary(ClosedFormToy):
     description = "D Bernoulli latents, f(z) = -sum (z - t)^2 (RELAX/ARM toy)"
     options = {
         "t": Option(0.45, "target; 0.45, 0.49 and 0.499 are the standard settings"),
-        "dim": Option(8, "number of binary latents D"),
+        "dim": Option(4, "number of binary latents D"),
     }
 
     def init_params(self, generator):
@@ -85,8 +85,8 @@ class ToyCategorical(ClosedFormToy):
     family = "categorical"
     description = "D categoricals, K classes, random unary + chain pairwise reward tables"
     options = {
-        "dim": Option(4, "number of categorical latents D"),
-        "classes": Option(5, "classes per latent K"),
+        "dim": Option(3, "number of categorical latents D"),
+        "classes": Option(4, "classes per latent K"),
         "table_seed": Option(0, "seed of the random reward tables"),
     }
 
@@ -124,7 +124,7 @@ class ToyGaussian(ClosedFormToy):
     family = "gaussian"
     description = "D Gaussians, f(z) = -||z - a||^2 + c sum cos(w z)"
     options = {
-        "dim": Option(5, "dimension D"),
+        "dim": Option(3, "dimension D"),
         "c": Option(1.0, "weight of the cosine term"),
         "w": Option(2.0, "frequency of the cosine term"),
     }

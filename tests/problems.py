@@ -123,20 +123,21 @@ def problem(family: str, **kw) -> ExactProblem:
     return MAKERS[family](**kw)
 
 
-def budget_for(est, wanted: int = 4) -> int:
-    """The smallest budget >= wanted (and >= the estimator's minimum) in the estimator's units."""
-    n = max(wanted, est.min_samples)
-    unit = est.sample_unit
+def budget_for(est, wanted: int = 4, dist=None) -> int:
+    """The smallest budget >= wanted (and >= the estimator's minimum) in the estimator's units on
+    ``dist`` (units may depend on the distribution, e.g. D*K per sample)."""
+    unit = est.budget_unit(dist) if dist is not None else est.sample_unit
+    n = max(wanted, est.min_samples, unit)
     return ((n + unit - 1) // unit) * unit
 
 
-def estimates(est, prob: ExactProblem, M: int, n: int):
+def estimates(est, prob: ExactProblem, M: int, n: int | None = None):
     """M independent estimates in one call (replicas on a leading batch axis).
 
     Returns ``{param: (M, *shape)}`` per-replica gradients and the Estimate.
     """
     leaves, dist = prob.replicate(M)
-    e = est.estimate(dist, prob.f, n)
+    e = est.estimate(dist, prob.f, n if n is not None else budget_for(est, dist=dist))
     names = list(leaves)
     grads = torch.autograd.grad(e.surrogate, [leaves[k] for k in names], allow_unused=True)
     out = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}

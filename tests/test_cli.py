@@ -1,0 +1,155 @@
+"""End-to-end tests of every CLI command on tiny budgets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from estbench.cli import main
+
+TINY = ["--steps", "6", "--checkpoints", "2", "--measure-samples", "16", "--seeds", "0,1"]
+
+
+def run_cli(*args, cwd=None):
+    """The installed console script, as a user runs it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "estbench", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_run_end_to_end_table_and_parquet_schema(tmp_path):
+    out = tmp_path / "run"
+    p = run_cli("run", "--tasks", "toy_binary[t=0.49],toy_gaussian",
+                "--estimators", "gumbel_softmax[temperature=0.5],rloo,reparam", *TINY, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    # progress on stderr, the table on stdout
+    assert "[1/" in p.stderr and "ETA" in p.stderr
+    assert "== toy_binary[t=0.49] [cpu] ==" in p.stdout
+    assert "== toy_gaussian [cpu] ==" in p.stdout
+    for col in ["final ELBO", "bias", "variance", "step ms", "f-evals"]:
+        assert col in p.stdout
+    lines = p.stdout.splitlines()
+    assert any(l.startswith("gumbel_softmax[temperature=0.5]") for l in lines)
+    assert any(l.startswith("reparam") for l in lines)
+    # the tidy long-format records
+    df = pd.read_parquet(out / "results.parquet")
+    assert list(df.columns) == ["task", "estimator", "seed", "device", "n_samples", "steps", "step",
+                                "metric", "value"]
+    assert str(df.value.dtype) == "float64" and str(df.step.dtype) == "int64"
+    # 2 (toy_binary x {gs, rloo}) + 2 (toy_gaussian x {rloo, reparam}) pairs, 2 seeds
+    cells = df[["task", "estimator", "seed"]].drop_duplicates()
+    assert len(cells) == 8
+    assert set(df.estimator) == {"gumbel_softmax[temperature=0.5]", "rloo", "reparam"}
+    assert len(list((out / "cells").glob("*.parquet"))) == 8
+    meta = json.loads((out / "meta.json").read_text())
+    for k in ["torch", "git_commit", "python", "budgets", "platform"]:
+        assert k in meta
+    # the cell's status row rides along in the Parquet metadata
+    md = pq.read_schema(next((out / "cells").glob("*.parquet"))).metadata
+    assert json.loads(md[b"estbench.cell"])["status"] == "ok"
+
+
+def test_run_again_reuses_finished_cells(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--tasks", "toy_binary", "--estimators", "rloo", *TINY, "--out", str(out)]
+    assert main(args) == 0
+    first = pd.read_parquet(out / "results.parquet")
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("cached") == 2
+    pd.testing.assert_frame_equal(first, pd.read_parquet(out / "results.parquet"))
+    assert main(args + ["--force"]) == 0
+    assert "cached" not in capsys.readouterr().err
+
+
+def test_run_json_and_quiet(tmp_path, capsys):
+    assert main(["run", "--tasks", "toy_categorical", "--estimators", "exact,straight_through",
+                 *TINY, "--out", str(tmp_path), "--quiet", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == ""
+    rows = json.loads(cap.out)
+    assert {r["estimator"] for r in rows} == {"exact", "straight_through"}
+    exact = next(r for r in rows if r["estimator"] == "exact")
+    assert exact["variance"] == 0 and exact["n_evals"] == 64
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--estimators", "rlo"], "unknown estimator 'rlo'; did you mean rloo"),
+    (["--tasks", "toy_binry"], "unknown task 'toy_binry'; did you mean toy_binary"),
+    (["--estimators", "gumbel_softmax[temp=1]"], "has no option temp"),
+    (["--estimators", "gumbel_softmax[temperature=hot]"], "must be of type float"),
+    (["--estimators", "rloo["], "unbalanced '['"),
+    (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
+    (["--steps", "-3"], "--steps must be >= 0"),
+    (["--n-samples", "zero"], "--n-samples must be an integer"),
+    (["--tasks", "toy_gaussian", "--estimators", "exact"], "nothing to run"),
+])
+def test_bad_values_get_one_clear_message(args, message, tmp_path, capsys):
+    code = main(["run", *args, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("estbench: error: ") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_device_choice_is_rejected_by_argparse():
+    p = run_cli("run", "--device", "tpu")
+    assert p.returncode == 2 and "invalid choice: 'tpu'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cuda_request_without_cuda_is_clear(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert main(["run", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_failed_cells_are_reported_and_the_run_goes_on(tmp_path, capsys):
+    code = main(["run", "--tasks", "toy_binary[dim=30]", "--estimators", "exact,reinforce",
+                 *TINY, "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "failed cells:" in out and "exact: ValueError: estimator 'exact': 1073741824 configurations" in out
+    assert "\nreinforce " in out  # the other estimator still ran
+
+
+def test_infeasible_budget_is_reported_not_failed(tmp_path, capsys):
+    code = main(["run", "--tasks", "toy_binary", "--estimators", "rloo,reinforce", "--n-samples", "1",
+                 *TINY, "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "not run (budget does not fit" in out
+    assert "rloo: estimator 'rloo' cannot spend a budget of 1" in out
+
+
+def test_list_shows_everything_with_options():
+    p = run_cli("list")
+    assert p.returncode == 0, p.stderr
+    for word in ["tasks:", "estimators:", "toy_binary", "t = 0.45", "gumbel_softmax",
+                 "temperature = 1.0", "rloo", "unbiased", "biased"]:
+        assert word in p.stdout
+    p = run_cli("list", "--json")
+    data = json.loads(p.stdout)
+    assert data["estimators"]["gumbel_softmax"]["options"] == {"temperature": 1.0}
+    assert data["tasks"]["toy_binary"]["family"] == "bernoulli"
+
+
+def test_default_run_covers_toys_and_all_compatible_estimators(tmp_path):
+    """`estbench run` with no selection: every toy x every compatible estimator (tiny budget here)."""
+    import estimators
+    import tasks
+    out = tmp_path / "d"
+    p = run_cli("run", "--steps", "2", "--checkpoints", "1", "--measure-samples", "4", "--seeds", "0",
+                "--out", str(out), "--quiet")
+    assert p.returncode == 0, p.stdout + p.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    toys = [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
+    expected = {(t, e) for t in toys for e in estimators.available(tasks.get_class(t).family)}
+    assert set(map(tuple, df[["task", "estimator"]].drop_duplicates().values)) == expected

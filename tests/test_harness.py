@@ -1,0 +1,256 @@
+"""The harness: measurement, training cells, the store, tasks' contract."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import estimators
+import tasks
+from estbench import store
+from estbench.budget import Budget
+from estbench.measure import gradient_estimates, measure, summarise
+from estbench.spec import SpecError, parse, parse_list
+from estbench.train import Cell, run_cell
+from tasks import Reference
+
+from problems import budget_for
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available")])
+DEVICES = ["cpu", CUDA]
+TOYS = [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
+
+
+def setup_task(name, device="cpu", seed=0, **opts):
+    t = tasks.get(name, **opts)
+    t.setup(torch.device(device), torch.Generator().manual_seed(seed))
+    return t
+
+
+# ---- tasks ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TOYS)
+def test_toy_reference_matches_brute_force(name):
+    """The closed-form reference of each toy equals enumeration (discrete) or exact reparam (Gaussian)."""
+    t = setup_task(name)
+    ref = t.reference_gradient(t.measure_batch())
+    assert ref.exact
+    prob = t.problem(None)
+    if t.family == "gaussian":
+        # an unbiased reparameterisation estimate with many samples, within 4.5 standard errors
+        torch.manual_seed(0)
+        G, _ = gradient_estimates(t, estimators.get("reparam"), None, 64, 4000)
+        mean, se = G.mean(0), G.std(0) / math.sqrt(G.shape[0])
+        assert ((mean - ref.grad).abs() <= 4.5 * se).all()
+    else:
+        e = estimators.get("exact").estimate(prob.dist, prob.f, 1)
+        g = tasks.flat_grad(e.surrogate, t.estimated_parameters())
+        torch.testing.assert_close(g, ref.grad, rtol=1e-4, atol=1e-6)
+        assert t.evaluate() == pytest.approx(float(e.value), rel=1e-5)
+
+
+def test_liu_toy_exact_gradient_and_unbiased_estimators():
+    """Liu et al. (2019): theta = 0, p = (0.6, 0.51, 0.48): the exact gradient is -0.0450, and every
+    unbiased estimator's mean matches it within 4.5 standard errors."""
+    t = setup_task("liu_toy")
+    ref = t.reference_gradient(None)
+    assert float(ref.grad) == pytest.approx(-0.0450, abs=1e-6)
+    torch.manual_seed(7)
+    for name in estimators.available("bernoulli"):
+        est = estimators.get(name)
+        if not est.unbiased:
+            continue
+        G, _ = gradient_estimates(t, est, None, budget_for(est, dist=t.problem(None).dist), 4000)
+        mean, se = float(G.mean()), float(G.std() / math.sqrt(G.shape[0]))
+        assert abs(mean - (-0.045)) <= max(4.5 * se, 1e-6), f"{name}: {mean} +- {se}"
+
+
+def test_task_registry_errors():
+    with pytest.raises(ValueError, match="unknown task 'toy_binry'; did you mean toy_binary"):
+        tasks.get("toy_binry")
+    with pytest.raises(ValueError, match="task 'toy_binary' has no option T; its options are: dim, t"):
+        tasks.get("toy_binary", T=0.4)
+    assert tasks.get("toy_binary", t="0.499").config["t"] == 0.499
+    assert set(TOYS) >= {"toy_binary", "toy_categorical", "toy_gaussian"}
+    assert tasks.skipped() == {}
+
+
+# ---- measurement ------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("task_name", ["toy_binary", "toy_categorical", "toy_gaussian"])
+def test_batched_measurement_equals_loop_in_distribution(task_name, device):
+    """The one-pass M replicas give the same mean/variance as M separate estimate+backward calls."""
+    t = setup_task(task_name, device)
+    est = estimators.get("reinforce")
+    torch.manual_seed(0)
+    Gb, _ = gradient_estimates(t, est, None, 4, 3000, batched=True)
+    torch.manual_seed(1)
+    Gl, _ = gradient_estimates(t, est, None, 4, 3000, batched=False)
+    assert Gb.shape == Gl.shape and Gb.device.type == device
+    se = torch.sqrt(Gb.var(0) / 3000 + Gl.var(0) / 3000)
+    assert ((Gb.mean(0) - Gl.mean(0)).abs() <= 4.5 * se).all()
+    # variances agree within sampling error of a variance (~ sqrt(2/(M-1)) relative for near-normal data)
+    vb, vl = Gb.var(0).sum(), Gl.var(0).sum()
+    assert abs(float(vb / vl) - 1) < 6 * math.sqrt(2 / 2999) * 3
+
+
+def test_summarise_known_values():
+    G = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    ref = Reference(torch.tensor([1.0, 0.0]), exact=True)
+    m = summarise(G, ref)
+    assert m["bias"] == pytest.approx(1.0)  # mean (2, 0) vs (1, 0)
+    assert m["variance"] == pytest.approx(2.0)  # var of (1, 3) with ddof=1
+    assert m["cosine"] == pytest.approx(1.0)
+    assert m["snr"] == pytest.approx(2 / math.sqrt(2))
+    assert m["bias_noise"] == pytest.approx(1.0)  # sqrt(2 / 2)
+
+
+def test_harness_measures_bias_of_biased_estimators():
+    """On toy_categorical (non-linear f) relaxations show a bias far above the noise floor; unbiased
+    estimators' bias stays within a few noise floors."""
+    t = setup_task("toy_categorical")
+    for name in ["gumbel_softmax", "st_gumbel"]:
+        m = measure(t, estimators.get(name), 4, 2000, seed=0)
+        assert m["bias"] > 5 * m["bias_noise"], (name, m)
+    for name in ["reinforce", "rloo"]:
+        m = measure(t, estimators.get(name), 4, 2000, seed=0)
+        assert m["bias"] < 3 * m["bias_noise"], (name, m)
+    m = measure(t, estimators.get("exact"), 4, 8, seed=0)
+    assert m["bias"] < 1e-5 and m["variance"] < 1e-10
+
+
+def test_measurement_does_not_touch_training_state():
+    t = setup_task("toy_binary")
+    est = estimators.get("reinforce_ema")
+    before = est.base.avg.clone()
+    state = torch.random.get_rng_state()
+    measure(t, est, 4, 64, seed=3)
+    assert torch.equal(est.base.avg, before)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# ---- cells ------------------------------------------------------------------------------------
+def _cell(task="toy_binary", est="rloo", seed=0, steps=20, checkpoints=3, n=4, device="cpu"):
+    return Cell(task, est, seed, device, Budget(steps=steps, n_samples=n, checkpoints=checkpoints,
+                                               measure_samples=32))
+
+
+def _frame(res):
+    return pd.DataFrame(res.records)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_curve_identical_with_measurement_on_or_off(device):
+    on = run_cell(_cell(checkpoints=5, device=device))
+    off = run_cell(_cell(checkpoints=0, device=device))
+    assert on.status == off.status == "ok", (on.error, off.error)
+    fin = lambda r: _frame(r).set_index("metric").loc["final_elbo", "value"]
+    assert fin(on) == fin(off)
+
+
+def test_cell_records_schema_and_metrics():
+    res = run_cell(_cell(steps=10))
+    assert res.status == "ok", res.error
+    df = _frame(res)
+    assert list(df.columns) == ["task", "estimator", "seed", "device", "n_samples", "steps",
+                                "step", "metric", "value"]
+    metrics = set(df.metric)
+    assert {"bias", "variance", "cosine", "snr", "elbo", "final_elbo", "step_time", "n_evals",
+            "diverged", "wall_time", "bias_noise"} <= metrics
+    assert sorted(df[df.metric == "bias"].step) == [0, 5, 10]
+    assert not df.duplicated(["step", "metric"]).any()
+    assert df.set_index("metric").loc["diverged", "value"] == 0.0
+
+
+def test_same_seed_same_result_different_seed_different():
+    a, b, c = run_cell(_cell(seed=1)), run_cell(_cell(seed=1)), run_cell(_cell(seed=2))
+    va = _frame(a).query("metric == 'final_elbo'").value.item()
+    assert va == _frame(b).query("metric == 'final_elbo'").value.item()
+    assert va != _frame(c).query("metric == 'final_elbo'").value.item()
+
+
+def test_every_estimator_trains_on_a_compatible_toy():
+    """Same budget, every estimator, no estimator-specific code: each cell finishes or fails clearly."""
+    for name in estimators.available():
+        fam = sorted(estimators.get_class(name).families)[0]
+        task = {"bernoulli": "toy_binary", "categorical": "toy_categorical",
+                "gaussian": "toy_gaussian"}[fam]
+        t = setup_task(task)
+        n = budget_for(estimators.get(name), dist=t.problem(None).dist)
+        res = run_cell(_cell(task, name, steps=5, checkpoints=2, n=n))
+        assert res.status == "ok", f"{name} on {task}: {res.error}"
+
+
+class _Exploding(estimators.Estimator):
+    """Test-only estimator whose surrogate becomes NaN after two steps (not registered by name)."""
+
+    families = frozenset({"bernoulli"})
+    paper = "none"
+    calls = 0
+
+    def _estimate(self, dist, f, n, context, family):
+        _Exploding.calls += 1
+        logits = estimators.families.params(dist)["logits"]
+        s = logits.sum() * (float("nan") if _Exploding.calls > 2 else 1.0)
+        return estimators.Estimate(s, torch.zeros(dist.batch_shape), n)
+
+
+def test_divergence_is_recorded_not_raised(monkeypatch):
+    _Exploding.name = "exploding_test_only"
+    monkeypatch.setitem(estimators.base._REGISTRY, "exploding_test_only", _Exploding)
+    _Exploding.calls = 0
+    res = run_cell(_cell(est="exploding_test_only", steps=10, checkpoints=0))
+    assert res.status == "diverged"
+    assert "non-finite" in res.error
+    df = _frame(res)
+    assert df.set_index("metric").loc["diverged", "value"] == 1.0
+
+
+def test_failures_are_recorded_with_a_clear_message():
+    res = run_cell(_cell(est="rloo", n=1))
+    assert res.status == "infeasible" and "cannot spend a budget of 1" in res.error
+    res = run_cell(_cell(task="toy_gaussian", est="exact"))
+    assert res.status == "failed" and "supports" in res.error
+    res = run_cell(_cell(task="toy_binary[dim=30]", est="exact", steps=2))
+    assert res.status == "failed" and "max_configs" in res.error
+    if not torch.cuda.is_available():
+        res = run_cell(_cell(device="cuda"))
+        assert res.status == "failed" and "CUDA is not available" in res.error
+
+
+# ---- store ------------------------------------------------------------------------------------
+def test_store_roundtrip_and_foreign_files(tmp_path):
+    res = run_cell(_cell(steps=4))
+    store.write_cell(tmp_path, "k1", res)
+    (tmp_path / "cells" / "junk.parquet").write_bytes(b"not parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "cells" / "foreign.parquet")
+    with pytest.warns(UserWarning) as w:
+        records, cells = store.load(tmp_path)
+    msgs = " ".join(str(x.message) for x in w)
+    assert "junk.parquet" in msgs and "foreign.parquet" in msgs
+    assert len(cells) == 1 and cells.iloc[0].status == "ok" and cells.iloc[0].key == "k1"
+    pd.testing.assert_frame_equal(records, store.records_frame(res.records))
+    assert not list((tmp_path / "cells").glob("*.tmp"))
+
+
+# ---- specs and budgets ------------------------------------------------------------------------
+def test_spec_parsing():
+    s = parse("gumbel_softmax[temperature=0.5]")
+    assert (s.name, s.options, str(s)) == ("gumbel_softmax", {"temperature": "0.5"}, "gumbel_softmax[temperature=0.5]")
+    specs = parse_list("gumbel_softmax[temperature=0.5, x=1],rloo")
+    assert [str(x) for x in specs] == ["gumbel_softmax[temperature=0.5,x=1]", "rloo"]
+    for bad in ["a[", "a]", "a[b]", "a[=1]", "", "a,,b", "a[x=1,x=2]", "rloo,rloo"]:
+        with pytest.raises(SpecError):
+            parse_list(bad)
+
+
+def test_budget_validation_and_checkpoints():
+    assert Budget(steps=100, checkpoints=3).checkpoint_steps() == [0, 50, 100]
+    assert Budget(steps=10, checkpoints=0).checkpoint_steps() == []
+    assert Budget(steps=0, checkpoints=3).checkpoint_steps() == [0]
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        Budget(n_samples=0)
+    with pytest.raises(ValueError, match="measure_samples must be >= 2"):
+        Budget(measure_samples=1)

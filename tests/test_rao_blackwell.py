@@ -1,0 +1,187 @@
+"""Theory checks for the Rao-Blackwellised estimators and the measure-valued Gaussian estimator.
+
+Statistical comparisons use fixed seeds and tolerances of 4.5 standard errors (as the generic suite).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import estimators
+from estimators.rao_blackwell import sample_complement, top_k_configurations
+
+from problems import estimates, problem
+
+Z_TOL = 4.5
+M = 4000
+
+
+def _flat(G):
+    return torch.cat([g.reshape(g.shape[0], -1) for g in G.values()], 1)
+
+
+def total_variance(G):
+    """Sum over coordinates of the per-coordinate variance, and its standard error."""
+    g = _flat(G)
+    t = ((g - g.mean(0)) ** 2).sum(1) * g.shape[0] / (g.shape[0] - 1)
+    return t.mean().item(), (t.std() / t.shape[0] ** 0.5).item()
+
+
+@pytest.mark.parametrize("family,seed", [("bernoulli", 0), ("bernoulli", 1),
+                                         ("categorical", 0), ("categorical", 1)])
+def test_gumbel_rao_same_mean_as_st_gumbel_lower_variance(family, seed):
+    """Paulus et al. (2021): Gumbel-Rao = E[ST-Gumbel | hard sample], so equal mean, no more variance."""
+    prob = problem(family, seed=seed)
+    torch.manual_seed(10 + seed)
+    G_st, _ = estimates(estimators.get("st_gumbel"), prob, M, 1)
+    G_gr, e = estimates(estimators.get("gumbel_rao"), prob, M, 1)
+    assert e.n_evals == 1
+    st, gr = _flat(G_st), _flat(G_gr)
+    se = (st.var(0) / M + gr.var(0) / M).sqrt()
+    z = ((st.mean(0) - gr.mean(0)) / se).abs().max().item()
+    assert z < Z_TOL, f"Gumbel-Rao and ST-Gumbel means differ by {z:.2f} standard errors"
+    v_st, se_st = total_variance(G_st)
+    v_gr, se_gr = total_variance(G_gr)
+    margin = Z_TOL * (se_st**2 + se_gr**2) ** 0.5
+    assert v_gr < v_st - margin, f"Gumbel-Rao variance {v_gr:.4g} not below ST-Gumbel's {v_st:.4g} (+-{margin:.2g})"
+
+
+def test_gumbel_rao_with_k1_matches_st_gumbel_variance_order():
+    """More conditional draws can only help: k=1 is ST-Gumbel in law, k=10 has less variance."""
+    prob = problem("categorical", seed=2)
+    torch.manual_seed(0)
+    v1, s1 = total_variance(estimates(estimators.get("gumbel_rao", k=1), prob, M, 1)[0])
+    v10, s10 = total_variance(estimates(estimators.get("gumbel_rao", k=10), prob, M, 1)[0])
+    vst, sst = total_variance(estimates(estimators.get("st_gumbel"), prob, M, 1)[0])
+    assert abs(v1 - vst) < Z_TOL * (s1**2 + sst**2) ** 0.5
+    assert v10 < v1 - Z_TOL * (s1**2 + s10**2) ** 0.5
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "categorical"])
+def test_sum_and_sample_full_support_is_exact(family):
+    prob = problem(family)
+    C = 2**4 if family == "bernoulli" else 3**2
+    est = estimators.get("sum_and_sample", k=C)
+    grads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        G, e = estimates(est, prob, 3, C + 1)
+        assert e.n_evals == C  # the whole support is summed; nothing is left to sample
+        grads.append(G["logits"])
+    g = torch.cat(grads)
+    assert g.var(0).max().item() < 1e-20, "k = full support must have zero variance"
+    torch.testing.assert_close(g[0], prob.exact["logits"])
+
+
+def test_sum_and_sample_budget_and_variance():
+    prob = problem("bernoulli", offset=50.0)
+    _, dist = prob.replicate(1)
+    with pytest.raises(ValueError, match="k=3 .* n_samples=3 must exceed k"):
+        estimators.get("sum_and_sample", k=3).estimate(dist, prob.f, 3)
+    # summing the most probable configurations (and its built-in baseline) beats plain REINFORCE
+    torch.manual_seed(0)
+    v_ss, s_ss = total_variance(estimates(estimators.get("sum_and_sample", k=2), prob, M, 4)[0])
+    v_rf, s_rf = total_variance(estimates(estimators.get("reinforce"), prob, M, 4)[0])
+    assert v_ss < v_rf - Z_TOL * (s_ss**2 + s_rf**2) ** 0.5
+
+
+def _brute(lp):
+    D, K = lp.shape[-2:]
+    allc = torch.tensor(list(itertools.product(range(K), repeat=D)))
+    return allc, lp[..., torch.arange(D), allc].sum(-1)  # (C, D), (*B, C)
+
+
+@pytest.mark.parametrize("D,K,k", [(1, 3, 2), (3, 2, 5), (5, 3, 7), (3, 3, 27)])
+def test_top_k_configurations_matches_enumeration(D, K, k):
+    torch.manual_seed(D * K + k)
+    lp = torch.log_softmax(torch.randn(2, D, K, dtype=torch.float64), -1)
+    scores, S = top_k_configurations(lp, k)
+    allc, tot = _brute(lp)
+    torch.testing.assert_close(scores, tot.topk(k, -1).values)
+    for b in range(2):
+        assert len({tuple(c) for c in S[b].tolist()}) == k
+        torch.testing.assert_close(lp[b][torch.arange(D), S[b]].sum(-1), scores[b])
+
+
+@pytest.mark.parametrize("D,K,k", [(3, 2, 3), (2, 3, 4)])
+def test_sample_complement_is_q_restricted(D, K, k):
+    """Samples avoid the top-k set and follow q / q(not S) there (chi-square style z-check)."""
+    torch.manual_seed(7)
+    lp = torch.log_softmax(torch.randn(1, D, K, dtype=torch.float64), -1)
+    _, S = top_k_configurations(lp, k)
+    m = 40000
+    idx, R = sample_complement(lp, S, m)
+    allc, tot = _brute(lp)
+    q = tot[0].exp()
+    top = {tuple(c) for c in S[0].tolist()}
+    rest = torch.tensor([tuple(c) not in top for c in allc.tolist()])
+    torch.testing.assert_close(R[0], q[rest].sum())
+    codes = (idx[:, 0] * K ** torch.arange(D - 1, -1, -1)).sum(-1)
+    counts = torch.bincount(codes, minlength=K**D).double()
+    assert counts[~rest].sum() == 0
+    p = q[rest] / q[rest].sum()
+    z = (counts[rest] / m - p) / (p * (1 - p) / m).sqrt()
+    assert z.abs().max() < Z_TOL
+
+
+def test_indecater_budget_message_and_floor():
+    prob = problem("bernoulli")  # D = 4 cells, K = 2 classes
+    _, dist = prob.replicate(1)
+    est = estimators.get("indecater")
+    with pytest.raises(ValueError, match=r"D=4 cells, K=2 classes, D\*K=8\): n_samples=4"):
+        est.estimate(dist, prob.f, 4)
+    assert est.budget_unit(dist) == 8
+    calls = []
+    assert est.estimate(dist, lambda z: calls.append(z.shape[0]) or prob.f(z), 20).n_evals == 16
+    assert calls == [16]  # two whole samples of D*K evaluations, in one call
+    cat = problem("categorical")  # D = 2, K = 3
+    _, cdist = cat.replicate(1)
+    with pytest.raises(ValueError, match=r"D=2 cells, K=3 classes, D\*K=6"):
+        est.estimate(cdist, cat.f, 5)
+    assert est.estimate(cdist, cat.f, 12).n_evals == 12
+
+
+def test_indecater_beats_reinforce_at_equal_budget():
+    prob = problem("bernoulli", offset=50.0)
+    torch.manual_seed(0)
+    v_ic, s_ic = total_variance(estimates(estimators.get("indecater"), prob, M, 8)[0])
+    v_rl, s_rl = total_variance(estimates(estimators.get("rloo"), prob, M, 8)[0])
+    assert v_ic < v_rl - Z_TOL * (s_ic**2 + s_rl**2) ** 0.5
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_measure_valued_lower_variance_than_reinforce(offset):
+    prob = problem("gaussian", offset=offset)  # D = 3: one sample costs 4*D = 12 evaluations
+    torch.manual_seed(0)
+    G_mv, e = estimates(estimators.get("measure_valued"), prob, M, 12)
+    assert e.n_evals == 12
+    G_rf, _ = estimates(estimators.get("reinforce"), prob, M, 12)
+    v_mv, s_mv = total_variance(G_mv)
+    v_rf, s_rf = total_variance(G_rf)
+    assert v_mv < v_rf - Z_TOL * (s_mv**2 + s_rf**2) ** 0.5
+
+
+def test_measure_valued_coupling_reduces_variance_and_budget_message():
+    prob = problem("gaussian")
+    torch.manual_seed(0)
+    v_c, s_c = total_variance(estimates(estimators.get("measure_valued"), prob, M, 12)[0])
+    v_u, s_u = total_variance(estimates(estimators.get("measure_valued", coupling=False), prob, M, 12)[0])
+    assert v_c < v_u - Z_TOL * (s_c**2 + s_u**2) ** 0.5
+    _, dist = prob.replicate(1)
+    with pytest.raises(ValueError, match=r"D=3, 4\*D=12\): n_samples=8 must be at least 12"):
+        estimators.get("measure_valued").estimate(dist, prob.f, 8)
+
+
+def test_measure_valued_chains_through_log_scale():
+    """The scale estimate enters as (g * scale): with scale = exp(s), d/ds = g * scale."""
+    loc = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    log_scale = torch.full((1, 2), 0.5, dtype=torch.float64, requires_grad=True)
+    dist = torch.distributions.Independent(torch.distributions.Normal(loc, log_scale.exp()), 1)
+    torch.manual_seed(0)
+    e = estimators.get("measure_valued").estimate(dist, lambda z: (z**2).sum(-1), 8 * 4000)
+    g_loc, g_ls = torch.autograd.grad(e.surrogate, [loc, log_scale])
+    # E[z^2] = mu^2 + s^2 per coordinate: d/dmu = 0, d/dlog_scale = 2 s^2 = 2e
+    torch.testing.assert_close(g_loc, torch.zeros_like(g_loc), atol=0.05, rtol=0)
+    torch.testing.assert_close(g_ls, torch.full_like(g_ls, 2 * torch.e), atol=0.15, rtol=0)
