@@ -98,7 +98,7 @@ def cell_path(run_dir: Path, key: str) -> Path:
 def write_cell(run_dir: Path, key: str, result) -> Path:
     """Write one finished cell's records atomically; returns the path."""
     table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
-    row = {**result.summary_row(), "key": key}
+    row = {**result.summary_row(), "key": key, "artifacts": result.artifacts}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            _CELL_KEY: json.dumps(row).encode()})
     path = cell_path(run_dir, key)

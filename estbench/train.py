@@ -57,6 +57,8 @@ class CellResult:
     records: list[dict] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    #: the task's non-numeric results (``Task.artifacts()``), stored with the cell
+    artifacts: dict = field(default_factory=dict)
 
     def summary_row(self) -> dict:
         d = {"task": self.cell.task, "estimator": self.cell.estimator, "seed": self.cell.seed,
@@ -105,7 +107,7 @@ def run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellRes
         res.records.append({**base, "step": int(step), "metric": metric, "value": float(value)})
 
     try:
-        _train(cell, rec)
+        _train(cell, rec, res.artifacts)
     except _Diverged as d:
         res.status = "diverged"
         res.error = str(d)
@@ -126,7 +128,7 @@ class _Diverged(Exception):
     pass
 
 
-def _train(cell: Cell, rec) -> None:
+def _train(cell: Cell, rec, artifacts: dict) -> None:
     budget = cell.budget
     device = resolve_device(cell.device)
     task, est = build(cell)
@@ -188,5 +190,6 @@ def _train(cell: Cell, rec) -> None:
         rec(budget.steps, "final_elbo", final)
         for k, v in task.final_metrics().items():
             rec(budget.steps, k, v)
+        artifacts.update(task.artifacts())
         rec(budget.steps, "n_evals", n_evals)
         rec(budget.steps, "step_time", train_time / max(budget.steps, 1))

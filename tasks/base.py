@@ -119,6 +119,10 @@ class Task:
         """Extra held-out figures recorded at the end of a cell (e.g. an IWAE bound, accuracy)."""
         return {}
 
+    def artifacts(self) -> dict:
+        """JSON-serialisable non-numeric results kept with the cell (e.g. example rationales)."""
+        return {}
+
     # ---- shared -------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
         params = self.parameters()
