@@ -44,10 +44,12 @@ def _zeros_if_none(grads, like):
 def gradient_estimates(task, estimator, batch, n_samples: int, M: int, batched: bool = True):
     """M gradient estimates of d/d(estimated params) sum_b E[f], as a ``(M, P)`` tensor.
 
-    The estimator is deep-copied first: measuring never changes the training estimator's state.
+    The estimator is deep-copied (in eval mode) first: measuring never changes the training estimator.
     Returns ``(G, n_evals)``.
     """
-    est = copy.deepcopy(estimator)
+    # a copy in eval mode: measuring never changes the training estimator's state, and estimators
+    # with learned parts skip their own training step (e.g. RELAX's variance gradient)
+    est = copy.deepcopy(estimator).eval()
     targets = task.estimated_parameters()
     if not batched:
         rows, n_evals = [], None

@@ -64,7 +64,8 @@ class Estimator(nn.Module):
     during ``estimate`` (through terms that do not touch the estimated parameters' gradient, or by
     writing ``.grad`` directly) and are stepped by :meth:`update`, which the harness calls after each
     training step with the estimator's own optimiser.  Measurement runs on a ``deepcopy`` and never
-    calls ``update``.
+    calls ``update``; it is put in ``.eval()`` mode, in which learned parts should skip the work
+    that only serves their own training.
     """
 
     name: ClassVar[str] = ""
