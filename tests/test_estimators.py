@@ -14,7 +14,8 @@ import torch
 import estimators
 from estimators import FamilyError
 
-from problems import budget_for, estimates, problem, z_scores
+from estbench import contract
+from estbench.problems import budget_for, estimates, problem, z_scores
 
 Z_TOL = 4.5
 M_STAT = 4000
@@ -54,45 +55,39 @@ def test_declarations(name):
     assert isinstance(est, torch.nn.Module)
 
 
-class CountingF:
-    """Wraps f and counts evaluations per batch element (over every call and leading dim)."""
-
-    def __init__(self, f, batch_shape, event_ndims):
-        self.f, self.batch_shape, self.event_ndims, self.count = f, batch_shape, event_ndims, 0
-        self.grad_inputs = []
-
-    def __call__(self, z):
-        lead = z.shape[: z.dim() - len(self.batch_shape) - self.event_ndims]
-        n = 1
-        for s in lead:
-            n *= s
-        self.count += n
-        return self.f(z)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,family", PAIRS, ids=ids(PAIRS))
 def test_contract(name, family, device):
-    prob = problem(family, dtype=torch.float32, device=device)
+    """Scalar surrogate with a finite gradient, value of batch_shape and detached, everything on the
+    distribution's device, n_evals equal to the f-evaluations actually made (estbench.contract)."""
     est = estimators.get(name).to(device)
-    leaves, dist = prob.replicate(1)
-    n = budget_for(est, dist=dist)
-    counted = CountingF(prob.f, dist.batch_shape, len(dist.event_shape))
-    e = est.estimate(dist, counted, n)
-    assert isinstance(e, estimators.Estimate)
-    assert e.surrogate.dim() == 0 and e.surrogate.requires_grad
-    assert e.surrogate.device.type == device
-    assert tuple(e.value.shape) == tuple(dist.batch_shape)
-    assert not e.value.requires_grad
-    assert e.value.device.type == device
-    assert isinstance(e.n_evals, int) and e.n_evals >= 1
-    assert counted.count == e.n_evals, f"{name} reports {e.n_evals} f-evaluations but made {counted.count}"
-    grads = torch.autograd.grad(e.surrogate, list(leaves.values()), allow_unused=True)
-    assert any(g is not None for g in grads), f"{name} gives no gradient to the distribution"
-    for g in grads:
-        if g is not None:
-            assert torch.isfinite(g).all()
-            assert g.device.type == device
+    assert contract.check_estimate(est, family, device=device) == []
+
+
+def test_contract_checker_catches_violations():
+    """The checker behind test_contract and `estbench rank` reports each kind of violation."""
+    class Dishonest(estimators.get_class("reinforce")):
+        """Reports fewer evaluations than it makes (test only)."""
+        def _estimate(self, dist, f, n, context, family):
+            e = super()._estimate(dist, f, n, context, family)
+            return estimators.Estimate(e.surrogate, e.value, n - 1)
+
+    class Undetached(estimators.get_class("reinforce")):
+        """Returns an attached value (test only)."""
+        def _estimate(self, dist, f, n, context, family):
+            e = super()._estimate(dist, f, n, context, family)
+            return estimators.Estimate(e.surrogate, e.value + 0 * e.surrogate, n)
+
+    class Biased(estimators.get_class("reinforce")):
+        """Claims unbiasedness but doubles its estimate (test only)."""
+        def _estimate(self, dist, f, n, context, family):
+            e = super()._estimate(dist, f, n, context, family)
+            return estimators.Estimate(2 * e.surrogate, e.value, n)
+
+    assert "f was evaluated 4 times" in contract.check_estimate(Dishonest(), "bernoulli")[0]
+    assert contract.check_estimate(Undetached(), "bernoulli") == ["value must be detached"]
+    assert "standard errors from the exact gradient" in contract.check_unbiased(Biased(), "bernoulli")[0]
+    assert "not a subclass" in contract.check(int)[0]
 
 
 @pytest.mark.parametrize("name,family", PAIRS, ids=ids(PAIRS))

@@ -16,7 +16,7 @@ from estbench.spec import SpecError, parse, parse_list
 from estbench.train import Cell, run_cell
 from tasks import Reference
 
-from problems import budget_for
+from estbench.problems import budget_for
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available")])

@@ -8,7 +8,7 @@ import torch
 
 import estimators
 
-from problems import estimates, problem, z_scores
+from estbench.problems import estimates, problem, z_scores
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
