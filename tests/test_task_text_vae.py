@@ -1,0 +1,197 @@
+"""The text_vae task (sentence VAE on PTB) and its PTB loader, on tiny model sizes."""
+from __future__ import annotations
+
+import gzip
+import math
+
+import pytest
+import torch
+from torch import distributions as D
+
+import tasks
+from estbench.budget import Budget
+from estbench.train import Cell, run_cell
+from tasks.data import ptb
+from tasks.text_vae import SentenceBatch
+
+TINY = dict(emb=8, hidden=16, latent_dim=4, batch_size=8, max_len=12, val_sentences=16,
+            test_sentences=16, is_samples=2, measure_sentences=2, ref_chunks=4, ref_chunk_samples=4)
+Z_TOL = 4.5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops on a shared, oversubscribed CPU run ~10x faster on one thread (no OpenMP waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(seed=0, **over):
+    task = tasks.get("text_vae", **{**TINY, **over})
+    task.setup("cpu", torch.Generator().manual_seed(seed))
+    return task
+
+
+# ---- loader -----------------------------------------------------------------------------------
+def test_line_counts_and_first_line():
+    n = {s: len(ptb.load_split(s)) for s in ptb.SPLITS}
+    assert n == {"train": 42068, "valid": 3370, "test": 3761}
+    assert ptb.load_split("train")[0][:3] == ("aer", "banknote", "berlitz")
+
+
+def test_vocabulary_is_mikolovs_10k():
+    vocab = ptb.build_vocabulary()
+    tokens = {w for s in ptb.SPLITS for sent in ptb.load_split(s) for w in sent}
+    assert len(tokens) == 9999 and "<unk>" in tokens  # 9,999 distinct tokens incl. <unk>
+    assert len(vocab) == 9999 + 3  # + </s> (= 10k), + <s>, <pad>
+    assert all(w in vocab.stoi for w in tokens)  # valid/test have no word outside train
+    assert (vocab.pad, vocab.bos, vocab.eos, vocab.unk) == (0, 1, 2, 3)
+    assert vocab.decode(vocab.encode(["the", "zzz-not-a-word"])) == ["the", "<unk>"]
+
+
+def test_bad_path_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ptb.load_split("valid", missing)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        tasks.get("text_vae", data_dir=str(missing)).setup("cpu", torch.Generator().manual_seed(0))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ptb.valid.txt.gz").write_bytes(b"this is not gzip")
+    with pytest.raises(ValueError, match="ptb.valid.txt.gz"):
+        ptb.load_split("valid", bad)
+    with gzip.open(bad / "ptb.test.txt.gz", "wt") as fh:
+        fh.write(" a b \n\n c \n")
+    with pytest.raises(ValueError, match="empty line"):
+        ptb.load_split("test", bad)
+
+
+# ---- the task ---------------------------------------------------------------------------------
+def _train_batch(task):
+    return next(task.train_batches(torch.Generator().manual_seed(3)))
+
+
+def test_word_dropout_replaces_decoder_inputs():
+    task = make(word_dropout=1.0)
+    b = _train_batch(task)
+    v = task.vocab
+    clean, targets, mask = task.decoder_io(b, train=False)
+    assert (clean[:, 0] == v.bos).all() and (clean[:, 1:][mask[:, 1:]] != v.unk).any()
+    dropped, targets2, mask2 = task.decoder_io(b, train=True)
+    assert torch.equal(targets, targets2) and torch.equal(mask, mask2)
+    assert (dropped[:, 0] == v.bos).all()
+    assert (dropped[:, 1:][mask[:, 1:]] == v.unk).all()  # every real input but <s> is <unk>
+    assert torch.equal(dropped[~mask], clean[~mask])  # padding untouched
+    # the problem really uses the dropped inputs on training batches only
+    torch.manual_seed(0)
+    z = torch.randn(2, len(b.lengths), 4)
+    f_train = task.problem(b).f(z)
+    f_held = task.problem(SentenceBatch(b.words, b.lengths)).f(z)
+    assert not torch.allclose(f_train, f_held)
+    # p = 0: nothing is dropped; p = 0.5: about half of the words are
+    assert torch.equal(make(word_dropout=0.0).decoder_io(b, train=True)[0], clean)
+    torch.manual_seed(1)
+    half = make(word_dropout=0.5).decoder_io(b, train=True)[0]
+    real = mask.clone()
+    real[:, 0] = False
+    real &= clean != v.unk
+    frac = (half[real] == v.unk).double().mean().item()
+    assert abs(frac - 0.5) < Z_TOL * math.sqrt(0.25 / int(real.sum())), frac
+
+
+def test_analytic_is_minus_kl_with_annealing_and_free_bits():
+    task = make()
+    held = task.measure_batch()
+    prob = task.problem(held)
+    prior = D.Independent(D.Normal(torch.zeros(4), torch.ones(4)), 1)
+    kl = D.kl_divergence(prob.dist, prior)
+    assert kl.shape == (2,)
+    torch.testing.assert_close(prob.analytic, -kl.sum())
+    # annealing: weight t / steps on training batches; free bits: max(KL, lambda) per sentence
+    lam = float(kl.detach().max()) + 1.0
+    t = make(kl_anneal_steps=10, free_bits=lam)
+    b = SentenceBatch(held.words, held.lengths, step=4)
+    p = t.problem(b)
+    torch.testing.assert_close(p.analytic, torch.tensor(-0.4 * lam * 2))
+    t2 = make(kl_anneal_steps=10, free_bits=lam, free_bits_mode="dim")
+    kd = t2.kl_per_dim(p.dist.base_dist.loc, p.dist.base_dist.scale)
+    expect = -0.4 * torch.clamp(kd, min=lam / 4).sum()
+    torch.testing.assert_close(t2.problem(b).analytic, expect)
+    assert make(kl_anneal_steps=10).kl_weight(25) == 1.0
+    # evaluation (held-out batches) always uses the true KL
+    torch.testing.assert_close(t.problem(held).analytic, -kl.sum())
+
+
+def test_f_broadcasts_over_leading_dims():
+    task = make()
+    prob = task.problem(task.measure_batch())
+    torch.manual_seed(0)
+    z = torch.randn(3, 2, 4)
+    f3 = prob.f(z)
+    assert f3.shape == (3, 2)
+    torch.testing.assert_close(prob.f(z.unsqueeze(1)), f3.unsqueeze(1))
+    zz = prob.dist.rsample((3, 5))  # (n, M, B, D): each replica as if alone
+    f4 = prob.f(zz)
+    assert f4.shape == (3, 5, 2)
+    torch.testing.assert_close(f4[:, 2], prob.f(zz[:, 2]))
+    # token chunking with recomputation gives the same values and gradients
+    loc = prob.dist.base_dist.loc
+    g_full = torch.autograd.grad(prob.f(zz).sum(), loc, retain_graph=True)[0]
+    task.chunk_elements = 40 * 10002  # 40 rows per chunk
+    torch.testing.assert_close(prob.f(zz), f4)
+    torch.testing.assert_close(torch.autograd.grad(prob.f(zz).sum(), loc)[0], g_full)
+
+
+def test_reference_gradient_agrees_with_independent_estimate():
+    task = make(ref_chunks=48, ref_chunk_samples=4)
+    batch = task.measure_batch()
+    torch.manual_seed(11)
+    ref = task.reference_gradient(batch)
+    assert not ref.exact and ref.n_samples == 192 and ref.grad.shape == ref.stderr.shape
+    # independent: antithetic reparameterisation pairs, written here from the encoder up
+    params = task.estimated_parameters()
+    loc, scale, _ = task.encode(batch.words, batch.lengths)
+    inputs, targets, mask = task.decoder_io(batch)
+    torch.manual_seed(12)
+    rows = []
+    for _ in range(48):
+        eps = torch.randn(4, *loc.shape)
+        z = torch.cat([loc + scale * eps, loc - scale * eps])
+        obj = task.log_likelihood(z, inputs, targets, mask).mean(0).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(obj, params, retain_graph=True)]))
+    G = torch.stack(rows)
+    mean, se = G.mean(0), G.std(0) / math.sqrt(len(rows))
+    se2 = (se**2 + ref.stderr**2).sqrt()
+    live = se2 > 1e-7
+    assert live.sum() > 100
+    zs = (mean - ref.grad)[live] / se2[live]
+    # every coordinate of the loc/scale heads within 4.5 SE; and overall, ||diff||^2 against its
+    # expectation sum se^2 (coordinates are strongly correlated -- all are J^T of the 2*B*D
+    # gradients w.r.t. loc and scale -- so this is a loose, chi^2 with ~16 dof, check)
+    n_head = sum(p.numel() for p in list(task.encoder["loc"].parameters())
+                 + list(task.encoder["scale"].parameters()))
+    n_live_head = int(live[-n_head:].sum())
+    assert n_live_head > 50
+    assert zs[-n_live_head:].abs().max() < Z_TOL, zs[-n_live_head:].abs().max()
+    ratio = ((mean - ref.grad) ** 2).sum() / (se2**2).sum()
+    assert ratio < 4.0, ratio
+    # and it can fail: the same estimate with the scale path cut off is rejected
+    n_scale = sum(p.numel() for p in task.encoder["scale"].parameters())
+    cut = (0 * mean[-n_scale:] - ref.grad[-n_scale:]) / se2[-n_scale:]
+    assert cut.abs().max() > Z_TOL
+
+
+def test_training_steps_with_reparam_improve_the_elbo():
+    opts = ",".join(f"{k}={v}" for k, v in {**TINY, "max_len": 8, "batch_size": 16, "lr": 0.01}.items())
+    cell = Cell(f"text_vae[{opts}]", "reparam", 0, "cpu",
+                Budget(steps=40, n_samples=1, checkpoints=2, measure_samples=2))
+    res = run_cell(cell)
+    assert res.status == "ok", res.error
+    elbo = {r["step"]: r["value"] for r in res.records if r["metric"] == "elbo"}
+    assert elbo[40] > elbo[0] + 10, elbo  # from ~ -9.2 nats/token of a uniform softmax
+    fin = {r["metric"]: r["value"] for r in res.records if r["step"] == 40}
+    assert math.isfinite(fin["final_elbo"]) and fin["final_elbo"] < 0
+    assert 0 < fin["test_ppl_is"] < 10002 and fin["test_kl"] >= 0 and fin["test_nll"] > 0
+    assert fin["test_ppl_is"] <= fin["test_ppl_elbo"] * 1.05
