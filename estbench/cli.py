@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import estimators
 import tasks
-from estbench import store, sweep, table
+from estbench import executors, store, sweep, table
 from estbench.budget import Budget
 from estbench.spec import SpecError, parse_list, split_list
 
@@ -88,10 +89,16 @@ def cmd_run(args) -> int:
             ",".join(estimators.available()))
     except SpecError as e:
         raise UsageError(str(e)) from None
+    if args.threads is not None:
+        os.environ["ESTBENCH_THREADS"] = str(_positive(args.threads, "--threads"))
     seeds = _ints(args.seeds, "--seeds")
     if any(s < 0 for s in seeds):
         raise UsageError("--seeds must be non-negative")
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
+    try:
+        executor = executors.from_args(args)
+    except executors.ConfigError as e:
+        raise UsageError(str(e)) from None
     overrides = {}
     for key, flag, minimum in [("steps", "--steps", 0), ("n_samples", "--n-samples", 1),
                                ("checkpoints", "--checkpoints", 0),
@@ -128,7 +135,12 @@ def cmd_run(args) -> int:
               f" x {len(seeds)} seeds, budget {args.budget!r}"
               + "".join(f", {k}={v}" for k, v in overrides.items()) + f") -> {out}", file=err)
     try:
-        sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet))
+        sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet),
+                  executor=executor)
+    except executors.WorkerError as e:
+        store.write_merged(out)
+        print(f"estbench: error: {e}", file=err)
+        return 1
     except KeyboardInterrupt:
         store.write_merged(out)
         print(f"interrupted: finished cells are kept in {out}; rerun the same command to finish", file=err)
@@ -216,14 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--measure-samples", dest="measure_samples",
                    help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
     r.add_argument("--out", help="results folder (default results/runs/<timestamp>)")
+    r.add_argument("--threads", help="intra-op CPU threads per cell (default 1; parallelise with -j)")
     r.add_argument("--force", action="store_true", help="recompute cells already in --out")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    executors.add_cli_arguments(r)
     r.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="show every task and estimator with its options and defaults")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
+    from estbench.cli_report import add_parsers; add_parsers(sub)
     return p
 
 

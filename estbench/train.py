@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -96,8 +97,30 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_threads() -> int:
+    """Intra-op threads of a CPU cell: ``ESTBENCH_THREADS`` (set by ``estbench run --threads``), else 1.
+
+    One thread per cell by default: cells are parallelised across processes (``-j``), the toy and
+    quick-budget models are too small to gain from intra-op threads, and on a loaded machine extra
+    threads make small ops an order of magnitude slower.  It does not enter the cache key.
+    """
+    try:
+        return max(1, int(os.environ.get("ESTBENCH_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
 def run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellResult:
     """Run one cell; never raises for estimator/task failures (they become a 'failed' status)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    try:
+        return _run_cell(cell, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellResult:
     t_start = time.perf_counter()
     res = CellResult(cell, "ok")
     base = {"task": cell.task, "estimator": cell.estimator, "seed": cell.seed,
