@@ -41,7 +41,8 @@ class MovingAverage(Baseline):
             raise ValueError(f"moving-average decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.register_buffer("avg", torch.zeros(()))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+        # a Python flag, not a buffer: reading a device tensor's value would sync the GPU each step
+        self.seen = False
 
     def forward(self, fz, context):
         # a copy: observe() updates the buffer in place after use
@@ -50,11 +51,11 @@ class MovingAverage(Baseline):
     @torch.no_grad()
     def observe(self, fz, signal):
         m = fz.detach().mean().to(self.avg.dtype)
-        if not bool(self.seen):
+        if not self.seen:
             self.avg.copy_(m)
-            self.seen.fill_(True)
+            self.seen = True
         else:
-            self.avg.mul_(self.decay).add_((1 - self.decay) * m)
+            self.avg.lerp_(m, 1 - self.decay)
 
 
 class LeaveOneOut(Baseline):

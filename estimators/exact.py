@@ -35,6 +35,6 @@ class Exact(Estimator):
             )
         z = fam.enumerate_events(dist)
         fz = check_f_output(f(z), C, dist.batch_shape, self.name)
-        w = dist.log_prob(z).exp()
+        w = fam.log_prob(dist, z).exp()
         expectation = (w * fz).sum(0)
         return Estimate(expectation.sum(), expectation.detach(), C)

@@ -62,7 +62,7 @@ class VIMCO(Estimator):
         z = dist.sample((n,))
         fz = check_f_output(f(z), n, dist.batch_shape, self.name)
         L, signal = vimco_signals(fz.detach())
-        logq = dist.log_prob(z.detach())
+        logq = fam.log_prob(dist, z.detach())
         # sum (not mean) over samples: L depends on all K of them; the logsumexp term gives f's
         # parameters their pathwise gradient sum_j w_j grad f(z_j)
         surrogate = (signal * logq).sum(0).sum() + (torch.logsumexp(fz, 0) - math.log(n)).sum()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .base import Estimate, Estimator, Option, check_f_output
+from . import families as fam
 from .baselines import LearnedBaseline, LeaveOneOut, MovingAverage
 
 ALL = frozenset({"bernoulli", "categorical", "gaussian"})
@@ -21,7 +22,7 @@ def score_function_surrogate(dist, z, fz, signal):
     (Williams 1992, Eq. 7; Glynn 1990) since ``z`` is detached; the ``f(z_n)`` term gives any
     parameters inside f (a decoder) their pathwise gradient and contributes nothing to q's.
     """
-    logp = dist.log_prob(z.detach())
+    logp = fam.log_prob(dist, z.detach())
     return (signal.detach() * logp + fz).mean(0).sum()
 
 
@@ -38,11 +39,14 @@ class _ScoreFunction(Estimator):
         z = dist.sample((n,))
         fz = check_f_output(f(z), n, dist.batch_shape, self.name)
         signal, extra = self.learning_signal(fz.detach(), context)
-        surrogate = score_function_surrogate(dist, z, fz, signal) + extra
+        surrogate = score_function_surrogate(dist, z, fz, signal)
+        if extra is not None:  # e.g. the least-squares term that trains a learned baseline
+            surrogate = surrogate + extra
         return Estimate(surrogate, fz.detach().mean(0), n)
 
     def learning_signal(self, fz, context):
-        return fz, fz.new_zeros(())
+        """(learning signal, extra surrogate term or None) from detached f-values."""
+        return fz, None
 
 
 class Reinforce(_ScoreFunction):
@@ -70,7 +74,7 @@ class ReinforceEMA(_ScoreFunction):
     def learning_signal(self, fz, context):
         signal = fz - self.base(fz, context)
         self.base.observe(fz, signal)
-        return signal, fz.new_zeros(())
+        return signal, None
 
 
 class RLOO(_ScoreFunction):
@@ -87,7 +91,7 @@ class RLOO(_ScoreFunction):
         self.base = LeaveOneOut()
 
     def learning_signal(self, fz, context):
-        return fz - self.base(fz, context), fz.new_zeros(())
+        return fz - self.base(fz, context), None
 
 
 class NVIL(_ScoreFunction):
@@ -116,7 +120,7 @@ class NVIL(_ScoreFunction):
         self.base = LearnedBaseline(self.config["hidden"])
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("var", torch.ones(()))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+        self.seen = False  # a Python flag: reading a device tensor would sync the GPU every step
 
     def learning_signal(self, fz, context):
         b = self.base(fz, context)
@@ -129,11 +133,11 @@ class NVIL(_ScoreFunction):
             a = self.config["decay"]
             raw = (fz - b).detach()
             m, v = raw.mean(), raw.var(unbiased=False) if raw.numel() > 1 else raw.new_zeros(())
-            if not bool(self.seen):
+            if not self.seen:
                 self.mean.copy_(m)
                 self.var.copy_(torch.clamp(v, min=1.0))
-                self.seen.fill_(True)
+                self.seen = True
             else:
-                self.mean.mul_(a).add_((1 - a) * m)
-                self.var.mul_(a).add_((1 - a) * v)
+                self.mean.lerp_(m.to(self.mean.dtype), 1 - a)
+                self.var.lerp_(v.to(self.var.dtype), 1 - a)
         return signal, self.base.aux_loss(centred, b)

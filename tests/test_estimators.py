@@ -142,7 +142,7 @@ def test_nvil_normalisation_rescales_and_is_flagged():
     est = estimators.get("nvil")
     with torch.no_grad():
         est.var.fill_(16.0)
-        est.seen.fill_(True)
+    est.seen = True
     plain = copy.deepcopy(est)
     plain.config["normalise"] = False
     torch.manual_seed(0)
