@@ -183,7 +183,7 @@ def cmd_list(args) -> int:
     for n in estimators.available():
         c = estimators.get_class(n)
         fams = ",".join(sorted(c.families))
-        flag = "unbiased" if c.unbiased else "biased"
+        flag = "unbiased" if estimators.get(n).unbiased else "biased"  # may depend on options
         out.append(f"  {n:<18} [{fams}] {flag}; {c.paper}")
         for k, o in c.options.items():
             out.append(f"      {k} = {o.default!r}  {o.doc}")
@@ -199,7 +199,7 @@ def cmd_list(args) -> int:
                           "options": {k: o.default for k, o in tasks.get_class(n).options.items()}}
                       for n in tasks.available()},
             "estimators": {n: {"families": sorted(estimators.get_class(n).families),
-                               "unbiased": estimators.get_class(n).unbiased,
+                               "unbiased": estimators.get(n).unbiased,
                                "options": {k: o.default for k, o in estimators.get_class(n).options.items()}}
                            for n in estimators.available()},
             "skipped": skipped,

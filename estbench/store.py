@@ -11,6 +11,8 @@ a half-written record, and a cell whose file exists is not recomputed.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -47,9 +49,27 @@ def git_commit() -> str:
         return ""
 
 
+#: the code whose change can change a cell's result: the plug-ins and the training/measuring harness
+_RESULT_CODE = [("estimators", "**/*.py"), ("tasks", "**/*.py"),
+                ("estbench", "train.py"), ("estbench", "measure.py"), ("estbench", "budget.py"),
+                ("estbench", "spec.py")]
+
+
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """What goes into the cache key for 'the code': package version and git commit."""
-    return f"{__version__}+{git_commit() or 'nogit'}"
+    """What goes into the cache key for 'the code': the estbench and torch versions and a hash of
+    the source that computes results (estimators, tasks, train/measure).
+
+    A content hash rather than the git commit: a commit that only touches docs, reports or tests
+    keeps every cached cell valid, and any change to a result-producing file invalidates them all.
+    """
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg, pattern in _RESULT_CODE:
+        for path in sorted((root / pkg).glob(pattern)):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return f"{__version__}+torch{torch.__version__}+{h.hexdigest()[:16]}"
 
 
 def run_metadata(argv: list[str] | None = None) -> dict:
@@ -58,6 +78,7 @@ def run_metadata(argv: list[str] | None = None) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "estbench": __version__,
         "git_commit": git_commit(),
+        "code_version": code_version(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "numpy": __import__("numpy").__version__,
@@ -98,7 +119,8 @@ def cell_path(run_dir: Path, key: str) -> Path:
 def write_cell(run_dir: Path, key: str, result) -> Path:
     """Write one finished cell's records atomically; returns the path."""
     table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
-    row = {**result.summary_row(), "key": key, "artifacts": result.artifacts}
+    row = {**result.summary_row(), "key": key, "code_version": code_version(),
+           "artifacts": result.artifacts}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            _CELL_KEY: json.dumps(row).encode()})
     path = cell_path(run_dir, key)

@@ -370,6 +370,10 @@ class _SSTRationales(Task):
             })
         return out
 
+    def artifacts(self) -> dict:
+        """Example rationales kept with the cell for the report."""
+        return {"rationales": self.example_rationales(5)}
+
     # ---- reference gradient --------------------------------------------------------------------
     def reference_gradient(self, batch):
         """Unbiased score-function reference with a leave-one-out baseline at the logits (see the
