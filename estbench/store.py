@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,7 +121,7 @@ def write_cell(run_dir: Path, key: str, result) -> Path:
     """Write one finished cell's records atomically; returns the path."""
     table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
     row = {**result.summary_row(), "key": key, "code_version": code_version(),
-           "artifacts": result.artifacts}
+           "finished": time.time(), "artifacts": result.artifacts}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            _CELL_KEY: json.dumps(row).encode()})
     path = cell_path(run_dir, key)
@@ -133,10 +134,17 @@ def write_meta(run_dir: Path, meta: dict) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
-def load(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+#: what identifies a cell apart from the code that computed it
+CELL_IDENTITY = ["task", "estimator", "seed", "device", "steps", "n_samples", "checkpoints",
+                 "measure_samples"]
+
+
+def load(run_dir, latest_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All records of a run folder as one long DataFrame, and one status row per cell.
 
-    Unreadable or foreign files under ``cells/`` are skipped with a warning naming them.
+    A folder extended after the code changed holds the same cell computed by two code versions;
+    with ``latest_only`` only the most recently finished one is kept.  Unreadable or foreign files
+    under ``cells/`` are skipped with a warning naming them.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -148,13 +156,24 @@ def load(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
             meta = table.schema.metadata or {}
             if _CELL_KEY not in meta or not set(RECORD_COLUMNS) <= set(table.column_names):
                 raise ValueError("not an estbench cell record")
-            rows.append(json.loads(meta[_CELL_KEY]))
-            frames.append(table.to_pandas()[RECORD_COLUMNS])
+            row = json.loads(meta[_CELL_KEY])
+            df = table.to_pandas()[RECORD_COLUMNS]
+            df["_key"] = row.get("key", path.stem)
+            rows.append(row)
+            frames.append(df)
         except Exception as exc:
             warnings.warn(f"skipping unreadable results file {path}: {exc}", stacklevel=2)
-    records = pd.concat(frames, ignore_index=True) if frames else records_frame([])
     cells = pd.DataFrame(rows)
-    return records, cells
+    if latest_only and len(cells) and set(CELL_IDENTITY) <= set(cells.columns):
+        order = cells["finished"] if "finished" in cells else pd.Series(0.0, index=cells.index)
+        cells = (cells.assign(_order=order.fillna(0.0)).sort_values("_order", kind="stable")
+                 .drop_duplicates(CELL_IDENTITY, keep="last").drop(columns="_order")
+                 .sort_index())
+    keep = set(cells["key"]) if len(cells) else set()
+    frames = [f for f in frames if f["_key"].iat[0] in keep] if frames else []
+    records = (pd.concat(frames, ignore_index=True).drop(columns="_key") if frames
+               else records_frame([]))
+    return records, cells.reset_index(drop=True)
 
 
 def write_merged(run_dir: Path) -> Path:

@@ -14,14 +14,19 @@ import pandas as pd
 SUMMARY_METRICS = ["final_elbo", "bias", "variance", "cosine", "step_time", "n_evals", "diverged"]
 
 
+def per_cell(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell (index task, estimator, seed, device), a column per summary metric: the
+    mean over the cell's checkpoints for checkpoint metrics, the value for end-of-cell ones."""
+    keys = ["task", "estimator", "seed", "device"]
+    wide = (records[records.metric.isin(SUMMARY_METRICS)]
+            .groupby(keys + ["metric"])["value"].mean().unstack("metric"))
+    return wide.reindex(columns=SUMMARY_METRICS)
+
+
 def summary(records: pd.DataFrame) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS])
-    keys = ["task", "estimator", "seed", "device"]
-    per_cell = (records[records.metric.isin(SUMMARY_METRICS)]
-                .groupby(keys + ["metric"])["value"].mean().unstack("metric"))
-    per_cell = per_cell.reindex(columns=SUMMARY_METRICS)
-    grouped = per_cell.groupby(["task", "estimator", "device"])
+    grouped = per_cell(records).groupby(["task", "estimator", "device"])
     out = grouped.mean()
     out["final_elbo_sd"] = grouped["final_elbo"].std()
     out["seeds"] = grouped.size()

@@ -254,3 +254,16 @@ def test_budget_validation_and_checkpoints():
         Budget(n_samples=0)
     with pytest.raises(ValueError, match="measure_samples must be >= 2"):
         Budget(measure_samples=1)
+
+
+def test_store_keeps_the_latest_version_of_a_cell(tmp_path):
+    """A folder extended after a code change holds two versions of one cell: load keeps the newer."""
+    old, new = run_cell(_cell(steps=4, seed=5)), run_cell(_cell(steps=4, seed=5))
+    new.records = [{**r, "value": -1.0} if r["metric"] == "final_elbo" else r for r in new.records]
+    store.write_cell(tmp_path, "old", old)
+    store.write_cell(tmp_path, "new", new)
+    records, cells = store.load(tmp_path)
+    assert list(cells.key) == ["new"]
+    assert records.query("metric == 'final_elbo'").value.tolist() == [-1.0]
+    records_all, cells_all = store.load(tmp_path, latest_only=False)
+    assert len(cells_all) == 2

@@ -1,0 +1,106 @@
+"""``estbench report`` and ``estbench compare``: the subcommands reading finished result sets.
+
+    estbench report  RUN_DIR [--out DIR]
+    estbench compare RUN_A RUN_B [--threshold 0.1] [--json]
+
+``compare`` exits 1 when some metric got worse beyond the threshold and outside the seed-to-seed
+noise (for CI), 0 otherwise; bad input (a missing folder, no results) is one line and exit 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+
+def _usage_error():
+    from estbench.cli import UsageError
+    return UsageError
+
+
+def _need_run_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise _usage_error()(f"{what}: no results folder at {p}")
+    if not (p / "cells").is_dir():
+        raise _usage_error()(f"{what}: {p} is not an estbench results folder (no cells/ inside; "
+                             f"make one with 'estbench run --out {p}')")
+    return p
+
+
+def _import_report_extra(module: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as e:
+        raise _usage_error()(f"this command needs the report extra ({e.name} is missing): "
+                             "pip install 'estbench[report]'") from None
+
+
+def cmd_report(args) -> int:
+    run_dir = _need_run_dir(args.run_dir, "report")
+    render = _import_report_extra("estbench.report.render")
+    lb = _import_report_extra("estbench.report.leaderboard")
+    out = Path(args.out) if args.out else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NaN means of absent metrics
+            path = render.build_report(run_dir, out)
+    except (FileNotFoundError, ValueError) as e:
+        raise _usage_error()(str(e)) from None
+    import pandas as pd
+    board = pd.read_csv(path.parent / "leaderboard.csv")
+    print(lb.overall_text(board), end="")
+    print(f"report: {path}")
+    print(f"        {path.with_suffix('.html')} (self-contained)")
+    return 0
+
+
+def _threshold(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise _usage_error()(f"--threshold must be a number (a relative change, 0.1 = 10%), "
+                             f"got {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise _usage_error()(f"--threshold must be >= 0, got {text!r}")
+    return v
+
+
+def cmd_compare(args) -> int:
+    threshold = _threshold(args.threshold)
+    a = _need_run_dir(args.run_a, "compare")
+    b = _need_run_dir(args.run_b, "compare")
+    comp = _import_report_extra("estbench.compare")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            df, regressed = comp.compare(a, b, threshold)
+    except (FileNotFoundError, ValueError) as e:
+        raise _usage_error()(str(e)) from None
+    if args.json:
+        rows = json.loads(df.to_json(orient="records"))
+        print(json.dumps({"run_a": str(a), "run_b": str(b), "threshold": threshold,
+                          "regressed": regressed, "rows": rows}, indent=1))
+    else:
+        print(f"A = {a}\nB = {b}\n")
+        print(comp.render(df, threshold), end="")
+    return 1 if regressed else 0
+
+
+def add_parsers(subparsers) -> None:
+    """Add the ``report`` and ``compare`` subcommands to estbench's argparse subparsers."""
+    r = subparsers.add_parser("report", help="write report.md/.html, tables, plots and the "
+                                             "leaderboard of a results folder")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a results folder made by 'estbench run'")
+    r.add_argument("--out", help="where to write the report (default RUN_DIR/report)")
+    r.set_defaults(func=cmd_report)
+
+    c = subparsers.add_parser("compare", help="what changed between two results folders; exit 1 "
+                                              "on a regression beyond --threshold")
+    c.add_argument("run_a", metavar="RUN_A", help="the baseline results folder")
+    c.add_argument("run_b", metavar="RUN_B", help="the results folder to check against it")
+    c.add_argument("--threshold", default="0.1",
+                   help="relative worsening counted as a regression (default 0.1 = 10%%)")
+    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    c.set_defaults(func=cmd_compare)

@@ -1,0 +1,163 @@
+"""The leaderboard: per task, estimators ranked with ties where the difference is not significant.
+
+Estimators are sorted by their mean over seeds and cut into tie groups: walking down the order, an
+estimator shares the rank of the group above when it is not significantly worse than that group's
+leader -- a paired t-test across the seeds both ran, p >= alpha -- and otherwise starts a new group
+ranked by its position (competition ranking: 1, 1, 3).  Ranks therefore never contradict the order
+of the means, and a noisy estimator cannot outrank better ones merely because nothing is
+significant against it.  With fewer than two shared seeds the comparison falls back to the plain
+values (a tie only on exact equality).  Overall: the mean of an estimator's ranks over the tasks it
+ran on.
+
+Criteria: final ELBO (higher is better), log10 gradient variance (lower; an exactly zero variance
+ranks first), step time (lower).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str       # key in leaderboard.csv
+    column: str     # column of the per-cell frame
+    title: str
+    higher: bool
+
+
+CRITERIA = [
+    Criterion("final_elbo", "final_elbo", "final ELBO (higher is better)", True),
+    Criterion("variance", "log10_variance", "gradient variance (lower is better)", False),
+    Criterion("step_time", "step_ms", "step time (lower is better)", False),
+]
+
+#: an exactly zero variance is clipped to this log10 value so that paired tests stay finite
+_LOG10_FLOOR = -300.0
+
+
+def better(a: np.ndarray, b: np.ndarray, higher: bool, alpha: float = ALPHA) -> int:
+    """+1 if ``a`` is significantly better than ``b``, -1 if significantly worse, 0 for a tie.
+
+    ``a`` and ``b`` are paired per seed (same length, finite).  Paired t-test with >= 2 pairs
+    (a constant non-zero difference is significant), else exact comparison of the values.
+    """
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if not higher:
+        d = -d
+    if len(d) == 0:
+        return 0
+    if len(d) < 2:
+        return int(np.sign(d.mean()))
+    mean = d.mean()
+    if mean == 0:
+        return 0
+    if np.all(d == d[0]):  # zero spread: the difference is certain
+        return int(np.sign(mean))
+    p = stats.ttest_rel(a, b).pvalue
+    return int(np.sign(mean)) if p < alpha else 0
+
+
+def _compare(wide: pd.DataFrame, a: str, b: str, higher: bool, alpha: float) -> int:
+    """``better`` on the seeds ``a`` and ``b`` share; without a shared seed, on their means."""
+    both = wide[[a, b]].dropna()
+    if both.empty:
+        d = wide[a].mean() - wide[b].mean()
+        return int(np.sign(d if higher else -d))
+    return better(both[a].to_numpy(), both[b].to_numpy(), higher, alpha)
+
+
+def rank_with_ties(values: pd.DataFrame, higher: bool, alpha: float = ALPHA) -> pd.DataFrame:
+    """Ranks of the estimators in ``values`` (columns estimator, seed, value) for one task.
+
+    Estimators are ordered by mean (best first) and grouped: an estimator joins the group of the
+    one before it when it is not significantly worse than that group's leader (the group's best),
+    else it starts a new group.  A group's rank is its leader's position (competition ranking,
+    1, 1, 3), so ranks never contradict the order of the means.  Returns one row per estimator
+    with a finite value: estimator, rank, mean, seeds.
+    """
+    v = values.dropna(subset=["value"])
+    wide = v.pivot_table(index="seed", columns="estimator", values="value", aggfunc="mean")
+    means = wide.mean()
+    order = sorted(wide.columns, key=lambda e: ((-means[e] if higher else means[e]), e))
+    ranks: dict = {}
+    leader = None
+    for pos, est in enumerate(order, start=1):
+        if leader is not None and _compare(wide, leader, est, higher, alpha) <= 0:
+            ranks[est] = ranks[leader]
+        else:
+            leader, ranks[est] = est, pos
+    return pd.DataFrame({"estimator": order,
+                         "rank": [ranks[e] for e in order],
+                         "mean": [float(means[e]) for e in order],
+                         "seeds": [int(wide[e].notna().sum()) for e in order]})
+
+
+def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """Long frame: criterion, task, estimator, rank, mean (of the criterion over seeds), seeds for
+    every task and criterion, plus rows with task ``"overall"``: ``mean`` the mean rank over the
+    ``tasks`` an estimator ran on and ``rank`` the position by mean rank (ties shared)."""
+    rows = []
+    for crit in CRITERIA:
+        per_task = []
+        for task, df in pc.groupby("task", sort=True):
+            vals = df[["estimator", "seed", crit.column]].rename(columns={crit.column: "value"})
+            vals = vals.astype({"value": float})
+            if crit.column == "log10_variance":
+                vals["value"] = vals["value"].clip(lower=_LOG10_FLOOR)
+            r = rank_with_ties(vals, crit.higher, alpha)
+            if crit.column == "log10_variance":
+                r["mean"] = r["mean"].where(r["mean"] > _LOG10_FLOOR + 1, -math.inf)
+            r.insert(0, "task", task)
+            per_task.append(r)
+        if not per_task:
+            continue
+        ranks = pd.concat(per_task, ignore_index=True)
+        ranks.insert(0, "criterion", crit.name)
+        rows.append(ranks)
+        overall = (ranks.groupby("estimator")["rank"].agg(["mean", "size"]).reset_index()
+                   .rename(columns={"size": "tasks"}))
+        overall["rank"] = overall["mean"].rank(method="min").astype(int)
+        overall = overall.sort_values(["rank", "estimator"], ignore_index=True)
+        overall.insert(0, "task", "overall")
+        overall.insert(0, "criterion", crit.name)
+        rows.append(overall[["criterion", "task", "estimator", "rank", "mean", "tasks"]])
+    cols = ["criterion", "task", "estimator", "rank", "mean", "seeds", "tasks"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(rows, ignore_index=True).reindex(columns=cols)
+
+
+def rank_matrix(board: pd.DataFrame, criterion: str = "final_elbo") -> pd.DataFrame:
+    """Estimators x tasks of ranks (NaN where an estimator did not run), plus a ``mean rank``
+    column; rows ordered by overall rank."""
+    b = board[board.criterion == criterion]
+    per_task = b[b.task != "overall"]
+    if per_task.empty:
+        return pd.DataFrame()
+    m = per_task.pivot(index="estimator", columns="task", values="rank")
+    overall = b[b.task == "overall"].set_index("estimator")
+    m["mean rank"] = overall["mean"].reindex(m.index)
+    order = overall.sort_values(["rank", "mean"]).index
+    return m.reindex([e for e in order if e in m.index])
+
+
+def overall_text(board: pd.DataFrame, top: int | None = None) -> str:
+    """A short plain-text leaderboard: overall mean rank per criterion."""
+    lines = []
+    for crit in CRITERIA:
+        o = board[(board.criterion == crit.name) & (board.task == "overall")]
+        if o.empty:
+            continue
+        lines.append(f"leaderboard by {crit.title}: mean rank over tasks")
+        for _, r in (o.head(top) if top else o).iterrows():
+            lines.append(f"  {int(r['rank']):>3}. {r.estimator:<36} {r['mean']:6.2f}  "
+                         f"({int(r.tasks)} task{'s' if r.tasks != 1 else ''})")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n" if lines else "(no ranked results)\n"

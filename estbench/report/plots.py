@@ -1,0 +1,278 @@
+"""The report's figures (matplotlib on the Agg backend, seaborn styling), saved as PNG and SVG.
+
+One colour (and marker) per estimator, fixed for the whole report: the sorted list of every
+estimator in the run is mapped onto a palette with enough distinct colours.  Confidence bands are
+the same Student-t 95% intervals over seeds as in the tables (``tables.mean_ci``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from estbench.report.tables import mean_ci, slug  # noqa: E402
+
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # 7: co-prime with palette sizes 10 and 20
+#: colours distinct from tab20's hues, for runs with more than 20 estimators
+EXTRA_COLOURS = ["#000000", "#e6c700", "#000080", "#ff00ff", "#00d000", "#800000", "#008080",
+                 "#4a6b8a"]
+_RC = {"svg.fonttype": "none", "svg.hashsalt": "estbench", "figure.dpi": 100,
+       "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5}
+
+
+class Style:
+    """The fixed estimator -> (colour, marker) mapping of one report."""
+
+    def __init__(self, estimators):
+        self.names = sorted(set(estimators))
+        n = max(len(self.names), 1)
+        if n <= 10:
+            colours = sns.color_palette("tab10", 10)
+        elif n <= 20 + len(EXTRA_COLOURS):  # tab20's 10 hue pairs, then hues tab20 lacks
+            colours = sns.color_palette("tab20", 20) + sns.color_palette(EXTRA_COLOURS)
+        else:
+            colours = sns.color_palette("husl", n)
+        self.colour = {e: colours[i] for i, e in enumerate(self.names)}
+        self.marker = {e: MARKERS[i % len(MARKERS)] for i, e in enumerate(self.names)}
+
+    def kw(self, est: str) -> dict:
+        return {"color": self.colour[est], "marker": self.marker[est]}
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=110, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    return paths
+
+
+def _legend(fig, handles_labels: dict, title: str = "estimator"):
+    """One legend for the whole figure, outside the axes on the right."""
+    if not handles_labels:
+        return
+    labels = sorted(handles_labels)
+    handles = [handles_labels[k] for k in labels]
+    ncol = 1 if len(labels) <= 18 else 2
+    fig.legend(handles, labels, title=title, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               ncol=ncol, frameon=False)
+
+
+def _spans_decades(values, decades: float = 1.5) -> bool:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0])
+    return len(v) >= 2 and math.log10(v.max() / v.min()) >= decades
+
+
+def _band(records: pd.DataFrame, metric: str, x: str = "step", log: bool = False) -> pd.DataFrame:
+    """Per (estimator, step): mean and CI of ``metric`` over seeds (on log10 values if ``log``),
+    with the x position: the step, or the mean of ``x`` (a metric such as wall_time) there."""
+    r = records[records.metric == metric]
+    if r.empty:
+        return pd.DataFrame(columns=["estimator", "step", "x", "mean", "lo", "hi"])
+    wide = r.pivot_table(index=["estimator", "seed", "step"], columns="metric", values="value")
+    if x != "step":
+        xs = records[records.metric == x].pivot_table(index=["estimator", "seed", "step"],
+                                                      values="value")
+        wide = wide.join(xs.rename(columns={"value": x}), how="left")
+    wide = wide.reset_index()
+    rows = []
+    for (est, step), df in wide.groupby(["estimator", "step"], sort=True):
+        v = df[metric].astype(float).to_numpy()
+        if log:
+            v = v[v > 0]
+            if len(v) == 0:
+                continue
+            v = np.log10(v)
+        m, hw, n = mean_ci(v)
+        if n == 0:
+            continue
+        lo, hi = (m - hw, m + hw) if not math.isnan(hw) else (m, m)
+        if log:
+            m, lo, hi = 10 ** m, 10 ** lo, 10 ** hi
+        xpos = step if x == "step" else float(df[x].mean())
+        rows.append({"estimator": est, "step": step, "x": xpos, "mean": m, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows)
+
+
+def _curve_panel(ax, band: pd.DataFrame, style: Style, handles: dict):
+    alpha = 0.15 if band.estimator.nunique() <= 10 else 0.08
+    for est, b in band.groupby("estimator", sort=True):
+        b = b.sort_values("x")
+        (line,) = ax.plot(b.x, b["mean"], lw=1.5, ms=4, **style.kw(est))
+        ax.fill_between(b.x, b.lo, b.hi, color=style.colour[est], alpha=alpha, lw=0)
+        handles.setdefault(est, line)
+
+
+#: a variance below this fraction of the task's largest is shown as zero (rounding noise, e.g. an
+#: exact estimator's 1e-16): on a log axis it would squash every other estimator into a corner
+RELATIVE_ZERO = 1e-9
+
+
+def numerically_zero(means: pd.Series, rel: float = RELATIVE_ZERO) -> set:
+    """Index labels of ``means`` that are <= 0 or below ``rel`` x the largest finite mean."""
+    m = means.astype(float)
+    top = m[np.isfinite(m)].max() if np.isfinite(m).any() else 0.0
+    return set(m.index[(m <= 0) | (m < rel * top)])
+
+
+def training_curves(records: pd.DataFrame, task: str, style: Style, out_dir: Path) -> list[Path]:
+    """Held-out ELBO vs step and vs wall-clock, and gradient variance vs step (log axis), for one
+    task; 2 x 2 panels, the fourth holding the legend."""
+    r = records[records.task == task]
+    var_means = r[r.metric == "variance"].groupby("estimator")["value"].mean()
+    zero = sorted(numerically_zero(var_means)) if len(var_means) else []
+    elbo_s = _band(r, "elbo")
+    elbo_w = _band(r, "elbo", x="wall_time")
+    var = _band(r[~r.estimator.isin(zero)], "variance", log=True)
+    log_wall = not elbo_w.empty and _spans_decades(elbo_w.x, 1.5)
+    if log_wall:
+        elbo_w = elbo_w[elbo_w.x > 0]
+    panels = [(elbo_s, "training step", "held-out ELBO", "held-out ELBO vs steps"),
+              (elbo_w, "training wall-clock (s" + (", log)" if log_wall else ")"), "held-out ELBO",
+               "held-out ELBO vs wall-clock"),
+              (var, "training step", "gradient variance (log scale)",
+               "gradient variance along training")]
+    if elbo_s.empty and var.empty:
+        return []
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7.6))
+        handles: dict = {}
+        for ax, (band, xl, yl, title) in zip(axes.flat, panels):
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            ax.set_title(title)
+            if band.empty:
+                ax.text(0.5, 0.5, "no measurements", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            _curve_panel(ax, band, style, handles)
+            if yl.startswith("gradient variance"):
+                ax.set_yscale("log")
+            if xl.endswith("log)"):
+                ax.set_xscale("log")
+        if zero:
+            axes[1][0].set_xlabel(panels[2][1] + "\n" + _note("variance ~0, not shown", zero))
+        legend_ax = axes[1][1]
+        legend_ax.axis("off")
+        labels = sorted(handles)
+        legend_ax.legend([handles[k] for k in labels], labels, title="estimator", loc="center",
+                         ncol=1 if len(labels) <= 12 else 2, frameon=False)
+        fig.suptitle(task, fontsize=12)
+        fig.tight_layout()
+        return _save(fig, out_dir, f"curves_{slug(task)}")
+
+
+def _note(title: str, names, width: int = 60) -> str:
+    """A wrapped 'title: a, b, c' for under an axis label."""
+    import textwrap
+    return textwrap.fill(f"({title}: {', '.join(sorted(names))})", width)
+
+
+def _grid(n: int, ncols: int = 3):
+    ncols = max(1, min(ncols, n))
+    return int(math.ceil(n / ncols)), ncols
+
+
+def bias_variance(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
+    """Per task: mean bias vs mean variance (each averaged over checkpoints, then seeds), log axes,
+    with CI whiskers over seeds."""
+    from estbench.report.tables import ci_frame
+    d = pc.dropna(subset=["bias", "variance"])
+    tasks = sorted(d.task.unique())
+    if not tasks:
+        return []
+    nrows, ncols = _grid(len(tasks))
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.7 * nrows), squeeze=False)
+        handles: dict = {}
+        for ax, task in zip(axes.flat, tasks):
+            s = ci_frame(d[d.task == task], ["bias", "variance"], ["estimator"])
+            zero = numerically_zero(s.set_index("estimator").variance_mean)
+            dropped = []
+            for _, row in s.iterrows():
+                b, v = row.bias_mean, row.variance_mean
+                if not (b > 0 and v > 0) or row.estimator in zero:
+                    dropped.append(row.estimator)
+                    continue
+                xerr = None if math.isnan(row.variance_ci) else [[min(row.variance_ci, v * 0.999)],
+                                                                [row.variance_ci]]
+                yerr = None if math.isnan(row.bias_ci) else [[min(row.bias_ci, b * 0.999)],
+                                                            [row.bias_ci]]
+                h = ax.errorbar([v], [b], xerr=xerr, yerr=yerr, ls="none", ms=7, elinewidth=1,
+                                capsize=2, mec="black", mew=0.5, **style.kw(row.estimator))
+                handles.setdefault(row.estimator, h)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            xl = "gradient variance (log)"
+            if dropped:
+                xl += "\n" + _note("variance or bias ~0, not shown", dropped)
+            ax.set_xlabel(xl)
+            ax.set_ylabel("bias ‖E[g] − ∇‖ (log)")
+            ax.set_title(task)
+        for ax in axes.flat[len(tasks):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        _legend(fig, handles)
+        return _save(fig, out_dir, "bias_variance")
+
+
+def step_time_bars(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
+    """Per task: horizontal bars of the time per training step (ms) with CI whiskers."""
+    from estbench.report.tables import ci_frame
+    d = pc.dropna(subset=["step_ms"])
+    tasks = sorted(d.task.unique())
+    if not tasks:
+        return []
+    nrows, ncols = _grid(len(tasks))
+    n_est = max(d.groupby("task").estimator.nunique())
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, (0.26 * n_est + 1.2) * nrows),
+                                 squeeze=False)
+        for ax, task in zip(axes.flat, tasks):
+            s = ci_frame(d[d.task == task], ["step_ms"], ["estimator"]).sort_values("step_ms_mean")
+            y = np.arange(len(s))
+            ci = s.step_ms_ci.fillna(0).to_numpy()
+            err = [np.minimum(ci, s.step_ms_mean.to_numpy()), ci]  # no whisker below zero
+            ax.barh(y, s.step_ms_mean, xerr=err, color=[style.colour[e] for e in s.estimator],
+                    error_kw={"elinewidth": 0.8, "capsize": 2})
+            ax.set_yticks(y, s.estimator, fontsize=8)
+            ax.invert_yaxis()
+            if _spans_decades(s.step_ms_mean, 1.5):
+                ax.set_xscale("log")
+                ax.set_xlabel("time per step (ms, log)")
+            else:
+                ax.set_xlabel("time per step (ms)")
+            ax.set_title(task)
+        for ax in axes.flat[len(tasks):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        return _save(fig, out_dir, "step_time")
+
+
+def rank_heatmap(matrix: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Estimators x tasks of leaderboard ranks (1 = best; blank = did not run), with mean rank."""
+    if matrix.empty:
+        return []
+    n_est, n_cols = matrix.shape
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * n_cols + 3), max(2.5, 0.32 * n_est + 1.6)))
+        top = float(np.nanmax(matrix.to_numpy(dtype=float))) if matrix.notna().any().any() else 2
+        sns.heatmap(matrix.astype(float), annot=True, fmt=".3g", cmap="viridis_r", ax=ax,
+                    vmin=1, vmax=max(2.0, top),
+                    cbar_kws={"label": "rank (1 = best)"}, linewidths=0.5, linecolor="white",
+                    annot_kws={"fontsize": 8})
+        ax.set_xlabel("task")
+        ax.set_ylabel("estimator")
+        ax.set_title(title)
+        ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
+        ax.set_facecolor("#eeeeee")
+        fig.tight_layout()
+        return _save(fig, out_dir, "rank_heatmap")

@@ -1,0 +1,431 @@
+"""Assemble a run's report: tables, leaderboard, figures, report.md and a self-contained report.html.
+
+The document is built once as a list of small blocks (heading, paragraph, table, image, ...) and
+rendered twice, to Markdown and to HTML, so both say exactly the same thing and no Markdown parser
+is needed.  Everything is derived from the run's tidy records; re-running overwrites the report.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from estbench import store
+from estbench.report import leaderboard as lb
+from estbench.report import plots
+from estbench.report import tables as tb
+
+MAX_RATIONALE_ESTIMATORS = 3
+MAX_RATIONALE_EXAMPLES = 3
+
+
+# ---- a tiny document model ----------------------------------------------------------------------
+# inline items: str (plain text) | ("code", s) | ("b", s) | ("link", text, href)
+_MD_SPECIAL = re.compile(r"([\\`*<|])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\[(?=[^\]]*\]\()")
+
+
+def _md_text(s: str) -> str:
+    """Escape what Markdown would interpret: backslash, backtick, *, <, | (tables), an underscore
+    not inside a word, and a [ that would open a link."""
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), s)
+
+
+def _md_code(s: str) -> str:
+    return f"``{s}``" if "`" in s else f"`{s}`"
+
+
+def _inline_md(items) -> str:
+    out = []
+    for it in items if isinstance(items, list) else [items]:
+        if isinstance(it, str):
+            out.append(_md_text(it))
+        elif it[0] == "code":
+            out.append(_md_code(it[1]))
+        elif it[0] == "b":
+            out.append(f"**{_md_text(it[1])}**")
+        elif it[0] == "link":
+            out.append(f"[{_md_text(it[1])}]({it[2]})")
+    return "".join(out)
+
+
+def _inline_html(items) -> str:
+    out = []
+    for it in items if isinstance(items, list) else [items]:
+        if isinstance(it, str):
+            out.append(html.escape(it))
+        elif it[0] == "code":
+            out.append(f"<code>{html.escape(it[1])}</code>")
+        elif it[0] == "b":
+            out.append(f"<strong>{html.escape(it[1])}</strong>")
+        elif it[0] == "link":
+            out.append(f'<a href="{html.escape(it[2])}">{html.escape(it[1])}</a>')
+    return "".join(out)
+
+
+@dataclass
+class H:
+    level: int
+    text: str
+
+    def md(self, ctx):
+        return "#" * self.level + " " + self.text
+
+    def html(self, ctx):
+        return f"<h{self.level}>{html.escape(self.text)}</h{self.level}>"
+
+
+@dataclass
+class P:
+    items: list
+
+    def md(self, ctx):
+        return _inline_md(self.items)
+
+    def html(self, ctx):
+        return f"<p>{_inline_html(self.items)}</p>"
+
+
+@dataclass
+class UL:
+    rows: list  # of inline lists
+
+    def md(self, ctx):
+        return "\n".join("- " + _inline_md(r) for r in self.rows)
+
+    def html(self, ctx):
+        return "<ul>\n" + "\n".join(f"<li>{_inline_html(r)}</li>" for r in self.rows) + "\n</ul>"
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list  # of [(text, bold)]
+    code_first: bool = True  # render the first column as code (estimator names)
+    align: str = ""          # per column 'l' / 'r'; default first left, others right
+
+    def _align(self):
+        return self.align or "l" + "r" * (len(self.header) - 1)
+
+    def md(self, ctx):
+        def cell(text, bold, first):
+            if first and self.code_first:
+                s = _md_code(text)
+            else:
+                s = _md_text(text)
+            return f"**{s}**" if bold and text not in ("", "-") else s
+        lines = ["| " + " | ".join(_md_text(h) for h in self.header) + " |",
+                 "|" + "|".join(":---" if a == "l" else "---:" for a in self._align()) + "|"]
+        for row in self.rows:
+            lines.append("| " + " | ".join(cell(t, b, i == 0) for i, (t, b) in enumerate(row)) + " |")
+        return "\n".join(lines)
+
+    def html(self, ctx):
+        al = self._align()
+        out = ["<table>", "<thead><tr>" + "".join(
+            f'<th class="{"l" if a == "l" else "r"}">{html.escape(h)}</th>'
+            for h, a in zip(self.header, al)) + "</tr></thead>", "<tbody>"]
+        for row in self.rows:
+            cells = []
+            for i, ((text, bold), a) in enumerate(zip(row, al)):
+                s = html.escape(text)
+                if i == 0 and self.code_first:
+                    s = f"<code>{s}</code>"
+                if bold and text not in ("", "-"):
+                    s = f"<strong>{s}</strong>"
+                cells.append(f'<td class="{"l" if a == "l" else "r"}">{s}</td>')
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("</tbody></table>")
+        return "\n".join(out)
+
+
+@dataclass
+class Img:
+    path: Path  # the PNG, under the report folder
+    alt: str
+
+    def md(self, ctx):
+        return f"![{_md_text(self.alt)}]({self.path.relative_to(ctx['root']).as_posix()})"
+
+    def html(self, ctx):
+        data = base64.b64encode(self.path.read_bytes()).decode("ascii")
+        return (f'<figure><img alt="{html.escape(self.alt)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(self.alt)}</figcaption></figure>")
+
+
+@dataclass
+class Pre:
+    text: str
+
+    def md(self, ctx):
+        return "```\n" + self.text.rstrip("\n") + "\n```"
+
+    def html(self, ctx):
+        return f"<pre>{html.escape(self.text)}</pre>"
+
+
+@dataclass
+class Rationale:
+    tokens: list
+    mask: list
+    caption: str
+
+    def md(self, ctx):
+        words = [f"**{_md_text(t)}**" if m else _md_text(t) for t, m in zip(self.tokens, self.mask)]
+        return f"> {' '.join(words)}  \n> <sub>{_md_text(self.caption)}</sub>"
+
+    def html(self, ctx):
+        words = [f"<mark>{html.escape(t)}</mark>" if m else html.escape(t)
+                 for t, m in zip(self.tokens, self.mask)]
+        return (f'<blockquote class="rationale">{" ".join(words)}<br>'
+                f"<small>{html.escape(self.caption)}</small></blockquote>")
+
+
+@dataclass
+class Document:
+    title: str
+    blocks: list = field(default_factory=list)
+
+    def add(self, *blocks):
+        self.blocks.extend(blocks)
+
+    def markdown(self, root: Path) -> str:
+        ctx = {"root": root}
+        return "# " + self.title + "\n\n" + "\n\n".join(b.md(ctx) for b in self.blocks) + "\n"
+
+    def html(self, root: Path) -> str:
+        ctx = {"root": root}
+        body = "\n".join(b.html(ctx) for b in self.blocks)
+        return (
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(self.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(self.title)}</h1>\n{body}\n</body>\n</html>\n"
+        )
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;
+margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
+th,td{border-bottom:1px solid #ddd;padding:0.25em 0.6em}th{border-bottom:2px solid #888}
+td.r,th.r{text-align:right}td.l,th.l{text-align:left}
+tbody tr:nth-child(even){background:#f7f7f7}
+figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:0.85em;color:#555}
+code{font-size:0.92em}pre{background:#f4f4f4;padding:0.6em;overflow-x:auto}
+blockquote.rationale{border-left:3px solid #bbb;margin:0.6em 0;padding:0.2em 0.8em}
+mark{background:#ffe066;padding:0 0.1em}
+"""
+
+
+# ---- content ------------------------------------------------------------------------------------
+def _rank_table(board: pd.DataFrame, criterion: str) -> Table | None:
+    m = lb.rank_matrix(board, criterion)
+    if m.empty:
+        return None
+    tasks = [c for c in m.columns if c != "mean rank"]
+    rows = []
+    for est, r in m.iterrows():
+        row = [(str(est), False)]
+        for t in tasks:
+            v = r[t]
+            row.append(("" if pd.isna(v) else str(int(v)), not pd.isna(v) and int(v) == 1))
+        row.append((f"{r['mean rank']:.2f}", False))
+        rows.append(row)
+    best = min(float(r["mean rank"]) for _, r in m.iterrows())
+    for row in rows:
+        if float(row[-1][0]) == round(best, 2):
+            row[-1] = (row[-1][0], True)
+    return Table(["estimator"] + tasks + ["mean rank"], rows)
+
+
+def _meta_items(meta: dict, run_dir: Path) -> list:
+    items = [["run folder: ", ("code", str(run_dir))]]
+    for key, label in [("created", "created"), ("git_commit", "git commit"),
+                       ("code_version", "code version"), ("estbench", "estbench"),
+                       ("platform", "platform"), ("cpu", "CPU"), ("cpu_count", "CPU cores"),
+                       ("cuda_device", "GPU"), ("python", "python"), ("torch", "torch"),
+                       ("budget", "budget"), ("command", "command")]:
+        v = meta.get(key)
+        if v not in (None, ""):
+            items.append([f"{label}: ", ("code", str(v))])
+    return items
+
+
+def _rationale_mask(tokens: list, selected: list) -> list[bool]:
+    """``selected`` as a per-token mask (bools / 0-1 / gate values > 1/2) or a list of indices."""
+    if len(selected) == len(tokens) and all(isinstance(s, (bool, int, float)) and 0 <= s <= 1
+                                            for s in selected):
+        return [bool(s > 0.5) if isinstance(s, float) else bool(s) for s in selected]
+    idx = {int(i) for i in selected}
+    return [i in idx for i in range(len(tokens))]
+
+
+def _rationale_blocks(cells: pd.DataFrame, board: pd.DataFrame) -> list:
+    if cells is None or cells.empty or "artifacts" not in cells:
+        return []
+    has = cells[[isinstance(a, dict) and bool(a.get("rationales")) for a in cells.artifacts]]
+    if has.empty:
+        return []
+    blocks = [H(2, "Example rationales"),
+              P(["Held-out sentences with the tokens of the most probable rationale highlighted, "
+                 f"for the best {MAX_RATIONALE_ESTIMATORS} estimators by final ELBO (lowest seed); "
+                 "'label' is the gold class, 'prediction' the classifier's."])]
+    ranks = board[(board.criterion == "final_elbo")]
+    for task, df in has.groupby("task", sort=True):
+        order = ranks[ranks.task == task].sort_values(["rank", "mean"], ascending=[True, False])
+        ests = [e for e in order.estimator if e in set(df.estimator)]
+        ests += sorted(set(df.estimator) - set(ests))
+        blocks.append(H(3, task))
+        for est in ests[:MAX_RATIONALE_ESTIMATORS]:
+            cell = df[df.estimator == est].sort_values("seed").iloc[0]
+            blocks.append(P([("code", est), f" (seed {int(cell.seed)})"]))
+            for ex in cell.artifacts["rationales"][:MAX_RATIONALE_EXAMPLES]:
+                tokens = [str(t) for t in ex.get("tokens", [])]
+                mask = _rationale_mask(tokens, list(ex.get("selected", [])))
+                n_sel = sum(mask)
+                cap = f"label {ex.get('label', '?')}, prediction {ex.get('prediction', '?')}, " \
+                      f"{n_sel}/{len(tokens)} tokens selected"
+                blocks.append(Rationale(tokens, mask, cap))
+    return blocks
+
+
+def _problem_cells(cells: pd.DataFrame) -> Table | None:
+    if cells is None or cells.empty or "status" not in cells:
+        return None
+    bad = cells[cells.status != "ok"]
+    if bad.empty:
+        return None
+    rows = []
+    for (task, est, status, err), df in bad.fillna({"error": ""}).groupby(
+            ["task", "estimator", "status", "error"], sort=True):
+        seeds = ",".join(str(int(s)) for s in sorted(df.seed))
+        rows.append([(est, False), (task, False), (status, False), (seeds, False),
+                     (str(err)[:200], False)])
+    return Table(["estimator", "task", "status", "seeds", "message"], rows, align="lllll")
+
+
+_RANK_RULE = (
+    "Per task, estimators are sorted by their mean over seeds; one shares the rank of the group "
+    "above it when it is not significantly worse than that group's best (paired t-test across the "
+    f"seeds both ran, alpha {lb.ALPHA}; with one seed, ties only on equal values), else it gets "
+    "its position (competition ranking: 1, 1, 3). Mean rank: over the tasks an estimator ran on "
+    "(latent families differ, so not every estimator runs on every task).")
+
+
+def _leaderboard_doc(board: pd.DataFrame, run_dir: Path) -> Document:
+    doc = Document(f"estbench leaderboard: {run_dir.name}")
+    doc.add(P([_RANK_RULE + " Bold: rank 1."]))
+    for crit in lb.CRITERIA:
+        t = _rank_table(board, crit.name)
+        if t is not None:
+            doc.add(H(2, f"By {crit.title}"), t)
+    return doc
+
+
+def build_report(run_dir, out_dir=None) -> Path:
+    """Write the report of a run folder; returns the path of ``report.md``.
+
+    Raises FileNotFoundError for a missing folder and ValueError for a folder without records.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no results folder at {run_dir}")
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    records, cells = store.load(run_dir)
+    if records.empty:
+        raise ValueError(f"no results in {run_dir} (no cell records under {run_dir / 'cells'})")
+    meta_path = run_dir / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except (OSError, ValueError):
+        meta = {}
+    records, cells = tb.label_settings(records, cells)
+    pc = tb.per_cell(records)
+    tables = tb.task_tables(pc)
+    board = lb.leaderboard(pc)
+    all_est = set(records.estimator)
+    if cells is not None and not cells.empty:
+        all_est |= set(cells.estimator)
+    style = plots.Style(all_est)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tdir, fdir = out / "tables", out / "figures"
+    tdir.mkdir(exist_ok=True)
+    previous = out / "report.md"
+    if previous.is_file() and previous.read_text(errors="replace").startswith("# estbench report"):
+        # a report written here before: drop its files of tasks no longer in the run
+        for old in [*tdir.glob("*.csv"), *tdir.glob("*.tex"), *fdir.glob("*.png"),
+                    *fdir.glob("*.svg")]:
+            old.unlink()
+    tb.to_csv_frame(tables).to_csv(tdir / "all_tasks.csv", index=False)
+    for task, t in tables.items():
+        t.to_csv(tdir / f"{tb.slug(task)}.csv", index=False)
+        (tdir / f"{tb.slug(task)}.tex").write_text(tb.to_latex(t, task))
+    board.to_csv(out / "leaderboard.csv", index=False)
+    (out / "leaderboard.md").write_text(_leaderboard_doc(board, run_dir).markdown(out))
+
+    doc = Document(f"estbench report: {run_dir.name}")
+    n_cells = len(cells) if cells is not None else 0
+    status = cells.status.value_counts().to_dict() if n_cells else {}
+    doc.add(UL(_meta_items(meta, run_dir)),
+            P([f"{n_cells} cells ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); "
+               f"{records.task.nunique()} tasks, {records.estimator.nunique()} estimators, "
+               f"{records.seed.nunique()} seeds. Everything below is derived from the tidy records "
+               "(", ("code", "cells/*.parquet"), "). Files: ",
+               ("link", "leaderboard.csv", "leaderboard.csv"), ", ",
+               ("link", "leaderboard.md", "leaderboard.md"), ", ",
+               ("link", "all tables (CSV)", "tables/all_tasks.csv"), "."]))
+
+    doc.add(H(2, "Leaderboard"),
+            P([_RANK_RULE + " Seeds that diverged or failed are left out of the ranking (see the "
+               "tables)."]))
+    heat = plots.rank_heatmap(lb.rank_matrix(board, "final_elbo"), fdir,
+                              "rank by final ELBO (1 = best; blank = not run)")
+    for crit in lb.CRITERIA:
+        t = _rank_table(board, crit.name)
+        if t is not None:
+            doc.add(H(3, f"By {crit.title}"), t)
+        if crit.name == "final_elbo" and heat:
+            doc.add(Img(heat[0], "Rank by final ELBO, estimators x tasks"))
+
+    doc.add(H(2, "Results per task"),
+            P(["Mean ± 95% confidence half-width over seeds (Student t). bias and variance are "
+               "averaged over the checkpoints along each cell's training trajectory; variance is the "
+               "trace of the covariance of one gradient estimate, bias ‖E[g] − ∇‖ against the "
+               "task's reference gradient. final ELBO: held-out, higher is better; step time: "
+               "training only; f-evals: f-evaluations per data point per step. Bold: best in "
+               "column (not marked where all are equal). Curves: checkpoint means with 95% bands."]))
+    for task, t in tables.items():
+        header, rows = tb.display_rows(t)
+        s = tb.slug(task)
+        doc.add(H(3, task), Table(header, rows),
+                P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]))
+        curves = plots.training_curves(records, task, style, fdir)
+        if curves:
+            doc.add(Img(curves[0], f"{task}: held-out ELBO vs steps and wall-clock; gradient "
+                                   f"variance along training"))
+
+    bv = plots.bias_variance(pc, style, fdir)
+    if bv:
+        doc.add(H(2, "Bias vs variance"),
+                P(["Per estimator: bias and variance averaged over checkpoints, then over seeds "
+                   "(whiskers: 95% CI). Unbiased estimators sit at the measurement noise floor of "
+                   "the bias."]),
+                Img(bv[0], "Bias vs variance per task (log axes)"))
+    st = plots.step_time_bars(pc, style, fdir)
+    if st:
+        doc.add(H(2, "Time per step"), Img(st[0], "Training time per step (ms), 95% CI over seeds"))
+
+    doc.add(*_rationale_blocks(cells, board))
+
+    doc.add(H(2, "Failed, diverged and infeasible cells"))
+    prob = _problem_cells(cells)
+    doc.add(prob if prob is not None else P(["None: every cell finished."]))
+
+    (out / "report.md").write_text(doc.markdown(out))
+    (out / "report.html").write_text(doc.html(out))
+    return out / "report.md"

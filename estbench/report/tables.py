@@ -1,0 +1,261 @@
+"""Per-cell figures, confidence intervals and the per-task tables of a report.
+
+Everything starts from the tidy records of a run.  The per-cell aggregation (bias and variance
+averaged over a cell's checkpoints, final figures as recorded) is estbench.table's, reused as is;
+this module adds seed-to-seed statistics: mean and a Student-t 95% confidence interval over seeds.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from estbench import table
+
+CELL_KEYS = ["task", "estimator", "device", "seed"]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str        # column of the per-cell frame
+    title: str       # header in tables
+    higher: bool     # True: higher is better
+
+
+#: the columns of the per-task tables, in order
+COLUMNS = [
+    Column("final_elbo", "final ELBO", True),
+    Column("bias", "bias", False),
+    Column("log10_variance", "log10 variance", False),
+    Column("step_ms", "step time (ms)", False),
+    Column("n_evals", "f-evals", False),
+]
+
+
+# ---- settings: one label per (task, budget, device) ---------------------------------------------
+def label_settings(records: pd.DataFrame, cells: pd.DataFrame | None = None):
+    """Relabel ``task`` so that one label means one (task, budget, device) setting.
+
+    A run folder may hold one task under several budgets (``--steps`` changed between runs) or on
+    several devices; averaging those together would be wrong, so the budget and/or device are
+    appended to the task name, only where they differ: ``toy_binary [steps=30, n=4] [cuda]``.
+    Returns relabelled copies of ``records`` and ``cells``.
+    """
+    if records.empty:
+        return records.copy(), (cells.copy() if cells is not None else None)
+    budgets = records[["task", "n_samples", "steps"]].drop_duplicates()
+    multi_budget = set(budgets.task[budgets.task.duplicated()])
+    multi_device = records.device.nunique() > 1
+
+    def label(task, device, n, steps):
+        out = task
+        if task in multi_budget:
+            out += f" [steps={int(steps)}, n={int(n)}]"
+        if multi_device:
+            out += f" [{device}]"
+        return out
+
+    rec = records.copy()
+    if multi_budget or multi_device:
+        rec["task"] = [label(*t) for t in zip(rec.task, rec.device, rec.n_samples, rec.steps)]
+    cel = None
+    if cells is not None:
+        cel = cells.copy()
+        if (multi_budget or multi_device) and not cel.empty:
+            cel["task"] = [label(*t) for t in zip(cel.task, cel.device, cel.n_samples, cel.steps)]
+    return rec, cel
+
+
+# ---- per cell -----------------------------------------------------------------------------------
+def per_cell(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell (task, estimator, device, seed) with estbench.table's per-cell figures.
+
+    bias / variance / cosine are means over the cell's checkpoints; final_elbo, step_time, n_evals,
+    diverged as recorded at the end.  Adds ``log10_variance`` (``-inf`` for an exactly zero
+    variance) and ``step_ms``.
+    """
+    cols = CELL_KEYS + list(table.SUMMARY_METRICS)
+    out = pd.DataFrame(columns=cols) if records.empty else table.per_cell(records).reset_index()
+    out = out.reindex(columns=cols)
+    var = out["variance"].astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["log10_variance"] = np.where(var > 0, np.log10(var.where(var > 0, 1.0)),
+                                         np.where(var == 0, -np.inf, np.nan))
+    out["step_ms"] = out["step_time"].astype(float) * 1e3
+    return out.sort_values(CELL_KEYS, ignore_index=True)
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
+    """Mean, half-width of the Student-t confidence interval, and the number of finite values.
+
+    NaNs are dropped; the half-width is NaN with fewer than two values (or a non-finite mean).
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, 0
+    with np.errstate(invalid="ignore"):
+        m = float(v.mean())
+    if n < 2 or not math.isfinite(m):
+        return m, math.nan, n
+    sd = float(v.std(ddof=1))
+    return m, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)), n
+
+
+def ci_frame(pc: pd.DataFrame, metrics: list[str], by: list[str], level: float = 0.95) -> pd.DataFrame:
+    """``{metric}_mean``, ``{metric}_ci`` (half-width) and ``{metric}_n`` per group of ``by``."""
+    rows = []
+    for key, df in pc.groupby(by, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_ci"], row[f"{m}_n"] = mean_ci(df[m], level)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=by + [f"{m}_{s}" for m in metrics for s in ("mean", "ci", "n")])
+
+
+#: means this close (relative) to the best of a column are marked best too (floating-point noise)
+BEST_RTOL = 1e-6
+
+
+# ---- the per-task tables ------------------------------------------------------------------------
+def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame]:
+    """{task: table} with one row per estimator: for each column its mean, CI half-width and a
+    ``best`` flag, plus ``seeds`` (cells with a final ELBO) and ``diverged``; sorted by final ELBO.
+
+    ``best`` marks the best mean of a column and any within a relative ``BEST_RTOL`` of it
+    (rounding noise); a column where every estimator is best (f-evals, typically) marks none.
+    """
+    names = [c.name for c in COLUMNS]
+    out = {}
+    for task, df in pc.groupby("task", sort=True):
+        t = ci_frame(df, names, ["estimator"], level)
+        t["seeds"] = t["final_elbo_n"].astype(int)
+        t["cells"] = df.groupby("estimator").size().reindex(t.estimator).to_numpy()
+        t["diverged"] = df.groupby("estimator")["diverged"].sum().reindex(t.estimator).fillna(0) \
+            .astype(int).to_numpy()
+        has_data = np.zeros(len(t), dtype=bool)
+        for c in COLUMNS:
+            has_data |= t[f"{c.name}_mean"].notna().to_numpy()
+        t = t[has_data].reset_index(drop=True)
+        for c in COLUMNS:
+            means = t[f"{c.name}_mean"]
+            finite = means.dropna()
+            best = finite.max() if c.higher else finite.min()
+            is_best = (means == best) | np.isclose(means, best, rtol=BEST_RTOL, atol=0)
+            t[f"{c.name}_best"] = False if is_best[means.notna()].all() else is_best
+        t = t.sort_values(["final_elbo_mean", "estimator"], ascending=[False, True],
+                          na_position="last", ignore_index=True)
+        keep = ["estimator", "seeds", "cells", "diverged"]
+        for c in COLUMNS:
+            keep += [f"{c.name}_mean", f"{c.name}_ci", f"{c.name}_best"]
+        out[task] = t[keep]
+    return out
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def fmt_num(x: float, ci: float = math.nan) -> str:
+    """A mean to the precision its confidence interval supports (two significant digits of the
+    CI), or four significant digits without one; scientific notation for tiny/huge magnitudes."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "-inf" if x < 0 else "inf"
+    ax = abs(x)
+    if not math.isnan(ci) and ci > 1e-4 * ax:  # (a CI far below the last digit is ignored)
+        if ci < 1e-5 or ax >= 1e6:
+            return f"{x:.3g}"
+        return f"{x:.{min(6, max(0, 1 - math.floor(math.log10(ci))))}f}"
+    if ax != 0 and (ax < 1e-3 or ax >= 1e6):
+        return f"{x:.3g}"
+    return f"{x:.{max(0, min(6, 3 - (math.floor(math.log10(ax)) if ax > 0 else 0)))}f}"
+
+
+def fmt_ci(ci: float, mean: float = math.nan) -> str:
+    """A CI half-width to two significant digits, matching ``fmt_num``'s decimals."""
+    if ci is None or math.isnan(ci):
+        return ""
+    if ci == 0:
+        return "0"
+    if ci < 1e-5 or ci >= 1e6 or (not math.isnan(mean) and abs(mean) >= 1e6):
+        return f"{ci:.2g}"
+    return f"{ci:.{min(6, max(0, 1 - math.floor(math.log10(ci))))}f}"
+
+
+def cell_text(mean: float, ci: float, sep: str = " ± ") -> str:
+    m = fmt_num(mean, ci)
+    c = fmt_ci(ci, mean)
+    return m + (sep + c if c else "")
+
+
+def display_rows(t: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Header and rows of (text, is_best) pairs of a task table, for md/html/LaTeX rendering."""
+    header = ["estimator"] + [c.title for c in COLUMNS] + ["seeds"]
+    rows = []
+    for _, r in t.iterrows():
+        row = [(str(r.estimator), False)]
+        for c in COLUMNS:
+            mean, ci = r[f"{c.name}_mean"], r[f"{c.name}_ci"]
+            if c.name == "n_evals" and mean == mean and float(mean).is_integer() \
+                    and (ci != ci or ci == 0):
+                text = str(int(mean))  # a budget, not a measurement
+            else:
+                text = cell_text(mean, ci)
+            row.append((text, bool(r[f"{c.name}_best"])))
+        seeds = f"{int(r.seeds)}"
+        if r.diverged:
+            seeds += f" ({int(r.diverged)} diverged)"
+        row.append((seeds, False))
+        rows.append(row)
+    return header, rows
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in s)
+
+
+def to_latex(t: pd.DataFrame, task: str) -> str:
+    """A booktabs LaTeX table (best per column in bold), via DataFrame.to_latex."""
+    header, rows = display_rows(t)
+    body = []
+    for row in rows:
+        cells = [r"\texttt{" + tex_escape(row[0][0]) + "}"]
+        for text, best in row[1:-1]:
+            if text == "-":
+                cells.append("--")
+                continue
+            s = text.replace(" ± ", r" \pm ").replace("inf", r"\infty")
+            s = "$" + re.sub(r"e([+-]\d+)", lambda m: rf"\times 10^{{{int(m.group(1))}}}", s) + "$"
+            cells.append(r"\textbf{" + s + "}" if best else s)
+        cells.append(tex_escape(row[-1][0]))
+        body.append(cells)
+    df = pd.DataFrame(body, columns=[tex_escape(h) for h in header])
+    return df.to_latex(index=False, escape=False, column_format="l" + "r" * (len(header) - 1),
+                       caption=f"{tex_escape(task)}: mean and 95\\% CI over seeds; best per column "
+                               f"in bold.",
+                       label=f"tab:{slug(task)}")
+
+
+def to_csv_frame(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """All task tables stacked, ``task`` first; ``*_ci`` are 95% CI half-widths."""
+    frames = [t.assign(task=task) for task, t in tables.items()]
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    return df[["task"] + [c for c in df.columns if c != "task"]]
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a task or estimator label."""
+    s = re.sub(r"[^A-Za-z0-9.=-]+", "_", name).strip("_")
+    return s.replace("=", "-") or "x"

@@ -1,0 +1,263 @@
+"""The report, the leaderboard and ``compare``: end to end on a tiny run, and on hand-made records
+whose answers are known."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("scipy")
+pytest.importorskip("seaborn")
+
+from estbench import store  # noqa: E402
+from estbench.budget import Budget  # noqa: E402
+from estbench.cli import main  # noqa: E402
+from estbench.compare import compare, render  # noqa: E402
+from estbench.report import build_report  # noqa: E402
+from estbench.report.leaderboard import leaderboard, rank_with_ties  # noqa: E402
+from estbench.report.tables import mean_ci, per_cell, task_tables  # noqa: E402
+from estbench.train import Cell, CellResult  # noqa: E402
+
+TINY = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--seeds", "0,1"]
+
+
+# ---- a tiny real run, reported through the CLI ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    run = root / "run"
+    rc = main(["run", "--tasks", "toy_binary,toy_gaussian", "--estimators",
+               "rloo,reinforce,gumbel_softmax", *TINY, "--out", str(run), "--quiet"])
+    assert rc == 0
+    return run
+
+
+def test_report_end_to_end(tiny_run, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", str(tiny_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed
+    assert "leaderboard by final ELBO" in printed and "rloo" in printed
+
+    md = (out / "report.md").read_text()
+    for f in ["report.html", "leaderboard.csv", "leaderboard.md", "tables/all_tasks.csv",
+              "tables/toy_binary.csv", "tables/toy_binary.tex", "tables/toy_gaussian.tex",
+              "figures/rank_heatmap.png", "figures/rank_heatmap.svg", "figures/bias_variance.png",
+              "figures/step_time.svg", "figures/curves_toy_binary.png",
+              "figures/curves_toy_gaussian.svg"]:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    # the markdown links the images it shows, and they exist
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert images and all((out / p).is_file() for p in images)
+    assert "### toy_binary" in md and "`gumbel_softmax`" in md and "**" in md  # best marked
+    # the HTML is self-contained: every image is a data URI
+    html = (out / "report.html").read_text()
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) == len(images) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<table>" in html and "<strong>" in html
+    # CSV and LaTeX carry the same numbers: the per-task table of the tidy records
+    csv = pd.read_csv(out / "tables" / "toy_binary.csv")
+    assert set(csv.estimator) == {"rloo", "reinforce", "gumbel_softmax"}
+    assert {"final_elbo_mean", "final_elbo_ci", "final_elbo_best", "log10_variance_mean"} <= set(csv)
+    records, _ = store.load(tiny_run)
+    fe = records[(records.task == "toy_binary") & (records.estimator == "rloo")
+                 & (records.metric == "final_elbo")].value
+    assert csv.set_index("estimator").loc["rloo", "final_elbo_mean"] == pytest.approx(fe.mean())
+    tex = (out / "tables" / "toy_binary.tex").read_text()
+    assert r"\toprule" in tex and r"\pm" in tex and r"gumbel\_softmax" in tex
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert set(board.criterion) == {"final_elbo", "variance", "step_time"}
+    assert (board[board.task == "overall"].groupby("criterion").size() == 3).all()
+
+
+# ---- statistics on known numbers -------------------------------------------------------------------
+def test_mean_ci_student_t():
+    m, hw, n = mean_ci([1, 2, 3, 4, 5])
+    # sd = sqrt(2.5), t_{0.975, 4} = 2.776445
+    assert (m, n) == (3.0, 5)
+    assert hw == pytest.approx(2.776445 * math.sqrt(2.5) / math.sqrt(5), rel=1e-5)
+    m, hw, n = mean_ci([2.0, float("nan")])
+    assert (m, n) == (2.0, 1) and math.isnan(hw)
+    assert math.isnan(mean_ci([])[0])
+
+
+def _pc(values: dict, task="T", column="final_elbo") -> pd.DataFrame:
+    rows = [{"task": task, "estimator": e, "seed": s, column: v}
+            for e, vs in values.items() for s, v in enumerate(vs)]
+    return pd.DataFrame(rows)
+
+
+def _ranks(values: dict, higher=True) -> dict:
+    df = _pc(values).rename(columns={"final_elbo": "value"})
+    r = rank_with_ties(df, higher)
+    return dict(zip(r.estimator, r["rank"]))
+
+
+def test_leaderboard_clear_winner_and_ties():
+    a = [10.0, 10.2, 9.9, 10.1, 10.0]
+    b = [5.0, 5.3, 4.8, 5.1, 5.2]
+    c = [x + d for x, d in zip(b, [0.1, -0.2, 0.15, -0.05, 0.0])]  # indistinguishable from b
+    assert _ranks({"A": a, "B": b, "C": c}) == {"A": 1, "B": 2, "C": 2}
+    # a tie at the top: competition ranking 1, 1, 3
+    a2 = [x + d for x, d in zip(a, [0.1, -0.1, 0.05, -0.1, 0.0])]
+    assert _ranks({"A": a, "A2": a2, "B": b}) == {"A": 1, "A2": 1, "B": 3}
+    # lower is better (variance, time) flips the order
+    assert _ranks({"A": a, "B": b, "C": c}, higher=False) == {"B": 1, "C": 1, "A": 3}
+    # one seed: ties only on exact equality
+    assert _ranks({"A": [1.0], "B": [1.0], "C": [0.5]}) == {"A": 1, "B": 1, "C": 3}
+    assert _ranks({"A": [1.0], "B": [0.9999]}) == {"A": 1, "B": 2}
+    # a constant paired difference is certain, however small
+    assert _ranks({"A": [1.0, 2.0, 3.0], "B": [0.99, 1.99, 2.99]}) == {"A": 1, "B": 2}
+
+
+def test_leaderboard_overall_mean_rank_over_tasks():
+    pc = pd.concat([_pc({"A": [3.0, 3.1, 2.9], "B": [1.0, 1.2, 0.9]}, task="T1"),
+                    _pc({"A": [1.0, 1.1, 0.9], "B": [3.0, 3.2, 2.9], "C": [0.0, 0.1, -0.1]},
+                        task="T2")])
+    pc["log10_variance"] = 0.0
+    pc["step_ms"] = 1.0
+    board = leaderboard(pc)
+    overall = board[(board.criterion == "final_elbo") & (board.task == "overall")]
+    mean = dict(zip(overall.estimator, overall["mean"]))
+    assert mean == {"A": 1.5, "B": 1.5, "C": 3.0}
+    assert dict(zip(overall.estimator, overall.tasks)) == {"A": 2, "B": 2, "C": 1}
+    assert dict(zip(overall.estimator, overall["rank"])) == {"A": 1, "B": 1, "C": 3}
+    # equal variances everywhere: all tie
+    var = board[(board.criterion == "variance") & (board.task != "overall")]
+    assert set(var["rank"]) == {1}
+
+
+# ---- hand-made run folders: compare, rationales, failed cells -----------------------------------
+def _write_cell(run, task, est, seed, elbo, var, bias=0.1, step_time=0.002, status="ok",
+                error="", artifacts=None, steps=10):
+    cell = Cell(task, est, seed, "cpu", Budget(steps=steps, n_samples=4, checkpoints=2,
+                                               measure_samples=8))
+    recs = []
+
+    def rec(step, metric, value):
+        recs.append({"task": task, "estimator": est, "seed": seed, "device": "cpu", "n_samples": 4,
+                     "steps": steps, "step": step, "metric": metric, "value": float(value)})
+    if status in ("ok", "diverged"):
+        for step in (0, steps):
+            rec(step, "bias", bias)
+            rec(step, "variance", var)
+            rec(step, "elbo", elbo - 1.0 + step / steps)
+            rec(step, "wall_time", step * step_time)
+    if status == "ok":
+        rec(steps, "final_elbo", elbo)
+        rec(steps, "n_evals", 4)
+        rec(steps, "step_time", step_time)
+    rec(steps, "diverged", 1.0 if status == "diverged" else 0.0)
+    res = CellResult(cell, status, recs, error=error, artifacts=artifacts or {})
+    store.write_cell(run, cell.key(f"seed{seed}"), res)
+
+
+NOISE = [0.3, -0.25, 0.05, -0.1]
+
+
+def _synthetic_run(run, elbo_e1=-10.0, elbo_e2=-20.0, var_e1=1.0, extra=None):
+    for s, n in enumerate(NOISE):
+        _write_cell(run, "toy", "e1", s, elbo_e1 + 0.01 * n, var_e1 * (1 + 0.01 * n))
+        # e2 is noisy from seed to seed
+        _write_cell(run, "toy", "e2", s, elbo_e2 + 10 * n, 2.0 * (1 + 0.5 * n))
+    if extra:
+        extra(run)
+    return run
+
+
+def test_compare_flags_a_regression_not_noise(tmp_path, capsys):
+    a = _synthetic_run(tmp_path / "a")
+    # e1's ELBO 30% worse, clearly outside its tiny noise; e2's shifts 15% inside large noise
+    b = _synthetic_run(tmp_path / "b", elbo_e1=-13.0, elbo_e2=-23.0)
+    df, regressed = compare(a, b, threshold=0.1)
+    assert regressed
+    row = df.set_index(["estimator", "metric"])
+    assert row.loc[("e1", "final_elbo"), "regressed"]
+    assert row.loc[("e1", "final_elbo"), "rel_change"] == pytest.approx(-0.3, abs=1e-3)
+    assert not row.loc[("e2", "final_elbo"), "outside_noise"]
+    assert not row.loc[("e2", "final_elbo"), "regressed"]
+    assert not row.loc[("e1", "variance"), "regressed"]
+    assert "REGRESSED" in render(df, 0.1)
+    # above the threshold: outside the noise but not a regression
+    _, regressed = compare(a, b, threshold=0.5)
+    assert not regressed
+    # an improvement is never a regression
+    _, regressed = compare(b, a, threshold=0.1)
+    assert not regressed
+    # a run against itself: nothing outside the noise
+    df, regressed = compare(a, a, threshold=0.1)
+    assert not regressed and not df.outside_noise.any()
+
+    # the CLI: exit 1 on a regression, 0 otherwise, JSON on request
+    assert main(["compare", str(a), str(b)]) == 1
+    assert "REGRESSED" in capsys.readouterr().out
+    assert main(["compare", str(a), str(b), "--threshold", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(a), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["regressed"] is False and len(payload["rows"]) == 8
+    assert main(["compare", str(a), str(b), "--threshold", "ten"]) == 2
+    assert "--threshold" in capsys.readouterr().err
+
+
+def test_compare_one_seed_uses_the_threshold_and_variance_regressions(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_cell(a, "toy", "e", 0, -10.0, 1.0)
+    _write_cell(b, "toy", "e", 0, -10.5, 1.5)  # ELBO 5% worse (noise), variance 50% higher
+    df, regressed = compare(a, b, threshold=0.1)
+    row = df.set_index("metric")
+    assert regressed and row.loc["variance", "regressed"] and not row.loc["final_elbo", "regressed"]
+    assert math.isnan(row.loc["variance", "p_value"])
+
+
+def test_compare_cell_that_starts_failing_is_a_regression(tmp_path):
+    a = _synthetic_run(tmp_path / "a")
+    b = _synthetic_run(tmp_path / "b", extra=lambda r: _write_cell(
+        r, "toy", "e1", 9, 0, 0, status="diverged", error="non-finite surrogate at step 3"))
+    df, regressed = compare(a, b, threshold=0.1)
+    assert regressed and (df.metric == "status").sum() == 1
+
+
+def test_missing_folder_one_clear_message(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    ok = _synthetic_run(tmp_path / "ok")
+    for argv in (["report", str(missing)], ["compare", str(missing), str(ok)],
+                 ["compare", str(ok), str(missing)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(missing) in err[0] and "Traceback" not in err[0]
+    # a folder that is not a results folder
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not an estbench results folder" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="nope"):
+        build_report(missing)
+
+
+def test_report_rationales_and_problem_cells(tmp_path):
+    rationales = [{"tokens": ["a", "*great*", "film", "<b>"], "selected": [False, True, False, True],
+                   "label": 4, "prediction": 3}]
+
+    def extra(run):
+        _write_cell(run, "sst", "e1", 0, -5.0, 1.0, artifacts={"rationales": rationales})
+        _write_cell(run, "sst", "e2", 0, -6.0, 2.0, artifacts={"rationales": rationales})
+        _write_cell(run, "toy", "bad", 0, 0, 0, status="failed", error="RuntimeError: boom")
+        _write_cell(run, "toy", "e3", 0, 0, 0, status="diverged", error="non-finite at step 3")
+
+    run = _synthetic_run(tmp_path / "run", extra=extra)
+    path = build_report(run)
+    assert path == run / "report" / "report.md"
+    md = path.read_text()
+    html = (run / "report" / "report.html").read_text()
+    assert "Example rationales" in md and r"**\*great\***" in md and "a **\\*great\\*** film" in md
+    assert "<mark>*great*</mark>" in html and "<mark>&lt;b&gt;</mark>" in html
+    assert "label 4, prediction 3, 2/4 tokens selected" in md
+    assert "RuntimeError: boom" in md and "diverged" in md and "non-finite at step 3" in md
+    # the per-task table marks the best ELBO and leaves out the estimator with no data at all
+    records, _ = store.load(run)
+    t = task_tables(per_cell(records))["toy"]
+    assert "bad" not in set(t.estimator)
+    best = t[t.final_elbo_best].estimator.tolist()
+    assert best == ["e1"]
