@@ -364,7 +364,7 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_pair(a: Callable, b: Callable, reps: int = 200, warmup: int = 20, device="cpu"):
+def timed_pair(a: Callable, b: Callable, reps: int = 200, warmup: int = 20, device="cpu"):
     """Per-step times (s) of ``a`` and ``b``, timed alternately (order flipped every repetition)."""
     device = torch.device(device)
     for _ in range(warmup):
@@ -400,7 +400,7 @@ def run(problems=PROBLEMS, names=ESTIMATORS, device="cpu", reps=200, warmup=20, 
             diff = gradient_check(kind, name, device) if check else float("nan")
             hw, eb = make_pair(kind, name, device, validate_args=validate_args)
             torch.manual_seed(1234)
-            ta, tb = time_pair(hw, eb, reps, warmup, device)
+            ta, tb = timed_pair(hw, eb, reps, warmup, device)
             mh, me = statistics.median(ta), statistics.median(tb)
             row = dict(problem=kind, estimator=name, n_samples=hw.n, device=str(device), reps=reps,
                        validate_args=bool(validate_args is None or validate_args),

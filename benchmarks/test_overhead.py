@@ -82,7 +82,7 @@ def test_ratio(kind, name):
     _needs(name)
     hw, eb = oh.make_pair(kind, name, DEVICE)
     rounds = max(3, int(ROUNDS[kind] * SCALE))
-    ta, tb = oh.time_pair(hw, eb, reps=rounds, warmup=WARMUP[kind], device=DEVICE)
+    ta, tb = oh.timed_pair(hw, eb, reps=rounds, warmup=WARMUP[kind], device=DEVICE)
     ratio = statistics.median(tb) / statistics.median(ta)
     assert ratio <= float(MAX_RATIO), (
         f"{kind}/{name}: estbench step {1e3 * statistics.median(tb):.3f} ms is {ratio:.2f}x the handwritten "

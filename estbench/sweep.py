@@ -67,26 +67,65 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
 
 def run(plan: Plan, run_dir: Path, force: bool = False,
         progress: Optional[Callable[[int, int, Cell, Optional[CellResult], bool], None]] = None,
-        log: Optional[Callable[[str], None]] = None) -> list[CellResult]:
+        log: Optional[Callable[[str], None]] = None, executor=None) -> list[CellResult]:
     """Run every cell of the plan not already stored in ``run_dir`` (all of them with ``force``).
 
-    Each finished cell is written to the store before the next starts, so an interrupted sweep
-    loses at most the cell in progress.  ``progress(i, n, cell, result, cached)`` is called after
+    Each finished cell is written to the store as soon as it finishes, so an interrupted sweep
+    loses at most the cells in progress.  ``progress(i, n, cell, result, cached)`` is called after
     each cell.
+
+    ``executor`` (from :func:`estbench.executors.make_executor`) runs the missing cells in parallel
+    (loky, submitit, dask); None or a serial executor runs them one after the other here.  Cells
+    already stored are filtered out before anything is submitted; each worker writes its own cell,
+    and progress is reported as cells complete (``i`` counts completions).  A cell whose worker
+    died is reported as failed and left unstored (a rerun retries it), then WorkerError is raised
+    once every other cell is done.
     """
     run_dir = Path(run_dir)
     version = store.code_version()
     results = []
     n = len(plan.cells)
-    for i, cell in enumerate(plan.cells, 1):
-        key = cell.key(version)
-        if not force and store.cell_path(run_dir, key).exists():
+    if executor is None or getattr(executor, "serial", False):
+        for i, cell in enumerate(plan.cells, 1):
+            key = cell.key(version)
+            if not force and store.cell_path(run_dir, key).exists():
+                if progress:
+                    progress(i, n, cell, None, True)
+                continue
+            res = run_cell(cell, log=log)
+            store.write_cell(run_dir, key, res)
+            results.append(res)
             if progress:
-                progress(i, n, cell, None, True)
-            continue
-        res = run_cell(cell, log=log)
-        store.write_cell(run_dir, key, res)
-        results.append(res)
-        if progress:
-            progress(i, n, cell, res, False)
+                progress(i, n, cell, res, False)
+        return results
+
+    from estbench.executors import WorkerError
+
+    done, todo = 0, []
+    for cell in plan.cells:
+        if not force and store.cell_path(run_dir, cell.key(version)).exists():
+            done += 1
+            if progress:
+                progress(done, n, cell, None, True)
+        else:
+            todo.append(cell)
+    lost = []
+    if todo:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for cell, res in executor.run_cells(todo, run_dir, version, force):
+            done += 1
+            if res is not None and res.error.startswith("worker died"):
+                lost.append(res)
+            elif res is not None:
+                results.append(res)
+                if log and res.status == "failed":
+                    log(f"{cell.label()}: {res.error}")
+            if progress:
+                progress(done, n, cell, res, res is None)
+    order = {cell: i for i, cell in enumerate(plan.cells)}
+    results.sort(key=lambda r: order.get(r.cell, n))
+    if lost:
+        raise WorkerError(f"{len(lost)} cell(s) did not finish because their worker died (the other "
+                          f"cells are stored; rerun to retry them): "
+                          + "; ".join(f"{r.cell.label()}: {r.error}" for r in lost[:3]))
     return results

@@ -1,0 +1,426 @@
+"""Running the cells of a sweep in parallel, on existing engines: joblib/loky, submitit, dask.
+
+A sweep is embarrassingly parallel over cells.  Every backend runs the same worker function,
+:func:`run_and_store`: it trains one cell with :func:`estbench.train.run_cell` and writes its record
+to the results store itself (atomically, ``store.write_cell``), so a sweep split across machines or
+restarted after a crash completes exactly the missing cells.  The parent filters out the cells
+already stored *before* submitting anything and reports progress as cells complete.
+
+Select a backend with ``-j N`` (a local process pool, loky) or ``--parallel-config FILE.yml``::
+
+    backend: loky            # loky | submitit | dask
+    n_jobs: 4                # loky processes / submitit local jobs at once (``-j`` overrides it)
+    cells_per_gpu: 1         # CUDA cells sharing one GPU at a time (default 1: never two per GPU)
+    threads_per_cell: 1      # torch threads per CPU cell (default: ESTBENCH_THREADS / --threads, else 1)
+
+    backend: submitit        # Slurm (job arrays), or cluster: local | debug for tests
+    cluster: slurm           # debug | local | slurm | auto
+    folder: logs/submitit    # job pickles and logs (default RUN_DIR/.submitit)
+    slurm_partition: gpu     # every slurm_* key goes to executor.update_parameters
+    slurm_time: 60           # ... as does every submitit generic: timeout_min, mem_gb, cpus_per_task
+    slurm_array_parallelism: 32
+    gpus_per_cell: 1         # GPUs requested for each CUDA cell's job (CPU cells request none)
+
+    backend: dask            # as in benchopt: every dask_* key goes to dask.distributed.Client
+    dask_n_workers: 2        # -> a LocalCluster with 2 workers (one thread each unless told)
+    # dask_address: tcp://scheduler:8786   -> an existing cluster instead
+
+GPU cells: each CUDA cell holds one of ``cells_per_gpu`` slots of its GPU (a file lock in the
+machine's temp folder, so it also holds across backends and concurrent sweeps on one machine); on
+dask, CUDA cells also request the worker resource ``{"GPU": 1 / cells_per_gpu}`` (start workers with
+``--resources GPU=1``, one per GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+from estbench import store
+from estbench.train import Cell, CellResult, run_cell
+
+BACKENDS = ("loky", "submitit", "dask")
+COMMON_KEYS = {"backend", "n_jobs", "cells_per_gpu", "threads_per_cell"}
+BACKEND_KEYS = {
+    "loky": set(),
+    "submitit": {"cluster", "folder", "poll_interval", "gpus_per_cell"},
+    "dask": {"poll_interval"},
+}
+SUBMITIT_CLUSTERS = ("debug", "local", "slurm", "auto")
+
+
+class ConfigError(ValueError):
+    """A malformed or unknown parallel configuration (the message names the file)."""
+
+
+class WorkerError(RuntimeError):
+    """Some cells did not finish because their worker or job died; the others are stored."""
+
+
+# ----------------------------------------------------------------------------- the worker side
+
+def _gpu_index(device: str) -> str:
+    """The physical GPU behind ``device`` on this machine (honours CUDA_VISIBLE_DEVICES)."""
+    local = int(device.split(":", 1)[1]) if ":" in device else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[local] if local < len(visible) else str(local)
+
+
+@contextlib.contextmanager
+def gpu_slot(device: str, slots: int = 1, lock_dir: Optional[str] = None, poll: float = 0.05):
+    """Hold one of ``slots`` slots of the GPU behind ``device`` (no-op for CPU devices).
+
+    The slots are ``flock``-ed files in the machine's temp folder, so at most ``slots`` cells use a
+    GPU at once whichever process, backend or sweep runs them.  The kernel drops the lock when its
+    holder dies, even by SIGKILL.
+    """
+    if not str(device).startswith("cuda") or not slots or slots < 1:
+        yield None
+        return
+    import fcntl
+
+    lock_dir = Path(lock_dir or tempfile.gettempdir())
+    gpu = _gpu_index(str(device))
+    paths = [lock_dir / f"estbench-gpu{gpu}-slot{k}.lock" for k in range(int(slots))]
+    while True:
+        for path in paths:
+            fh = open(path, "a")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            try:
+                yield path
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+            return
+        time.sleep(poll)
+
+
+def run_and_store(cell: Cell, run_dir: str, version: str, force: bool = False,
+                  cells_per_gpu: int = 1, threads: Optional[int] = None):
+    """Run one cell and write its record to the store; the function every worker runs.
+
+    Returns ``(cell, result)``; ``result`` is None when the cell's record appeared in the meantime
+    (another worker, machine or restarted sweep finished it), in which case nothing is recomputed.
+    """
+    path = store.cell_path(Path(run_dir), cell.key(version))
+    if not force and path.exists():
+        return cell, None
+    if threads:  # run_cell reads it (estbench.train.cpu_threads); otherwise inherited from the parent
+        os.environ["ESTBENCH_THREADS"] = str(int(threads))
+    with gpu_slot(cell.device, cells_per_gpu):
+        res = run_cell(cell)
+    store.write_cell(Path(run_dir), cell.key(version), res)
+    return cell, res
+
+
+def _lost(cell: Cell, why: str) -> CellResult:
+    """A cell whose worker died: reported as failed, NOT stored (a rerun retries it)."""
+    return CellResult(cell, "failed", error=f"worker died, cell not stored: {why}")
+
+
+def _interleave(cells: list[Cell]) -> list[Cell]:
+    """CUDA cells spread among the CPU cells, so workers rarely queue on one GPU together."""
+    gpu = [c for c in cells if c.device.startswith("cuda")]
+    cpu = [c for c in cells if not c.device.startswith("cuda")]
+    if not gpu or not cpu:
+        return cells
+    out, step = [], max(1, len(cpu) // len(gpu))
+    for i, c in enumerate(gpu):
+        out.append(c)
+        out.extend(cpu[i * step:(i + 1) * step])
+    out.extend(cpu[len(gpu) * step:])
+    return out
+
+
+# ----------------------------------------------------------------------------- the executors
+
+@dataclass
+class Executor:
+    """Runs cells and yields ``(cell, result_or_None)`` as they complete (see run_and_store)."""
+
+    n_jobs: int = 1
+    cells_per_gpu: int = 1
+    threads_per_cell: Optional[int] = None
+    options: dict = field(default_factory=dict)
+    name = "serial"
+
+    @property
+    def serial(self) -> bool:
+        return self.name == "serial"
+
+    def run_cells(self, cells: list[Cell], run_dir: Path, version: str, force: bool = False
+                  ) -> Iterator[tuple[Cell, Optional[CellResult]]]:
+        for cell in cells:
+            yield run_and_store(cell, str(run_dir), version, force, self.cells_per_gpu,
+                                self.threads_per_cell)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class SerialExecutor(Executor):
+    name = "serial"
+
+
+class LokyExecutor(Executor):
+    """A local process pool: ``joblib.Parallel(backend="loky", n_jobs=N)``, results as they finish.
+
+    Workers inherit the environment, hence ``ESTBENCH_THREADS`` (one intra-op thread per cell by
+    default), so N workers use N cores.
+    """
+
+    name = "loky"
+
+    def run_cells(self, cells, run_dir, version, force=False):
+        from joblib import Parallel, delayed
+
+        par = Parallel(n_jobs=self.n_jobs, backend="loky", return_as="generator_unordered")
+        yield from par(delayed(run_and_store)(c, str(run_dir), version, force, self.cells_per_gpu,
+                                              self.threads_per_cell)
+                       for c in _interleave(cells))
+
+    def describe(self):
+        return f"loky, {self.n_jobs} processes"
+
+
+class SubmititExecutor(Executor):
+    """One submitit job per cell: a Slurm job array (``map_array``) per device kind, or local jobs.
+
+    CPU cells request no GPU; CUDA cells request ``gpus_per_cell`` GPUs (default 1).  ``cluster:
+    local`` keeps at most ``n_jobs`` jobs running; ``debug`` runs them in this process.
+    """
+
+    name = "submitit"
+    _GPU_KEYS = {"gpus_per_node", "slurm_gpus_per_node", "slurm_gres", "slurm_gpus_per_task",
+                 "slurm_num_gpus", "slurm_cpus_per_gpu", "slurm_mem_per_gpu"}
+
+    def _executor(self, run_dir: Path, gpu: bool):
+        import submitit
+
+        opts = self.options
+        folder = opts.get("folder") or str(Path(run_dir) / ".submitit")
+        cluster = opts.get("cluster", "slurm")
+        ex = submitit.AutoExecutor(folder=folder, cluster=None if cluster == "auto" else cluster)
+        params = {k: v for k, v in opts.items() if k in _submitit_params()}
+        params = {k: v for k, v in params.items() if gpu or k not in self._GPU_KEYS}
+        if gpu and not any(k in params for k in self._GPU_KEYS):
+            params["gpus_per_node"] = int(opts.get("gpus_per_cell", 1))
+        params.setdefault("name", "estbench")
+        ex.update_parameters(**params)
+        return ex
+
+    def run_cells(self, cells, run_dir, version, force=False):
+        cluster = self.options.get("cluster", "slurm")
+        poll = float(self.options.get("poll_interval", 0.05 if cluster in ("local", "debug") else 2.0))
+        groups = [[c for c in cells if not c.device.startswith("cuda")],
+                  [c for c in cells if c.device.startswith("cuda")]]
+        window = self.n_jobs if cluster == "local" else None
+        queue = [(c, gpu) for gpu, group in enumerate(groups) for c in group]
+        execs = {gpu: self._executor(run_dir, bool(gpu)) for gpu, g in enumerate(groups) if g}
+        threads = self.threads_per_cell
+
+        def args(group):
+            n = len(group)
+            return (group, [str(run_dir)] * n, [version] * n, [force] * n,
+                    [self.cells_per_gpu] * n, [threads] * n)
+
+        running: dict = {}
+        try:
+            if window is None:  # one job array per device kind; slurm_array_parallelism throttles it
+                for gpu, group in enumerate(groups):
+                    if group:
+                        for c, job in zip(group, execs[gpu].map_array(run_and_store, *args(group))):
+                            running[job] = c
+                queue = []
+            while queue or running:
+                while queue and (window is None or len(running) < window):
+                    c, gpu = queue.pop(0)
+                    job = execs[gpu].map_array(run_and_store, *args([c]))[0]
+                    running[job] = c
+                finished = [j for j in list(running) if j.done()]
+                if not finished:
+                    time.sleep(poll)
+                    continue
+                for job in finished:
+                    c = running.pop(job)
+                    try:
+                        yield job.result()
+                    except Exception as exc:  # the job itself died (OOM, node failure, timeout)
+                        yield c, _lost(c, f"submitit job {job.job_id}: {str(exc).splitlines()[0]}")
+        finally:
+            for job in running:  # interrupted: cancel what is still queued or running
+                with contextlib.suppress(Exception):
+                    job.cancel(check=False)
+
+    def describe(self):
+        cluster = self.options.get("cluster", "slurm")
+        return f"submitit ({cluster})" + (f", {self.n_jobs} jobs at once" if cluster == "local" else "")
+
+
+class DaskExecutor(Executor):
+    """``dask.distributed``: every ``dask_*`` option goes to ``Client`` (as in benchopt).
+
+    Without ``dask_address``, ``Client(n_workers=...)`` starts a LocalCluster: worker processes
+    (``dask_processes: true``) with one thread each, since torch's global RNG is per process.
+    CUDA cells request the worker resource ``{"GPU": 1 / cells_per_gpu}``.
+    """
+
+    name = "dask"
+
+    def client_kwargs(self, gpu_cells: bool) -> dict:
+        kw = {k[len("dask_"):]: v for k, v in self.options.items() if k.startswith("dask_")}
+        if "address" not in kw:
+            kw.setdefault("n_workers", self.n_jobs)
+            kw.setdefault("threads_per_worker", 1)
+            kw.setdefault("processes", True)
+            kw.setdefault("dashboard_address", ":0")  # any free port: no clash, no warning
+            if gpu_cells:
+                kw.setdefault("resources", {"GPU": 1})
+        return kw
+
+    def run_cells(self, cells, run_dir, version, force=False):
+        from dask.distributed import Client, as_completed
+
+        gpu_cells = any(c.device.startswith("cuda") for c in cells)
+        kw = self.client_kwargs(gpu_cells)
+        own = "address" not in kw
+        threads = self.threads_per_cell
+        client = Client(**kw)
+        try:
+            if gpu_cells and not own:
+                res = [w.get("resources", {}) for w in client.scheduler_info()["workers"].values()]
+                if not any("GPU" in r for r in res):
+                    raise ConfigError(f"dask cluster at {kw['address']} has no worker with a 'GPU' "
+                                      "resource; start one worker per GPU with --resources GPU=1")
+            futures = {}
+            for c in _interleave(cells):
+                extra = {"resources": {"GPU": 1.0 / max(1, self.cells_per_gpu)}} \
+                    if c.device.startswith("cuda") else {}
+                fut = client.submit(run_and_store, c, str(run_dir), version, force,
+                                    self.cells_per_gpu, threads, pure=False, **extra)
+                futures[fut] = c
+            for fut in as_completed(list(futures)):
+                c = futures[fut]
+                try:
+                    yield fut.result()
+                except Exception as exc:  # a worker died (KilledWorker) or the cluster went away
+                    yield c, _lost(c, f"dask: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        finally:
+            cluster = client.cluster if own else None
+            client.close()
+            if cluster is not None:
+                with contextlib.suppress(Exception):
+                    cluster.close()
+
+    def describe(self):
+        kw = self.client_kwargs(False)
+        where = kw.get("address") or f"LocalCluster, {kw['n_workers']} workers"
+        return f"dask ({where})"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def _submitit_params() -> set[str]:
+    """Keys forwarded to submitit's update_parameters: its generic ones and every slurm_* one."""
+    import submitit
+
+    generic = set(submitit.AutoExecutor._valid_parameters())
+    slurm = {f"slurm_{k}" for k in submitit.SlurmExecutor._valid_parameters() | generic}
+    return generic | slurm
+
+
+def _check(config: dict, where: str) -> dict:
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: expected a mapping of options (backend: ...), got "
+                          f"{type(config).__name__}")
+    backend = config.get("backend")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    allowed = COMMON_KEYS | BACKEND_KEYS[backend]
+    unknown = []
+    for k in config:
+        if k in allowed:
+            continue
+        if backend == "dask" and k.startswith("dask_"):
+            continue
+        if backend == "submitit" and k in _submitit_params():
+            continue
+        unknown.append(k)
+    if unknown:
+        hint = {"loky": "", "dask": "; Client options start with dask_",
+                "submitit": "; Slurm options start with slurm_ (submitit's names: slurm_partition, "
+                            "slurm_time, slurm_gpus_per_node, slurm_array_parallelism, ...)"}[backend]
+        raise ConfigError(f"{where}: unknown key(s) for backend {backend!r}: {', '.join(sorted(unknown))}"
+                          f" (known: {', '.join(sorted(allowed))}{hint})")
+    for k in ("n_jobs", "cells_per_gpu", "threads_per_cell", "gpus_per_cell"):
+        v = config.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                              or (v < 1 and not (k == "n_jobs" and v == -1))):
+            raise ConfigError(f"{where}: {k} must be a positive integer, got {v!r}")
+    if backend == "submitit" and config.get("cluster", "slurm") not in SUBMITIT_CLUSTERS:
+        raise ConfigError(f"{where}: cluster must be one of {', '.join(SUBMITIT_CLUSTERS)}, "
+                          f"got {config.get('cluster')!r}")
+    return dict(config)
+
+
+def load_config(path) -> dict:
+    """Read a ``--parallel-config`` YAML file; ConfigError naming the file if missing or malformed."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read parallel config {path}: {exc.strerror or exc}") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"parallel config {path} is not valid YAML: {exc}") from None
+    return _check(config, f"parallel config {path}")
+
+
+def make_executor(n_jobs: Optional[int] = None, config: Optional[dict] = None) -> Executor:
+    """The executor for ``-j n_jobs`` and an optional config (from :func:`load_config`).
+
+    ``n_jobs`` (when given) overrides the config's; without a config, n_jobs > 1 means loky and
+    1 the plain serial loop.  -1 means one job per core.
+    """
+    if config is not None:
+        config = _check(config, "parallel config")
+    config = dict(config or {})
+    if n_jobs is not None and (not isinstance(n_jobs, int) or (n_jobs < 1 and n_jobs != -1)):
+        raise ConfigError(f"-j/--jobs must be a positive integer (or -1 for all cores), got {n_jobs!r}")
+    n = n_jobs if n_jobs is not None else config.get("n_jobs", 1)
+    if n == -1:
+        n = os.cpu_count() or 1
+    backend = config.get("backend") or ("loky" if n > 1 else "serial")
+    common = dict(n_jobs=n, cells_per_gpu=config.get("cells_per_gpu", 1),
+                  threads_per_cell=config.get("threads_per_cell"),
+                  options={k: v for k, v in config.items() if k not in COMMON_KEYS})
+    cls = {"serial": SerialExecutor, "loky": LokyExecutor, "submitit": SubmititExecutor,
+           "dask": DaskExecutor}[backend]
+    return cls(**common)
+
+
+def add_cli_arguments(parser) -> None:
+    """``-j/--jobs N`` and ``--parallel-config FILE.yml`` on an argparse (sub)parser."""
+    parser.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                        help="run N cells at once in local processes (joblib/loky); -1: one per core")
+    parser.add_argument("--parallel-config", dest="parallel_config", metavar="FILE.yml",
+                        help="run the cells with submitit (Slurm) or dask instead; see "
+                             "examples/parallel/*.yml")
+
+
+def from_args(args) -> Executor:
+    """The executor of parsed ``-j`` / ``--parallel-config`` arguments (ConfigError if malformed)."""
+    path = getattr(args, "parallel_config", None)
+    config = load_config(path) if path else None
+    return make_executor(getattr(args, "jobs", None), config)

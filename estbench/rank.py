@@ -1,0 +1,96 @@
+"""``estbench rank``: where does a new estimator rank?
+
+Loads a user's estimator (``path/to/file.py:ClassName``, ``path/to/file.py`` with one estimator
+class in it, or a registered / entry-point name), checks it against the contract before spending any
+benchmark time on it, then runs it -- and every other compatible estimator, reusing the cells that the
+result set already holds -- on every compatible task under the same budget and seeds, and reports
+its rank per task and overall.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+import estimators
+import tasks
+from estbench import contract
+
+
+class RankError(ValueError):
+    """A target that cannot be loaded or does not honour the contract."""
+
+
+def load_target(target: str) -> type:
+    """The Estimator class named by ``target``; registers it if it came from a file."""
+    path_part, _, cls_name = target.partition(":")
+    if path_part.endswith(".py") or "/" in path_part or Path(path_part).suffix == ".py":
+        path = Path(path_part)
+        if not path.is_file():
+            raise RankError(f"no estimator file at {path}")
+        mod_name = f"estbench_user_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise RankError(f"{path} failed to import: {type(exc).__name__}: {exc}") from None
+        found = {n: c for n, c in vars(module).items()
+                 if inspect.isclass(c) and issubclass(c, estimators.Estimator)
+                 and c.__module__ == mod_name and c.__dict__.get("name")}
+        if cls_name:
+            if cls_name not in vars(module):
+                raise RankError(f"{path} defines no {cls_name!r} (estimators found: "
+                                f"{', '.join(sorted(found)) or 'none'})")
+            cls = vars(module)[cls_name]
+            if not (inspect.isclass(cls) and issubclass(cls, estimators.Estimator)):
+                raise RankError(f"{path}:{cls_name} is not a subclass of estimators.Estimator")
+        else:
+            if len(found) != 1:
+                raise RankError(f"{path} defines {len(found)} estimator classes with a name "
+                                f"({', '.join(sorted(found)) or 'none'}): name one as {path}:ClassName")
+            cls = next(iter(found.values()))
+        if not cls.name:
+            raise RankError(f"{cls.__name__} declares no `name`")
+        return estimators.register(cls)
+    try:
+        return estimators.get_class(target)
+    except ValueError as exc:
+        raise RankError(str(exc)) from None
+
+
+def check_target(cls) -> None:
+    problems = contract.check(cls)
+    if problems:
+        raise RankError(f"estimator {getattr(cls, 'name', cls)!r} does not honour the contract: "
+                        + "; ".join(problems))
+
+
+def compatible_tasks(cls) -> list[str]:
+    return [t for t in tasks.available() if tasks.get_class(t).family in cls.families]
+
+
+def placement(board: pd.DataFrame, name: str, criterion: str = "final_elbo") -> pd.DataFrame:
+    """The estimator's rows of a leaderboard: per task rank, field size and mean, plus overall."""
+    b = board[board.criterion == criterion]
+    sizes = b.groupby("task")["estimator"].count().rename("of")
+    mine = b[b.estimator == name].merge(sizes, left_on="task", right_index=True)
+    mine = mine.assign(_overall=mine.task == "overall").sort_values(["_overall", "task"])
+    return mine.drop(columns="_overall")[["task", "rank", "of", "mean"]].reset_index(drop=True)
+
+
+def render_placement(name: str, board: pd.DataFrame) -> str:
+    lines = [f"where {name} ranks (1 = best; ties where the difference is not significant):"]
+    for crit, title in [("final_elbo", "final ELBO"), ("variance", "variance"), ("step_time", "time")]:
+        p = placement(board, name, crit)
+        if p.empty:
+            continue
+        lines.append(f"  by {title}:")
+        for _, r in p.iterrows():
+            what = "mean rank" if r.task == "overall" else "mean"
+            lines.append(f"    {r.task:<40} {int(r['rank']):>3} of {int(r.of):<3} ({what} {r['mean']:.4g})")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,224 @@
+"""Parallel sweeps (issue 6): loky, submitit and dask give the records of the serial loop.
+
+Every backend runs the same worker (run a cell, write it to the store); the parent filters out the
+stored cells before submitting and reports progress as cells complete.  Timing metrics (step_time,
+wall_time) legitimately differ between runs and are left out of the comparisons.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from estbench import executors, store, sweep
+from estbench.budget import Budget
+from estbench.cli import main
+from estbench.spec import parse_list
+from estbench.train import Cell, CellResult
+
+TINY = Budget(steps=6, n_samples=12, checkpoints=2, measure_samples=16)  # the CLI flags below
+TIMING = ["step_time", "wall_time"]
+KEYS = ["task", "estimator", "seed", "device", "n_samples", "steps", "step", "metric"]
+
+
+def plan4():
+    return sweep.expand(parse_list("toy_binary"), parse_list("rloo,reinforce"), [0, 1], ["cpu"], TINY)
+
+
+def records(run_dir) -> pd.DataFrame:
+    df, _ = store.load(run_dir)
+    df = df[~df.metric.isin(TIMING)]
+    return df.sort_values(KEYS).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    sweep.run(plan4(), out)
+    df = records(out)
+    assert len(df) and set(df.estimator) == {"rloo", "reinforce"} and set(df.seed) == {0, 1}
+    return df
+
+
+def same(a: pd.DataFrame, b: pd.DataFrame):
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_make_executor_defaults():
+    assert executors.make_executor().serial
+    assert executors.make_executor(1).serial
+    ex = executors.make_executor(2)
+    assert isinstance(ex, executors.LokyExecutor) and ex.n_jobs == 2 and ex.cells_per_gpu == 1
+    ex = executors.make_executor(3, {"backend": "dask", "dask_n_workers": 2, "n_jobs": 5})
+    assert isinstance(ex, executors.DaskExecutor) and ex.n_jobs == 3  # -j wins over the file
+    assert ex.client_kwargs(gpu_cells=True)["n_workers"] == 2  # dask_* keys go to Client as they are
+    assert ex.client_kwargs(gpu_cells=True)["resources"] == {"GPU": 1}
+    assert "address" not in ex.client_kwargs(False)
+    remote = executors.make_executor(config={"backend": "dask", "dask_address": "tcp://h:8786"})
+    assert remote.client_kwargs(True) == {"address": "tcp://h:8786"}
+    with pytest.raises(executors.ConfigError, match="-j/--jobs"):
+        executors.make_executor(0)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("backend: spark\n", "backend must be one of loky, submitit, dask"),
+    ("backend: dask\nn_workers: 2\n", "unknown key.*n_workers.*dask_"),
+    ("backend: submitit\nslurm_partion: gpu\n", "unknown key.*slurm_partion"),
+    ("backend: submitit\ncluster: kubernetes\n", "cluster must be one of"),
+    ("backend: loky\nn_jobs: two\n", "n_jobs must be a positive integer"),
+    ("backend: [loky\n", "not valid YAML"),
+    ("- loky\n", "expected a mapping"),
+])
+def test_load_config_errors_name_the_file(tmp_path, text, match):
+    path = tmp_path / "par.yml"
+    path.write_text(text)
+    with pytest.raises(executors.ConfigError, match=match) as info:
+        executors.load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_config_missing_file_and_examples(tmp_path):
+    with pytest.raises(executors.ConfigError, match=str(tmp_path / "nope.yml")):
+        executors.load_config(tmp_path / "nope.yml")
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parent.parent / "examples" / "parallel").glob("*.yml"))
+    assert len(examples) >= 3
+    for path in examples:  # every shipped example is a valid config
+        executors.make_executor(config=executors.load_config(path))
+    cfg = executors.load_config(Path(__file__).parent.parent / "examples/parallel/slurm.yml")
+    assert cfg["backend"] == "submitit" and cfg["slurm_partition"]
+
+
+def test_cli_rejects_bad_parallel_config(tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("backend: ray\n")
+    code = main(["run", "--tasks", "toy_binary", "--estimators", "rloo", "--out", str(tmp_path / "r"),
+                 "--parallel-config", str(bad)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- the sweep side
+
+class Recording(executors.Executor):
+    """Runs cells in this process, remembering what it was given; loses the cells in ``lose``."""
+
+    name = "recording"
+
+    def __init__(self, lose=()):
+        super().__init__()
+        self.given, self.lose = [], set(lose)
+
+    def run_cells(self, cells, run_dir, version, force=False):
+        self.given.extend(cells)
+        for c in cells:
+            if c in self.lose:
+                yield c, executors._lost(c, "killed")
+            else:
+                yield executors.run_and_store(c, str(run_dir), version, force)
+
+
+def test_stored_cells_are_filtered_before_submission_and_lost_cells_raise(tmp_path):
+    plan = plan4()
+    version = store.code_version()
+    first = plan.cells[1]
+    store.write_cell(tmp_path, first.key(version), executors.run_cell(first))
+    seen = []
+    ex = Recording(lose=[plan.cells[3]])
+    with pytest.raises(executors.WorkerError, match="1 cell.*rerun"):
+        sweep.run(plan, tmp_path, executor=ex, progress=lambda i, n, c, r, cached: seen.append((i, c, cached)))
+    assert first not in ex.given and len(ex.given) == 3  # the stored cell was never submitted
+    assert seen[0] == (1, first, True) and [i for i, _, _ in seen] == [1, 2, 3, 4]
+    keys = {p.stem for p in (tmp_path / "cells").glob("*.parquet")}
+    assert keys == {c.key(version) for c in plan.cells[:3]}  # the lost cell is not stored
+    ex = Recording()
+    res = sweep.run(plan, tmp_path, executor=ex)  # the rerun computes exactly the missing cell
+    assert ex.given == [plan.cells[3]] and [r.cell for r in res] == [plan.cells[3]]
+
+
+def test_cells_pickle_as_plain_data():
+    import pickle
+
+    c = plan4().cells[0]
+    assert pickle.loads(pickle.dumps(c)) == c and hash(pickle.loads(pickle.dumps(c))) == hash(c)
+
+
+def test_gpu_slots_never_overlap_unless_asked(tmp_path):
+    def overlap(slots):
+        inside, peak, lock = [0], [0], threading.Lock()
+
+        def work():
+            with executors.gpu_slot("cuda", slots, lock_dir=str(tmp_path), poll=0.005):
+                with lock:
+                    inside[0] += 1
+                    peak[0] = max(peak[0], inside[0])
+                time.sleep(0.05)
+                with lock:
+                    inside[0] -= 1
+
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        return peak[0]
+
+    assert overlap(1) == 1
+    assert overlap(2) == 2
+    with executors.gpu_slot("cpu", 1, lock_dir=str(tmp_path)) as held:  # CPU cells hold nothing
+        assert held is None
+
+
+def test_interleave_spreads_gpu_cells():
+    cells = [Cell("t", "e", s, d, TINY) for d in ("cpu", "cuda") for s in range(4)]
+    out = executors._interleave(cells)
+    assert sorted(out, key=cells.index) == cells
+    assert [c.device for c in out[:4]] == ["cuda", "cpu", "cuda", "cpu"]
+
+
+# ----------------------------------------------------------------------------- the engines
+
+def test_loky_j2_through_the_cli_matches_serial(tmp_path, serial, capsys):
+    pytest.importorskip("joblib")
+    out = tmp_path / "loky"
+    code = main(["run", "--tasks", "toy_binary", "--estimators", "rloo,reinforce", "--seeds", "0,1",
+                 "--steps", "6", "--checkpoints", "2", "--measure-samples", "16", "--out", str(out),
+                 "-j", "2"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "[4/4]" in err
+    same(records(out), serial)
+
+
+def test_submitit_debug_executor_matches_serial_and_skips_stored(tmp_path, serial):
+    pytest.importorskip("submitit")
+    ex = executors.make_executor(config={"backend": "submitit", "cluster": "debug"})
+    res = sweep.run(plan4(), tmp_path, executor=ex)
+    assert len(res) == 4 and all(r.status == "ok" for r in res)
+    same(records(tmp_path), serial)
+    assert sweep.run(plan4(), tmp_path, executor=ex) == []  # everything stored: nothing submitted
+
+
+def test_submitit_local_executor_matches_serial(tmp_path, serial):
+    pytest.importorskip("submitit")
+    plan = plan4()
+    plan.cells = plan.cells[:2]
+    ex = executors.make_executor(2, {"backend": "submitit", "cluster": "local", "timeout_min": 5})
+    res = sweep.run(plan, tmp_path, executor=ex)
+    assert len(res) == 2 and all(r.status == "ok" for r in res)
+    assert list((tmp_path / ".submitit").glob("*_result.pkl"))  # really went through submitit jobs
+    got = records(tmp_path)
+    want = serial[serial.estimator == "rloo"].reset_index(drop=True)
+    same(got, want)
+
+
+def test_dask_local_cluster_matches_serial(tmp_path, serial):
+    pytest.importorskip("dask.distributed")
+    ex = executors.make_executor(config={"backend": "dask", "dask_n_workers": 2})
+    res = sweep.run(plan4(), tmp_path, executor=ex)
+    assert len(res) == 4 and all(r.status == "ok" for r in res)
+    same(records(tmp_path), serial)
