@@ -82,13 +82,8 @@ def _progress_printer(stream, quiet: bool):
     return progress
 
 
-def cmd_run(args) -> int:
-    try:
-        task_specs = parse_list(args.tasks) if args.tasks else parse_list(",".join(default_tasks()))
-        est_specs = parse_list(args.estimators) if args.estimators else parse_list(
-            ",".join(estimators.available()))
-    except SpecError as e:
-        raise UsageError(str(e)) from None
+def _common(args):
+    """Seeds, devices, executor and budget overrides shared by ``run`` and ``rank``."""
     if args.threads is not None:
         os.environ["ESTBENCH_THREADS"] = str(_positive(args.threads, "--threads"))
     seeds = _ints(args.seeds, "--seeds")
@@ -106,6 +101,10 @@ def cmd_run(args) -> int:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = _positive(value, flag, minimum)
+    return seeds, devices, executor, overrides
+
+
+def _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped: bool):
     try:
         plan = sweep.expand(task_specs, est_specs, seeds, devices, args.budget, overrides)
     except ValueError as e:
@@ -119,41 +118,61 @@ def cmd_run(args) -> int:
         why = "; ".join(f"{e} {r}" for _, e, r in plan.skipped[:3])
         raise UsageError(f"nothing to run: no selected estimator supports the selected tasks' latent "
                          f"family ({why})")
-    for t, e, why in plan.skipped:
-        if args.estimators and args.tasks and not args.quiet:
+    if show_skipped and not args.quiet:
+        for t, e, why in plan.skipped:
             print(f"note: skipping {t} x {e}: {why}", file=err)
+    return plan
 
-    out = Path(args.out) if args.out else Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+def _execute(args, plan, out: Path, executor, meta: dict):
+    """Run the plan into ``out``; returns (exit status or None, the plan's records, its cells)."""
+    err = sys.stderr
     out.mkdir(parents=True, exist_ok=True)
-    budgets = {c.task: c.budget.as_dict() for c in plan.cells}
-    store.write_meta(out, {**store.run_metadata(sys.argv), "budget": args.budget, "budgets": budgets,
-                           "tasks": [str(t) for t in task_specs],
-                           "estimators": [str(e) for e in est_specs], "seeds": seeds,
-                           "devices": devices})
-    if not args.quiet:
-        print(f"running {len(plan.cells)} cells ({len(task_specs)} tasks x {len(est_specs)} estimators"
-              f" x {len(seeds)} seeds, budget {args.budget!r}"
-              + "".join(f", {k}={v}" for k, v in overrides.items()) + f") -> {out}", file=err)
+    store.write_meta(out, {**store.run_metadata(sys.argv), **meta,
+                           "budgets": {c.task: c.budget.as_dict() for c in plan.cells}})
     try:
         sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet),
                   executor=executor)
     except executors.WorkerError as e:
         store.write_merged(out)
         print(f"estbench: error: {e}", file=err)
-        return 1
+        return 1, None, None
     except KeyboardInterrupt:
         store.write_merged(out)
         print(f"interrupted: finished cells are kept in {out}; rerun the same command to finish", file=err)
-        return 130
+        return 130, None, None
     store.write_merged(out)
     records, cells = store.load(out)
     if not cells.empty:
         version = store.code_version()
         cells = cells[cells.key.isin({c.key(version) for c in plan.cells})]
-    wanted = {(c.task, c.estimator, c.seed, c.device, c.budget.n_samples, c.budget.steps)
-              for c in plan.cells}
-    idx = pd.MultiIndex.from_frame(records[["task", "estimator", "seed", "device", "n_samples", "steps"]])
-    keep = records[idx.isin(list(wanted))] if len(records) else records
+    keep = records.iloc[0:0]
+    if len(records) and not cells.empty:
+        ident = ["task", "estimator", "seed", "device", "n_samples", "steps"]
+        keep = records.merge(cells[ident].drop_duplicates(), on=ident)
+    return None, keep, cells
+
+
+def cmd_run(args) -> int:
+    try:
+        task_specs = parse_list(args.tasks) if args.tasks else parse_list(",".join(default_tasks()))
+        est_specs = parse_list(args.estimators) if args.estimators else parse_list(
+            ",".join(estimators.available()))
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    seeds, devices, executor, overrides = _common(args)
+    plan = _plan(args, task_specs, est_specs, seeds, devices, overrides,
+                 show_skipped=bool(args.estimators and args.tasks))
+    out = Path(args.out) if args.out else Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if not args.quiet:
+        print(f"running {len(plan.cells)} cells ({len(task_specs)} tasks x {len(est_specs)} estimators"
+              f" x {len(seeds)} seeds, budget {args.budget!r}"
+              + "".join(f", {k}={v}" for k, v in overrides.items()) + f") -> {out}", file=sys.stderr)
+    status, keep, cells = _execute(args, plan, out, executor, {
+        "budget": args.budget, "tasks": [str(t) for t in task_specs],
+        "estimators": [str(e) for e in est_specs], "seeds": seeds, "devices": devices})
+    if status is not None:
+        return status
     summ = table.summary(keep)
     if args.json:
         print(summ.to_json(orient="records"))
@@ -162,6 +181,62 @@ def cmd_run(args) -> int:
         print(f"results: {out / 'results.parquet'} (tidy records), {out / 'cells'} (one file per cell)")
     failed = cells[cells.status == "failed"] if not cells.empty else cells
     return 0 if failed.empty else 1
+
+
+def cmd_rank(args) -> int:
+    from estbench import rank
+
+    out = Path(args.out)
+    previous = store.read_meta(out)
+    if args.seeds is None:
+        args.seeds = ",".join(str(s) for s in previous.get("seeds", [])) or DEFAULT_SEEDS
+    if args.budget is None:
+        args.budget = previous.get("budget") if previous.get("budget") in ("quick", "standard") else "quick"
+    try:
+        cls = rank.load_target(args.target)
+        if not args.quiet:
+            print(f"checking {cls.name!r} against the estimator contract ...", file=sys.stderr)
+        rank.check_target(cls)
+    except rank.RankError as e:
+        raise UsageError(str(e)) from None
+    try:
+        task_specs = parse_list(args.tasks) if args.tasks else parse_list(
+            ",".join(rank.compatible_tasks(cls)))
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    if not task_specs:
+        raise UsageError(f"no registered task has a latent family {cls.name!r} supports")
+    families = {tasks.get_class(t.name).family for t in task_specs}
+    others = [n for n in estimators.available() if n != cls.name
+              and families & estimators.get_class(n).families]
+    est_specs = parse_list(",".join([cls.name, *others]))
+    seeds, devices, executor, overrides = _common(args)
+    plan = _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped=False)
+    if not args.quiet:
+        print(f"ranking {cls.name} on {len(task_specs)} tasks against {len(others)} estimators, "
+              f"seeds {seeds}, budget {args.budget!r}: {len(plan.cells)} cells, cached ones reused "
+              f"from {out}", file=sys.stderr)
+    status, keep, cells = _execute(args, plan, out, executor, {
+        "budget": args.budget, "tasks": [str(t) for t in task_specs], "seeds": seeds,
+        "devices": devices, "ranked": cls.name})
+    if status is not None:
+        return status
+    try:
+        from estbench.report import leaderboard as lb
+        from estbench.report import tables as rt
+        from estbench.report.render import build_report
+    except ImportError as e:
+        raise UsageError(f"rank needs the report extra ({e.name} is missing): "
+                         "pip install 'estbench[report]'") from None
+    board = lb.leaderboard(rt.per_cell(keep))
+    print(rank.render_placement(cls.name, board), end="")
+    mine = cells[(cells.estimator == cls.name) & (cells.status != "ok")]
+    for _, r in mine.drop_duplicates(["task", "status"]).iterrows():
+        print(f"  {r.task}: {r.status}: {r.error}")
+    if not args.no_report:
+        path = build_report(out)
+        print(f"report updated: {path}")
+    return 0
 
 
 def _describe_options(cls) -> str:
@@ -209,6 +284,22 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _budget_arguments(r) -> None:
+    """Options shared by ``run`` and ``rank``: device, budget overrides, execution."""
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
+    r.add_argument("--steps", help=f"training steps (toys' quick budget: {DEFAULTS.steps})")
+    r.add_argument("--n-samples", dest="n_samples",
+                   help="f-evaluations per data point per step (toys' quick budget: 12)")
+    r.add_argument("--checkpoints",
+                   help=f"measurement points incl. start and end (default {DEFAULTS.checkpoints})")
+    r.add_argument("--measure-samples", dest="measure_samples",
+                   help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
+    r.add_argument("--threads", help="intra-op CPU threads per cell (default 1; parallelise with -j)")
+    r.add_argument("--force", action="store_true", help="recompute cells already in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    executors.add_cli_arguments(r)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="estbench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,28 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks)")
     r.add_argument("--estimators", help="comma-separated estimators with options (default: all)")
     r.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
-    r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
     r.add_argument("--budget", default="quick", choices=["quick", "standard"],
                    help="each task's named budget (default quick); the flags below override it")
-    r.add_argument("--steps", help=f"training steps (toys' quick budget: {DEFAULTS.steps})")
-    r.add_argument("--n-samples", dest="n_samples",
-                   help=f"f-evaluations per data point per step (toys: {DEFAULTS.n_samples})")
-    r.add_argument("--checkpoints",
-                   help=f"measurement points incl. start and end (default {DEFAULTS.checkpoints})")
-    r.add_argument("--measure-samples", dest="measure_samples",
-                   help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
+    _budget_arguments(r)
     r.add_argument("--out", help="results folder (default results/runs/<timestamp>)")
-    r.add_argument("--threads", help="intra-op CPU threads per cell (default 1; parallelise with -j)")
-    r.add_argument("--force", action="store_true", help="recompute cells already in --out")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    executors.add_cli_arguments(r)
     r.set_defaults(func=cmd_run)
+
+    rk = sub.add_parser("rank", help="check a new estimator, run it where it applies, show its rank")
+    rk.add_argument("target", help="file.py:ClassName, file.py (one estimator class), or a registered name")
+    rk.add_argument("--out", default=str(Path("results") / "reference"),
+                    help="the result set whose cells are reused and extended (default results/reference)")
+    rk.add_argument("--tasks", help="comma-separated tasks (default: every compatible task)")
+    rk.add_argument("--seeds", help="seeds (default: those of --out's previous runs, else 0,1,2)")
+    rk.add_argument("--budget", choices=["quick", "standard"],
+                    help="named budget (default: that of --out's previous runs, else quick)")
+    _budget_arguments(rk)
+    rk.add_argument("--no-report", action="store_true", help="do not rebuild the report of --out")
+    rk.set_defaults(func=cmd_rank)
 
     ls = sub.add_parser("list", help="show every task and estimator with its options and defaults")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
-    from estbench.cli_report import add_parsers; add_parsers(sub)
+    from estbench.cli_report import add_parsers
+
+    add_parsers(sub)
     return p
 
 

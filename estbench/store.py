@@ -129,9 +129,33 @@ def write_cell(run_dir: Path, key: str, result) -> Path:
     return path
 
 
+def read_meta(run_dir) -> dict:
+    """The run folder's metadata, or {} when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def write_meta(run_dir: Path, meta: dict) -> None:
+    """Write the metadata of a run into its folder.
+
+    A folder is often extended by several runs (a resumed sweep, ``rank``, a second process): the
+    previous runs' command lines are kept under ``history`` and the selections (tasks, estimators,
+    seeds, devices, per-task budgets) accumulate, so the metadata describes everything in the folder.
+    """
+    old = read_meta(run_dir)
+    merged = dict(meta)
+    if old:
+        merged["history"] = old.get("history", []) + [
+            {k: old.get(k) for k in ("created", "command", "git_commit", "code_version")}]
+        for k in ("tasks", "estimators", "seeds", "devices"):
+            if isinstance(old.get(k), list) and isinstance(meta.get(k), list):
+                merged[k] = old[k] + [v for v in meta[k] if v not in old[k]]
+        if isinstance(old.get("budgets"), dict) and isinstance(meta.get("budgets"), dict):
+            merged["budgets"] = {**old["budgets"], **meta["budgets"]}
     path = Path(run_dir) / "meta.json"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(merged, indent=2) + "\n"))
 
 
 #: what identifies a cell apart from the code that computed it
