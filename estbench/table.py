@@ -63,7 +63,8 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
             )
         lines.append("")
     if cells is not None and not cells.empty:
-        for status, title in [("infeasible", "not run (budget does not fit the estimator's units):"),
+        for status, title in [("infeasible", "not run (infeasible: the budget does not fit the estimator's units, or the "
+                               "problem is too large for it):"),
                               ("failed", "failed cells:")]:
             bad = cells[cells.status == status]
             if len(bad):

@@ -54,7 +54,7 @@ class Cell:
 @dataclass
 class CellResult:
     cell: Cell
-    status: str  # "ok" | "diverged" | "infeasible" (budget does not fit) | "failed"
+    status: str  # "ok" | "diverged" | "infeasible" (budget units or size do not fit) | "failed"
     records: list[dict] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
@@ -134,7 +134,7 @@ def _run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellRe
     except _Diverged as d:
         res.status = "diverged"
         res.error = str(d)
-    except estimators.BudgetError as exc:  # the budget does not fit the estimator's units
+    except estimators.InfeasibleError as exc:  # budget units or problem size do not fit
         res.status = "infeasible"
         res.error = str(exc)
     except Exception as exc:  # recorded, not raised: one bad cell never stops a sweep

@@ -13,12 +13,12 @@ itself by defining ``name``.  A module that fails to import is skipped and its r
 """
 from __future__ import annotations
 
-from .base import BudgetError, Estimate, Estimator, _REGISTRY
+from .base import BudgetError, Estimate, Estimator, InfeasibleError, _REGISTRY
 from .families import FAMILIES, FamilyError, family_of
 from .plugins import Option, Registry
 
 __all__ = [
-    "BudgetError", "Estimate", "Estimator", "Option", "FamilyError", "available", "get", "get_class",
+    "BudgetError", "InfeasibleError", "Estimate", "Estimator", "Option", "FamilyError", "available", "get", "get_class",
     "skipped", "family_of", "register", "FAMILIES",
 ]
 

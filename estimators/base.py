@@ -27,9 +27,15 @@ ObjectiveFn = Callable[[torch.Tensor], torch.Tensor]
 _REGISTRY: dict[str, type["Estimator"]] = {}
 
 
-class BudgetError(ValueError):
+class InfeasibleError(ValueError):
+    """The estimator cannot run on this problem as configured -- a property of the pairing, not a
+    bug (e.g. exact enumeration of 2^200 configurations).  The harness records such a cell as
+    ``infeasible``, not as a failure."""
+
+
+class BudgetError(InfeasibleError):
     """The budget of f-evaluations cannot be spent in this estimator's whole units (too small, or
-    not a multiple).  The harness records such a cell as ``infeasible``, not as a failure."""
+    not a multiple)."""
 
 
 @dataclass

@@ -225,8 +225,11 @@ class RELAX(_RelaxedControlVariate):
     optimizing control variates for black-box gradient estimation", ICLR, Eq. 8 and the discrete
     estimator of Sec. 3.3 / Algorithm 2).
 
-    The control variate is a free surrogate c_phi(z) = eta f(sigma_lambda(z)) + r_rho(z), r_rho a
-    small MLP on the (flattened) logistic/Gumbel variable z and the detached context if given:
+    The control variate is a free surrogate c_phi(z) = eta f(sigma_lambda(z)) + r_rho(z), with
+    r_rho(z) = sum_i m_rho(z_i, x): a small MLP applied to each coordinate of the logistic/Gumbel
+    variable z (with the detached context x if given) and summed.  The paper's r takes the whole z;
+    the coordinate-wise sum is a restriction that keeps r defined when the event size changes from
+    batch to batch (padded sentences) -- any differentiable r keeps the estimator unbiased:
         g = [f(b) - c_phi(z~)] d log q(b) + d c_phi(z) - d c_phi(z~).
     Unbiased for every phi; phi = (rho, eta, lambda) descends the single-sample variance proxy
     sum g^2 (Sec. 3), so the network can learn the part of f(b) - eta f(sigma(z~)) that the
@@ -255,16 +258,16 @@ class RELAX(_RelaxedControlVariate):
 
     def control(self, f_relaxed, z, eta, context, dist):
         n, batch_shape = z.shape[0], dist.batch_shape
-        x = z.reshape(n, *batch_shape, -1)
+        x = z.reshape(n, *batch_shape, -1, 1)  # one row per latent coordinate
         if context is not None:
             ctx = context.detach()
             if tuple(ctx.shape[: len(batch_shape)]) != tuple(batch_shape):
                 raise ValueError(f"relax: context of shape {tuple(ctx.shape)} does not start with the "
                                  f"batch shape {tuple(batch_shape)}")
-            ctx = ctx.reshape(1, *batch_shape, -1).to(x.dtype).expand(n, *batch_shape, -1)
-            x = torch.cat([x, ctx], -1)
+            ctx = ctx.reshape(1, *batch_shape, 1, -1).to(x.dtype)
+            x = torch.cat([x, ctx.expand(n, *batch_shape, x.shape[-2], ctx.shape[-1])], -1)
         if any(_is_uninitialized(p) for p in self.r.parameters()):
             self.r.to(device=x.device, dtype=x.dtype)  # materialise in the problem's dtype
         w = self.r[-1].weight
-        r = self.r(x.to(w.dtype)).squeeze(-1).to(x.dtype)
+        r = self.r(x.to(w.dtype)).squeeze(-1).sum(-1).to(x.dtype)
         return eta * f_relaxed + r

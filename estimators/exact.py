@@ -1,7 +1,7 @@
 """Exact marginalisation: enumerate every configuration of a discrete latent."""
 from __future__ import annotations
 
-from .base import Estimate, Estimator, Option, check_f_output
+from .base import Estimate, Estimator, InfeasibleError, Option, check_f_output
 from . import families as fam
 
 
@@ -29,7 +29,7 @@ class Exact(Estimator):
     def _estimate(self, dist, f, n, context, family):
         C = fam.support_size(dist)
         if C > self.config["max_configs"]:
-            raise ValueError(
+            raise InfeasibleError(
                 f"estimator 'exact': {C} configurations per event exceed max_configs="
                 f"{self.config['max_configs']} (raise it with exact[max_configs=...] if memory allows)"
             )

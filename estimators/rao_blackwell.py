@@ -195,13 +195,17 @@ class SumAndSample(Estimator):
             m, R, z = 0, lp.new_zeros(B), z_top
         fz = check_f_output(f(z), k + m, dist.batch_shape, self.name)
         f_top, f_rem = fz[:k], fz[k:]
-        q_top = dist.log_prob(z_top).exp()  # (k, *B), differentiable
+        logq_top = dist.log_prob(z_top)  # (k, *B), differentiable
+        q_top = logq_top.exp()
         summed = (q_top * f_top).sum(0)
         value = summed.detach()
         surrogate = summed.sum()
         if m:
             Q = q_top.sum(0)
-            b = (value / Q.detach()) if self.config["baseline"] else torch.zeros_like(value)
+            # the q-weighted mean of the summed f-values, computed from log-probabilities: with
+            # many latents the top configurations' mass Q underflows and value / Q would be 0 / 0
+            w = torch.softmax(logq_top.detach(), 0)
+            b = (w * f_top.detach()).sum(0) if self.config["baseline"] else torch.zeros_like(value)
             logq = dist.log_prob(z_rem.detach())
             sampled = ((f_rem.detach() - b) * logq + f_rem).mean(0)
             surrogate = surrogate + (R * sampled - b * Q).sum()

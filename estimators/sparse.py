@@ -13,7 +13,7 @@ import warnings
 import torch
 from entmax import entmax15, sparsemax
 
-from .base import Estimate, Estimator, Option, check_f_output
+from .base import Estimate, Estimator, InfeasibleError, Option, check_f_output
 from . import families as fam
 
 DISCRETE = frozenset({"bernoulli", "categorical"})
@@ -62,7 +62,7 @@ def sparse_product_support(p: torch.Tensor, max_configs: int, who: str):
     log_c = sizes.double().log().sum(-1)  # no int overflow for long events
     log_max = float(log_c.max()) if Nb else 0.0
     if log_max > math.log(max_configs) + 1e-9:
-        raise ValueError(
+        raise InfeasibleError(
             f"estimator {who!r}: the sparse support has up to {math.exp(log_max):.4g} joint "
             f"configurations per event, more than max_configs={max_configs} (raise max_configs if "
             f"memory allows, or use fewer/better separated cells)"

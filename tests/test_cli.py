@@ -111,12 +111,21 @@ def test_cuda_request_without_cuda_is_clear(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_failed_cells_are_reported_and_the_run_goes_on(tmp_path, capsys):
-    code = main(["run", "--tasks", "toy_binary[dim=30]", "--estimators", "exact,reinforce",
+def test_failed_cells_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    import estimators
+
+    class Broken(estimators.get_class("reinforce")):
+        """Raises inside estimate (test only)."""
+        def _estimate(self, dist, f, n, context, family):
+            raise RuntimeError("boom in a plug-in")
+
+    Broken.name = "broken_test_only"
+    monkeypatch.setitem(estimators.base._REGISTRY, "broken_test_only", Broken)
+    code = main(["run", "--tasks", "toy_binary", "--estimators", "broken_test_only,reinforce",
                  *TINY, "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert code == 1
-    assert "failed cells:" in out and "exact: ValueError: estimator 'exact': 1073741824 configurations" in out
+    assert "failed cells:" in out and "broken_test_only: RuntimeError: boom in a plug-in" in out
     assert "\nreinforce " in out  # the other estimator still ran
 
 
@@ -125,7 +134,11 @@ def test_infeasible_budget_is_reported_not_failed(tmp_path, capsys):
                  *TINY, "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "not run (budget does not fit" in out
+    code = main(["run", "--tasks", "toy_binary[dim=30]", "--estimators", "exact,reinforce", *TINY,
+                 "--out", str(tmp_path / "big"), "--quiet"])
+    out_big = capsys.readouterr().out
+    assert code == 0 and "exact: estimator 'exact': 1073741824 configurations" in out_big
+    assert "not run (infeasible" in out
     assert "rloo: estimator 'rloo' cannot spend a budget of 1" in out
 
 

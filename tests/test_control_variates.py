@@ -195,8 +195,13 @@ def test_relax_uses_context_and_checks_its_shape():
     leaves, dist = prob.replicate(2)  # batch (2, 3)
     est = estimators.get("relax")
     e = est.estimate(dist, prob.f, 6, context=torch.randn(2, 3, 5))
-    assert est.r[0].in_features == 4 + 5
+    assert est.r[0].in_features == 1 + 5  # one latent coordinate + the context, per coordinate
     torch.autograd.grad(e.surrogate, leaves["logits"])
+    # the network is applied per coordinate, so the event size may change between calls (padding)
+    wider = bernoulli_problem(dim=6, dtype=torch.float32)
+    _, dist6 = wider.replicate(2)
+    e6 = est.estimate(dist6, wider.f, 6, context=torch.randn(2, 3, 5))
+    assert torch.isfinite(e6.surrogate)
     with pytest.raises(ValueError, match="does not start with the batch shape"):
         estimators.get("relax").estimate(dist, prob.f, 6, context=torch.randn(3, 2, 5))
 

@@ -214,7 +214,7 @@ def test_failures_are_recorded_with_a_clear_message():
     res = run_cell(_cell(task="toy_gaussian", est="exact"))
     assert res.status == "failed" and "supports" in res.error
     res = run_cell(_cell(task="toy_binary[dim=30]", est="exact", steps=2))
-    assert res.status == "failed" and "max_configs" in res.error
+    assert res.status == "infeasible" and "max_configs" in res.error
     if not torch.cuda.is_available():
         res = run_cell(_cell(device="cuda"))
         assert res.status == "failed" and "CUDA is not available" in res.error
