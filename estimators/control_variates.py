@@ -159,7 +159,7 @@ class _RelaxedControlVariate(Estimator):
         if not logits.requires_grad or not torch.is_grad_enabled():
             return Estimate(pathwise_f, f_b.detach().mean(0), 3 * n)
 
-        phi = [p for p in self.parameters() if p.requires_grad]
+        phi = [p for p in self.parameters() if p.requires_grad and not _is_uninitialized(p)]
         # in eval mode (the harness measures on an .eval() copy) the variance step is skipped
         learn = bool(phi) and self.training
         # g = mean_n [ (f(b) - c(z~)) d log q(b) + d c(z) - d c(z~) ], built explicitly so that the
@@ -251,23 +251,28 @@ class RELAX(_RelaxedControlVariate):
         super().__init__(**options)
         if self.config["hidden"] < 1:
             raise ValueError(f"relax: hidden must be >= 1, got {self.config['hidden']}")
-        out = nn.Linear(self.config["hidden"], 1)
+        h = self.config["hidden"]
+        out = nn.Linear(h, 1)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
-        self.r = nn.Sequential(nn.LazyLinear(self.config["hidden"]), nn.Tanh(), out)
+        # m_rho(z_i, x) = out(tanh(W_z z_i + W_x x + c)): the context's share W_x x is computed once
+        # per batch element and broadcast over the coordinates, never copied per coordinate
+        self.r_z = nn.Linear(1, h)
+        self.r_x = nn.LazyLinear(h, bias=False)
+        self.r_out = out
 
     def control(self, f_relaxed, z, eta, context, dist):
         n, batch_shape = z.shape[0], dist.batch_shape
-        x = z.reshape(n, *batch_shape, -1, 1)  # one row per latent coordinate
+        dtype = self.r_z.weight.dtype
+        hidden = self.r_z(z.reshape(n, *batch_shape, -1, 1).to(dtype))  # (n, *B, E, h)
         if context is not None:
             ctx = context.detach()
             if tuple(ctx.shape[: len(batch_shape)]) != tuple(batch_shape):
                 raise ValueError(f"relax: context of shape {tuple(ctx.shape)} does not start with the "
                                  f"batch shape {tuple(batch_shape)}")
-            ctx = ctx.reshape(1, *batch_shape, 1, -1).to(x.dtype)
-            x = torch.cat([x, ctx.expand(n, *batch_shape, x.shape[-2], ctx.shape[-1])], -1)
-        if any(_is_uninitialized(p) for p in self.r.parameters()):
-            self.r.to(device=x.device, dtype=x.dtype)  # materialise in the problem's dtype
-        w = self.r[-1].weight
-        r = self.r(x.to(w.dtype)).squeeze(-1).sum(-1).to(x.dtype)
+            ctx = ctx.reshape(*batch_shape, -1)
+            if _is_uninitialized(self.r_x.weight):
+                self.r_x.to(device=ctx.device)
+            hidden = hidden + self.r_x(ctx.to(dtype)).unsqueeze(-2)  # (*B, 1, h), broadcast
+        r = self.r_out(torch.tanh(hidden)).squeeze(-1).sum(-1).to(z.dtype)
         return eta * f_relaxed + r

@@ -195,7 +195,7 @@ def test_relax_uses_context_and_checks_its_shape():
     leaves, dist = prob.replicate(2)  # batch (2, 3)
     est = estimators.get("relax")
     e = est.estimate(dist, prob.f, 6, context=torch.randn(2, 3, 5))
-    assert est.r[0].in_features == 1 + 5  # one latent coordinate + the context, per coordinate
+    assert est.r_z.in_features == 1 and est.r_x.in_features == 5  # per coordinate + context
     torch.autograd.grad(e.surrogate, leaves["logits"])
     # the network is applied per coordinate, so the event size may change between calls (padding)
     wider = bernoulli_problem(dim=6, dtype=torch.float32)
