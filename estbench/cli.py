@@ -144,8 +144,7 @@ def _execute(args, plan, out: Path, executor, meta: dict):
     store.write_merged(out)
     records, cells = store.load(out)
     if not cells.empty:
-        version = store.code_version()
-        cells = cells[cells.key.isin({c.key(version) for c in plan.cells})]
+        cells = cells[cells.key.isin({c.key() for c in plan.cells})]
     keep = records.iloc[0:0]
     if len(records) and not cells.empty:
         ident = ["task", "estimator", "seed", "device", "n_samples", "steps"]

@@ -103,7 +103,7 @@ def gpu_slot(device: str, slots: int = 1, lock_dir: Optional[str] = None, poll: 
         time.sleep(poll)
 
 
-def run_and_store(cell: Cell, run_dir: str, version: str, force: bool = False,
+def run_and_store(cell: Cell, run_dir: str, version: Optional[str] = None, force: bool = False,
                   cells_per_gpu: int = 1, threads: Optional[int] = None):
     """Run one cell and write its record to the store; the function every worker runs.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import os
 import platform
 import subprocess
@@ -50,27 +51,75 @@ def git_commit() -> str:
         return ""
 
 
-#: the code whose change can change a cell's result: the plug-ins and the training/measuring harness
-_RESULT_CODE = [("estimators", "**/*.py"), ("tasks", "**/*.py"),
-                ("estbench", "train.py"), ("estbench", "measure.py"), ("estbench", "budget.py"),
-                ("estbench", "spec.py")]
+#: code every cell depends on: the harness that trains and measures, and the plug-in machinery
+_COMMON_CODE = ["estbench/train.py", "estbench/measure.py", "estbench/budget.py", "estbench/spec.py",
+                "estimators/base.py", "estimators/families.py", "estimators/plugins.py",
+                "estimators/baselines.py", "tasks/base.py"]
+_ROOT = Path(__file__).resolve().parent.parent
+_RELATIVE_IMPORT = re.compile(r"^from \.(\w*) import ([\w, ]+)", re.M)
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """What goes into the cache key for 'the code': the estbench and torch versions and a hash of
-    the source that computes results (estimators, tasks, train/measure).
+def _module_files(path: Path, seen: set) -> None:
+    """``path`` and, recursively, the files of its package-relative imports (``from .x import``)."""
+    if path in seen or not path.is_file():
+        return
+    seen.add(path)
+    for mod, names in _RELATIVE_IMPORT.findall(path.read_text(errors="replace")):
+        base = path.parent / mod if mod else path.parent
+        candidates = [base.with_suffix(".py")] if mod else []
+        candidates += [base / f"{n.strip()}.py" for n in names.split(",")]
+        for c in candidates:
+            _module_files(c, seen)
 
-    A content hash rather than the git commit: a commit that only touches docs, reports or tests
-    keeps every cached cell valid, and any change to a result-producing file invalidates them all.
+
+def _plugin_file(kind: str, spec_text: str):
+    import inspect
+
+    import estimators
+    import tasks
+    from estbench.spec import parse
+
+    registry = estimators if kind == "estimator" else tasks
+    try:
+        return Path(inspect.getsourcefile(registry.get_class(parse(spec_text).name)))
+    except (ValueError, TypeError, OSError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(task: str = "", estimator: str = "") -> str:
+    """What goes into a cell's cache key for 'the code': the estbench and torch versions and a hash
+    of the source that computes the cell -- the harness and plug-in machinery, plus the modules of
+    its task and its estimator and what they import from their packages.
+
+    A content hash, not the git commit: a commit touching docs, reports or tests keeps every cached
+    cell valid, and fixing one estimator invalidates that estimator's cells only.  Without a task and
+    estimator it covers every estimator and task module (the version of the code as a whole).
     """
-    root = Path(__file__).resolve().parent.parent
+    files: set = set()
+    for rel in _COMMON_CODE:
+        _module_files(_ROOT / rel, files)
+    if task or estimator:
+        for kind, text in (("task", task), ("estimator", estimator)):
+            path = _plugin_file(kind, text) if text else None
+            if path is not None:
+                _module_files(path, files)
+    else:
+        for pkg in ("estimators", "tasks"):
+            for path in (_ROOT / pkg).glob("**/*.py"):
+                _module_files(path, files)
     h = hashlib.sha256()
-    for pkg, pattern in _RESULT_CODE:
-        for path in sorted((root / pkg).glob(pattern)):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+    for path in sorted(files):
+        try:
+            h.update(str(path.relative_to(_ROOT)).encode())
+        except ValueError:  # a user's estimator file outside the project
+            h.update(str(path).encode())
+        h.update(path.read_bytes())
     return f"{__version__}+torch{torch.__version__}+{h.hexdigest()[:16]}"
+
+
+def cell_code_version(cell) -> str:
+    return code_version(cell.task, cell.estimator)
 
 
 def run_metadata(argv: list[str] | None = None) -> dict:
@@ -120,7 +169,7 @@ def cell_path(run_dir: Path, key: str) -> Path:
 def write_cell(run_dir: Path, key: str, result) -> Path:
     """Write one finished cell's records atomically; returns the path."""
     table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
-    row = {**result.summary_row(), "key": key, "code_version": code_version(),
+    row = {**result.summary_row(), "key": key, "code_version": cell_code_version(result.cell),
            "finished": time.time(), "artifacts": result.artifacts}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            _CELL_KEY: json.dumps(row).encode()})

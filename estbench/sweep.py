@@ -82,7 +82,8 @@ def run(plan: Plan, run_dir: Path, force: bool = False,
     once every other cell is done.
     """
     run_dir = Path(run_dir)
-    version = store.code_version()
+    version = None  # each cell's own code version (Cell.code), fixed here for every worker
+    plan.cells = [c.with_code() for c in plan.cells]
     results = []
     n = len(plan.cells)
     if executor is None or getattr(executor, "serial", False):

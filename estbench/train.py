@@ -8,6 +8,7 @@ ends the cell and is recorded, never raised.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,9 +38,22 @@ class Cell:
     seed: int
     device: str
     budget: Budget
+    #: version of the code computing the cell (``store.cell_code_version``), fixed by the process
+    #: that plans a sweep so that workers elsewhere file the cell under the same key
+    code: str = ""
 
-    def key(self, code_version: str = "") -> str:
-        """Content hash of everything that changes the result (and nothing else)."""
+    def with_code(self) -> "Cell":
+        if self.code:
+            return self
+        from estbench.store import cell_code_version
+
+        return dataclasses.replace(self, code=cell_code_version(self))
+
+    def key(self, code_version: str | None = None) -> str:
+        """Content hash of everything that changes the result (and nothing else): the cell's
+        specification and the version of the code that computes it (``store.cell_code_version``)."""
+        if code_version is None:
+            code_version = self.with_code().code
         blob = json.dumps(
             {"task": self.task, "estimator": self.estimator, "seed": self.seed,
              "device": self.device, "budget": self.budget.as_dict(), "code": code_version},

@@ -145,8 +145,12 @@ class Estimator(nn.Module):
         ps = [p for p in self.parameters() if p.requires_grad and not _is_uninitialized(p)]
         if not ps:
             return
-        if self._inner_opt is None:
+        known = {id(p) for g in self._inner_opt.param_groups for p in g["params"]} if self._inner_opt else set()
+        if self._inner_opt is None or known != {id(p) for p in ps}:
+            # parameters made on first use (a layer sized by the first context) join the optimiser
+            state = self._inner_opt.state if self._inner_opt is not None else {}
             self._inner_opt = torch.optim.Adam(ps, lr=self.inner_lr)
+            self._inner_opt.state.update({p: s for p, s in state.items() if id(p) in {id(q) for q in ps}})
         if any(p.grad is not None for p in ps):
             self._inner_opt.step()
         self._inner_opt.zero_grad(set_to_none=True)

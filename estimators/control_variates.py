@@ -258,7 +258,7 @@ class RELAX(_RelaxedControlVariate):
         # m_rho(z_i, x) = out(tanh(W_z z_i + W_x x + c)): the context's share W_x x is computed once
         # per batch element and broadcast over the coordinates, never copied per coordinate
         self.r_z = nn.Linear(1, h)
-        self.r_x = nn.LazyLinear(h, bias=False)
+        self.r_x = None  # the context's layer, made when a context is first seen (its size unknown)
         self.r_out = out
 
     def control(self, f_relaxed, z, eta, context, dist):
@@ -271,8 +271,9 @@ class RELAX(_RelaxedControlVariate):
                 raise ValueError(f"relax: context of shape {tuple(ctx.shape)} does not start with the "
                                  f"batch shape {tuple(batch_shape)}")
             ctx = ctx.reshape(*batch_shape, -1)
-            if _is_uninitialized(self.r_x.weight):
-                self.r_x.to(device=ctx.device)
+            if self.r_x is None:
+                self.r_x = nn.Linear(ctx.shape[-1], self.config["hidden"], bias=False).to(
+                    device=ctx.device, dtype=dtype)
             hidden = hidden + self.r_x(ctx.to(dtype)).unsqueeze(-2)  # (*B, 1, h), broadcast
         r = self.r_out(torch.tanh(hidden)).squeeze(-1).sum(-1).to(z.dtype)
         return eta * f_relaxed + r

@@ -153,13 +153,13 @@ def test_update_changes_parameters_and_measurement_on_a_copy_does_not():
     _, dist = prob.replicate(4)
     e = est.estimate(dist, prob.f, 6)
     grads = {n: p.grad.clone() for n, p in est.named_parameters()}
-    assert set(grads) == {"eta", "log_temperature", "r.0.weight", "r.0.bias", "r.2.weight", "r.2.bias"}
+    assert set(grads) == {"eta", "log_temperature", "r_z.weight", "r_z.bias", "r_out.weight", "r_out.bias"}
     (-e.surrogate).backward()  # the harness's backward must not add to the variance gradient
     for n, p in est.named_parameters():
         assert torch.equal(p.grad, grads[n]), f"surrogate.backward() changed {n}.grad"
     est.update()
     after = est.state_dict()
-    for k in ["eta", "log_temperature", "r.2.weight", "r.2.bias"]:
+    for k in ["eta", "log_temperature", "r_out.weight", "r_out.bias"]:
         assert not torch.equal(after[k], snapshot[k]), f"update() left {k} unchanged"
     assert all(p.grad is None for p in est.parameters())
 

@@ -126,7 +126,8 @@ class Recording(executors.Executor):
 
 def test_stored_cells_are_filtered_before_submission_and_lost_cells_raise(tmp_path):
     plan = plan4()
-    version = store.code_version()
+    plan.cells = [c.with_code() for c in plan.cells]  # what sweep.run hands to executors
+    version = None  # each cell's own code version
     first = plan.cells[1]
     store.write_cell(tmp_path, first.key(version), executors.run_cell(first))
     seen = []

@@ -267,3 +267,26 @@ def test_store_keeps_the_latest_version_of_a_cell(tmp_path):
     assert records.query("metric == 'final_elbo'").value.tolist() == [-1.0]
     records_all, cells_all = store.load(tmp_path, latest_only=False)
     assert len(cells_all) == 2
+
+
+def test_cache_key_follows_the_code_of_the_cell_only(tmp_path, monkeypatch):
+    """A cell's key covers its own estimator's module (and the shared harness), not other modules:
+    fixing one estimator invalidates that estimator's cells only."""
+    import estimators.control_variates as cv
+
+    relax, rloo = _cell(est="relax"), _cell(est="rloo")
+    assert relax.key() != rloo.key()
+    k_relax, k_rloo = relax.key(), rloo.key()
+    src = tmp_path / "control_variates.py"
+    src.write_text(open(cv.__file__).read() + "\n# a change\n")
+    monkeypatch.setattr(store, "_plugin_file",
+                        lambda kind, text: src if text == "relax" else _orig_plugin_file(kind, text))
+    store.code_version.cache_clear()
+    try:
+        assert _cell(est="relax").key() != k_relax
+        assert _cell(est="rloo").key() == k_rloo
+    finally:
+        store.code_version.cache_clear()
+
+
+_orig_plugin_file = store._plugin_file
