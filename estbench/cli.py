@@ -210,6 +210,10 @@ def cmd_rank(args) -> int:
               and families & estimators.get_class(n).families]
     est_specs = parse_list(",".join([cls.name, *others]))
     seeds, devices, executor, overrides = _common(args)
+    from_file = ".py" in args.target.split(":")[0]
+    if from_file and not getattr(executor, "serial", True):
+        raise UsageError("an estimator loaded from a file exists only in this process: rank it without "
+                         "-j/--parallel-config, or install it as an 'estbench.estimators' entry point")
     plan = _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped=False)
     if not args.quiet:
         print(f"ranking {cls.name} on {len(task_specs)} tasks against {len(others)} estimators, "

@@ -96,3 +96,10 @@ def test_rank_file_without_the_named_class(tmp_path, capsys, cleanup):
     f.write_text(textwrap.dedent(GOOD))
     assert main(["rank", f"{f}:Nope", "--out", str(tmp_path / "x"), *TINY]) == 2
     assert "defines no 'Nope' (estimators found: MyLOO)" in capsys.readouterr().err
+
+
+def test_rank_file_estimator_refuses_worker_processes(tmp_path, capsys, cleanup):
+    f = tmp_path / "my_est.py"
+    f.write_text(textwrap.dedent(GOOD))
+    assert main(["rank", str(f), "-j", "2", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "exists only in this process" in capsys.readouterr().err
