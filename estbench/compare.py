@@ -73,7 +73,7 @@ def _budget_text(budgets) -> str:
     return "/".join(f"steps={s} n={n}" for s, n in budgets or [])
 
 
-def compare(run_a, run_b, threshold: float = 0.1, alpha: float = ALPHA
+def compare(run_a, run_b, threshold: float = 0.1, alpha: float = ALPHA, atol: float = 1e-6
             ) -> tuple[pd.DataFrame, bool]:
     """The long comparison table (columns ``COLUMNS``) and whether anything regressed."""
     if not threshold >= 0:
@@ -115,6 +115,9 @@ def compare(run_a, run_b, threshold: float = 0.1, alpha: float = ALPHA
             rel = change / abs(a) if a != 0 else (0.0 if change == 0 else math.copysign(math.inf, change))
             p = noise_test(va, vb, log)
             outside = (p < alpha) if not math.isnan(p) else abs(rel) > threshold
+            if metric in ("bias", "variance") and abs(change) <= atol:
+                # both numerically zero (exact estimators): float noise, not a change
+                outside = False
             worse_by = -rel if higher else rel  # > 0: worse
             worse = worse_by > 0
             regressed = bool(worse_by > threshold and outside)

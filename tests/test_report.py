@@ -261,3 +261,17 @@ def test_report_rationales_and_problem_cells(tmp_path):
     assert "bad" not in set(t.estimator)
     best = t[t.final_elbo_best].estimator.tolist()
     assert best == ["e1"]
+
+
+def test_compare_ignores_float_noise_on_zero_bias_and_variance(tmp_path):
+    """An exact estimator's bias moving from 6e-9 to 6e-8 is float noise, not a 900% regression."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for s in range(3):
+        _write_cell(a, "toy", "exact", s, -1.0, 0.0, bias=6e-9 * (1 + 0.01 * s))
+        _write_cell(b, "toy", "exact", s, -1.0, 0.0, bias=6e-8 * (1 + 0.01 * s))
+    df, regressed = compare(a, b, threshold=0.1)
+    row = df.set_index("metric")
+    assert not regressed and not row.loc["bias", "outside_noise"]
+    # the same relative change at a real scale is a regression
+    _, regressed = compare(a, b, threshold=0.1, atol=1e-12)
+    assert regressed
