@@ -122,6 +122,16 @@ def cell_code_version(cell) -> str:
     return code_version(cell.task, cell.estimator)
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def run_metadata(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     return {
@@ -134,7 +144,7 @@ def run_metadata(argv: list[str] | None = None) -> dict:
         "numpy": __import__("numpy").__version__,
         "pandas": pd.__version__,
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
         "command": " ".join(argv) if argv is not None else None,
