@@ -168,7 +168,11 @@ class _Diverged(Exception):
 def _train(cell: Cell, rec, artifacts: dict) -> None:
     budget = cell.budget
     device = resolve_device(cell.device)
-    task, est = build(cell)
+    with torch.random.fork_rng(devices=[], device_type="cpu"):
+        # plug-ins that initialise parameters in __init__ (RELAX's network) draw from the cell's
+        # seed, not from whatever state earlier cells in this process left behind
+        torch.manual_seed(cell.seed + 2_000_029)
+        task, est = build(cell)
     est.check_budget(budget.n_samples)
     # three independent, explicitly seeded streams: model init, data order, and sampling
     init_gen = torch.Generator().manual_seed(cell.seed)

@@ -290,3 +290,15 @@ def test_cache_key_follows_the_code_of_the_cell_only(tmp_path, monkeypatch):
 
 
 _orig_plugin_file = store._plugin_file
+
+
+def test_a_cell_does_not_depend_on_earlier_cells_in_the_process():
+    """RELAX initialises its network in __init__: the draw must come from the cell's seed, so the
+    same cell gives the same record whatever ran before it (serial vs parallel sweeps)."""
+    relax = Cell("toy_binary", "relax", 2, "cpu", Budget(steps=100, n_samples=12, checkpoints=0))
+    first = _frame(run_cell(relax)).query("metric == 'final_elbo'").value.item()
+    for name in ["reinforce", "gumbel_softmax", "disarm"]:
+        run_cell(Cell("toy_binary", name, 0, "cpu", Budget(steps=100, n_samples=12, checkpoints=0)))
+    torch.rand(1000)
+    again = _frame(run_cell(relax)).query("metric == 'final_elbo'").value.item()
+    assert first == again
