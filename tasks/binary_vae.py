@@ -316,25 +316,24 @@ class BinaryVAE(Task):
         for i in range(0, x.shape[0], n):
             yield x[i:i + n]
 
-    @torch.no_grad()
-    def elbo(self, x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        """Per-image ELBO: exact -KL + mean of K reconstruction samples, shape (N,)."""
-        out = []
+    def _posterior_samples(self, x: torch.Tensor, K: int, generator: torch.Generator):
+        """Per chunk of images: (images, encoder logits, K samples z ~ q(z|x) from ``generator``)."""
         for xc in self._chunks(x, K):
             a = self.encode(xc)
             u = torch.rand(K, *a.shape, generator=generator, device=a.device, dtype=a.dtype)
-            z = (u < torch.sigmoid(a)).to(a.dtype)
-            out.append(self.log_lik(xc, z).mean(0) - self.kl(a))
-        return torch.cat(out)
+            yield xc, a, (u < torch.sigmoid(a)).to(a.dtype)
+
+    @torch.no_grad()
+    def elbo(self, x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+        """Per-image ELBO: exact -KL + mean of K reconstruction samples, shape (N,)."""
+        return torch.cat([self.log_lik(xc, z).mean(0) - self.kl(a)
+                          for xc, a, z in self._posterior_samples(x, K, generator)])
 
     @torch.no_grad()
     def iwae(self, x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
         """Per-image K-sample importance-weighted bound log 1/K sum_k p(x, z_k) / q(z_k|x), (N,)."""
         out = []
-        for xc in self._chunks(x, K):
-            a = self.encode(xc)
-            u = torch.rand(K, *a.shape, generator=generator, device=a.device, dtype=a.dtype)
-            z = (u < torch.sigmoid(a)).to(a.dtype)
+        for xc, a, z in self._posterior_samples(x, K, generator):
             logw = (self.log_lik(xc, z) + _log_bernoulli(z, self.prior_logits)
                     - _log_bernoulli(z, a))
             out.append(torch.logsumexp(logw, 0) - math.log(K))

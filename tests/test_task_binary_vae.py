@@ -17,14 +17,6 @@ from tasks.data import mnist
 TINY = dict(latents=10, val_size=200, eval_samples=2, iwae_images=200, iwae_samples=10, measure_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _task(seed=0, **kw):
     t = tasks.get("binary_vae", **{**TINY, **kw})

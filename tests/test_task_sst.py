@@ -25,15 +25,6 @@ SHA256 = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these small models run ~10x slower with 2 threads on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(name, seed=0, **opts):
     t = tasks.get(name, **{**TINY, **opts})
     t.setup("cpu", torch.Generator().manual_seed(seed))

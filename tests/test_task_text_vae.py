@@ -19,15 +19,6 @@ TINY = dict(emb=8, hidden=16, latent_dim=4, batch_size=8, max_len=12, val_senten
 Z_TOL = 4.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared, oversubscribed CPU run ~10x faster on one thread (no OpenMP waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(seed=0, **over):
     task = tasks.get("text_vae", **{**TINY, **over})
     task.setup("cpu", torch.Generator().manual_seed(seed))

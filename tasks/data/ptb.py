@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import find_split_file
+
 DEFAULT_DIR = Path(__file__).resolve().parent / "ptb"
 SPLITS = ("train", "valid", "test")
 #: lines per split, as published (wc -l)
@@ -40,15 +42,7 @@ def _path(split: str, data_dir: Optional[str | os.PathLike] = None) -> Path:
     if split not in SPLITS:
         raise ValueError(f"unknown PTB split {split!r}; choose one of {list(SPLITS)}")
     d = Path(data_dir) if data_dir else DEFAULT_DIR
-    gz, plain = d / f"ptb.{split}.txt.gz", d / f"ptb.{split}.txt"
-    if gz.is_file():
-        return gz
-    if plain.is_file():
-        return plain
-    raise FileNotFoundError(
-        f"PTB {split} split not found: expected {gz} (or {plain}); set the task option data_dir "
-        f"to a folder holding ptb.{{train,valid,test}}.txt[.gz]"
-    )
+    return find_split_file(d, f"ptb.{split}.txt", "PTB", split, DEFAULT_DIR)
 
 
 @lru_cache(maxsize=8)

@@ -24,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Union
 
+from . import find_split_file
+
 #: the shipped copy
 DEFAULT_DIR = Path(__file__).resolve().parent / "sst"
 SPLITS = ("train", "dev", "test")
@@ -99,15 +101,7 @@ def split_path(split: str, data_dir: Union[str, Path, None] = None) -> Path:
     if split not in SPLITS:
         raise ValueError(f"SST split must be one of {SPLITS}, got {split!r}")
     d = Path(data_dir) if data_dir else DEFAULT_DIR
-    gz, txt = d / f"{split}.txt.gz", d / f"{split}.txt"
-    if gz.is_file():
-        return gz
-    if txt.is_file():
-        return txt
-    raise FileNotFoundError(
-        f"SST {split} split not found: neither {gz} nor {txt} exists "
-        f"(data_dir={str(d)!r}; the shipped copy is {DEFAULT_DIR})"
-    )
+    return find_split_file(d, f"{split}.txt", "SST", split, DEFAULT_DIR)
 
 
 @lru_cache(maxsize=16)
