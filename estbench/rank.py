@@ -80,7 +80,8 @@ def placement(board: pd.DataFrame, name: str, criterion: str = "final_elbo") -> 
     sizes = b.groupby("task")["estimator"].count().rename("of")
     mine = b[b.estimator == name].merge(sizes, left_on="task", right_index=True)
     mine = mine.assign(_overall=mine.task == "overall").sort_values(["_overall", "task"])
-    return mine.drop(columns="_overall")[["task", "rank", "of", "mean"]].reset_index(drop=True)
+    return mine.drop(columns="_overall")[["task", "rank", "of", "mean", "relative"]].reset_index(
+        drop=True)
 
 
 def render_placement(name: str, board: pd.DataFrame) -> str:
@@ -91,6 +92,9 @@ def render_placement(name: str, board: pd.DataFrame) -> str:
             continue
         lines.append(f"  by {title}:")
         for _, r in p.iterrows():
-            what = "mean rank" if r.task == "overall" else "mean"
-            lines.append(f"    {r.task:<40} {int(r['rank']):>3} of {int(r.of):<3} ({what} {r['mean']:.4g})")
+            if r.task == "overall":
+                lines.append(f"    {r.task:<40} {int(r['rank']):>3} of {int(r.of):<3} (mean relative "
+                             f"rank {r['relative']:.2f}, 0 = best; mean rank {r['mean']:.3g})")
+            else:
+                lines.append(f"    {r.task:<40} {int(r['rank']):>3} of {int(r.of):<3} (mean {r['mean']:.4g})")
     return "\n".join(lines) + "\n"

@@ -124,7 +124,11 @@ def test_leaderboard_overall_mean_rank_over_tasks():
     mean = dict(zip(overall.estimator, overall["mean"]))
     assert mean == {"A": 1.5, "B": 1.5, "C": 3.0}
     assert dict(zip(overall.estimator, overall.tasks)) == {"A": 2, "B": 2, "C": 1}
-    assert dict(zip(overall.estimator, overall["rank"])) == {"A": 1, "B": 1, "C": 3}
+    # equal mean ranks, but A's second place is in a field of 3 (relative 0.5) and B's in a field
+    # of 2 (relative 1): the overall order is by mean relative rank
+    rel = dict(zip(overall.estimator, overall["relative"]))
+    assert rel == {"A": 0.25, "B": 0.5, "C": 1.0}
+    assert dict(zip(overall.estimator, overall["rank"])) == {"A": 1, "B": 2, "C": 3}
     # equal variances everywhere: all tie
     var = board[(board.criterion == "variance") & (board.task != "overall")]
     assert set(var["rank"]) == {1}

@@ -6,8 +6,14 @@ leader -- a paired t-test across the seeds both ran, p >= alpha -- and otherwise
 ranked by its position (competition ranking: 1, 1, 3).  Ranks therefore never contradict the order
 of the means, and a noisy estimator cannot outrank better ones merely because nothing is
 significant against it.  With fewer than two shared seeds the comparison falls back to the plain
-values (a tie only on exact equality).  Overall: the mean of an estimator's ranks over the tasks it
-ran on.
+values (a tie only on exact equality).
+
+Overall: tasks have fields of different sizes (21 estimators fit a Bernoulli task, 7 the Gaussian
+toy), so a raw rank 3 of 7 and a rank 3 of 21 mean different things, and an estimator that runs on
+few tasks (``exact``) would top a plain mean rank.  Each per-task rank is therefore also expressed as
+a relative rank ``(rank - 1) / (field - 1)`` -- 0 for the best, 1 for the last -- and the overall
+order is by the mean relative rank over the tasks an estimator ran on; the mean raw rank and the
+number of tasks are reported beside it.
 
 Criteria: final ELBO (higher is better), log10 gradient variance (lower; an exactly zero variance
 ranks first), step time (lower).
@@ -120,30 +126,49 @@ def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
             continue
         ranks = pd.concat(per_task, ignore_index=True)
         ranks.insert(0, "criterion", crit.name)
+        ranks["relative"] = relative_rank(ranks)
         rows.append(ranks)
-        overall = (ranks.groupby("estimator")["rank"].agg(["mean", "size"]).reset_index()
-                   .rename(columns={"size": "tasks"}))
-        overall["rank"] = overall["mean"].rank(method="min").astype(int)
-        overall = overall.sort_values(["rank", "estimator"], ignore_index=True)
+        overall = (ranks.groupby("estimator")
+                   .agg(mean=("rank", "mean"), relative=("relative", "mean"), tasks=("rank", "size"))
+                   .reset_index())
+        overall["relative"] = overall["relative"].round(12)  # equal means compare equal
+        overall["rank"] = overall["relative"].rank(method="min").astype(int)
+        overall = overall.sort_values(["rank", "mean", "estimator"], ignore_index=True)
         overall.insert(0, "task", "overall")
         overall.insert(0, "criterion", crit.name)
-        rows.append(overall[["criterion", "task", "estimator", "rank", "mean", "tasks"]])
-    cols = ["criterion", "task", "estimator", "rank", "mean", "seeds", "tasks"]
+        rows.append(overall[["criterion", "task", "estimator", "rank", "mean", "relative", "tasks"]])
+    cols = ["criterion", "task", "estimator", "rank", "mean", "relative", "seeds", "tasks"]
     if not rows:
         return pd.DataFrame(columns=cols)
     return pd.concat(rows, ignore_index=True).reindex(columns=cols)
 
 
-def rank_matrix(board: pd.DataFrame, criterion: str = "final_elbo") -> pd.DataFrame:
-    """Estimators x tasks of ranks (NaN where an estimator did not run), plus a ``mean rank``
-    column; rows ordered by overall rank."""
+def relative_rank(ranks: pd.DataFrame) -> pd.Series:
+    """``(rank - 1) / (field - 1)`` per row of a per-task rank frame (0 = best, 1 = last; 0 when
+    an estimator is alone in its task)."""
+    field = ranks.groupby("task")["estimator"].transform("size")
+    return ((ranks["rank"] - 1) / (field - 1).where(field > 1)).fillna(0.0)
+
+
+def rank_matrix(board: pd.DataFrame, criterion: str = "final_elbo",
+                values: str = "rank") -> pd.DataFrame:
+    """Estimators x tasks of ``values`` (``rank`` or ``relative``; NaN where an estimator did not
+    run), plus ``mean rank``, ``relative rank`` and ``tasks`` columns (with ``values="relative"``,
+    one ``overall`` column instead); rows in overall order."""
     b = board[board.criterion == criterion]
     per_task = b[b.task != "overall"]
     if per_task.empty:
         return pd.DataFrame()
-    m = per_task.pivot(index="estimator", columns="task", values="rank")
+    if "relative" not in per_task:  # a board written before relative ranks existed
+        per_task = per_task.assign(relative=relative_rank(per_task))
+    m = per_task.pivot(index="estimator", columns="task", values=values)
     overall = b[b.task == "overall"].set_index("estimator")
-    m["mean rank"] = overall["mean"].reindex(m.index)
+    if values == "relative":
+        m["overall"] = overall["relative"].reindex(m.index)
+    else:
+        m["mean rank"] = overall["mean"].reindex(m.index)
+        m["relative rank"] = overall["relative"].reindex(m.index)
+        m["tasks"] = overall["tasks"].reindex(m.index)
     order = overall.sort_values(["rank", "mean"]).index
     return m.reindex([e for e in order if e in m.index])
 
@@ -155,9 +180,10 @@ def overall_text(board: pd.DataFrame, top: int | None = None) -> str:
         o = board[(board.criterion == crit.name) & (board.task == "overall")]
         if o.empty:
             continue
-        lines.append(f"leaderboard by {crit.title}: mean rank over tasks")
+        lines.append(f"leaderboard by {crit.title}: mean relative rank over tasks "
+                     "(0 = best in every task, 1 = last), mean rank")
         for _, r in (o.head(top) if top else o).iterrows():
-            lines.append(f"  {int(r['rank']):>3}. {r.estimator:<36} {r['mean']:6.2f}  "
-                         f"({int(r.tasks)} task{'s' if r.tasks != 1 else ''})")
+            lines.append(f"  {int(r['rank']):>3}. {r.estimator:<36} {r['relative']:5.2f} "
+                         f"{r['mean']:6.2f}  ({int(r.tasks)} task{'s' if r.tasks != 1 else ''})")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n" if lines else "(no ranked results)\n"

@@ -257,18 +257,26 @@ def step_time_bars(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
         return _save(fig, out_dir, "step_time")
 
 
-def rank_heatmap(matrix: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
-    """Estimators x tasks of leaderboard ranks (1 = best; blank = did not run), with mean rank."""
-    if matrix.empty:
+def rank_heatmap(ranks: pd.DataFrame, relative: pd.DataFrame, out_dir: Path,
+                 title: str) -> list[Path]:
+    """Estimators x tasks of leaderboard ranks (1 = best; blank = did not run).
+
+    Coloured by relative rank (0 = best, 1 = last of the task's field) so that a rank in a small
+    field reads like the same position in a large one; the last column is the overall mean
+    relative rank, the order of the rows.
+    """
+    if ranks.empty:
         return []
-    n_est, n_cols = matrix.shape
+    tasks = [c for c in relative.columns if c != "overall"]
+    annot = ranks[tasks].map(lambda v: "" if pd.isna(v) else f"{int(v)}")
+    annot["overall"] = relative["overall"].map(lambda v: f"{v:.2f}")
+    n_est, n_cols = relative.shape
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * n_cols + 3), max(2.5, 0.32 * n_est + 1.6)))
-        top = float(np.nanmax(matrix.to_numpy(dtype=float))) if matrix.notna().any().any() else 2
-        sns.heatmap(matrix.astype(float), annot=True, fmt=".3g", cmap="viridis_r", ax=ax,
-                    vmin=1, vmax=max(2.0, top),
-                    cbar_kws={"label": "rank (1 = best)"}, linewidths=0.5, linecolor="white",
-                    annot_kws={"fontsize": 8})
+        sns.heatmap(relative.astype(float), annot=annot.to_numpy(), fmt="", cmap="viridis_r",
+                    ax=ax, vmin=0, vmax=1,
+                    cbar_kws={"label": "relative rank (0 = best, 1 = last)"}, linewidths=0.5,
+                    linecolor="white", annot_kws={"fontsize": 8})
         ax.set_xlabel("task")
         ax.set_ylabel("estimator")
         ax.set_title(title)

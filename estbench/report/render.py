@@ -226,20 +226,20 @@ def _rank_table(board: pd.DataFrame, criterion: str) -> Table | None:
     m = lb.rank_matrix(board, criterion)
     if m.empty:
         return None
-    tasks = [c for c in m.columns if c != "mean rank"]
+    summary = ["mean rank", "relative rank", "tasks"]
+    tasks = [c for c in m.columns if c not in summary]
+    best = m["relative rank"].min()
     rows = []
     for est, r in m.iterrows():
         row = [(str(est), False)]
         for t in tasks:
             v = r[t]
             row.append(("" if pd.isna(v) else str(int(v)), not pd.isna(v) and int(v) == 1))
-        row.append((f"{r['mean rank']:.2f}", False))
+        row += [(f"{r['mean rank']:.2f}", False),
+                (f"{r['relative rank']:.2f}", bool(r["relative rank"] == best)),
+                (str(int(r["tasks"])), False)]
         rows.append(row)
-    best = min(float(r["mean rank"]) for _, r in m.iterrows())
-    for row in rows:
-        if float(row[-1][0]) == round(best, 2):
-            row[-1] = (row[-1][0], True)
-    return Table(["estimator"] + tasks + ["mean rank"], rows)
+    return Table(["estimator"] + tasks + summary, rows)
 
 
 def _meta_items(meta: dict, run_dir: Path) -> list:
@@ -312,8 +312,11 @@ _RANK_RULE = (
     "Per task, estimators are sorted by their mean over seeds; one shares the rank of the group "
     "above it when it is not significantly worse than that group's best (paired t-test across the "
     f"seeds both ran, alpha {lb.ALPHA}; with one seed, ties only on equal values), else it gets "
-    "its position (competition ranking: 1, 1, 3). Mean rank: over the tasks an estimator ran on "
-    "(latent families differ, so not every estimator runs on every task).")
+    "its position (competition ranking: 1, 1, 3). Latent families differ, so not every estimator "
+    "runs on every task and fields differ in size (rank 3 of 7 is not rank 3 of 21): each rank is "
+    "also read as a relative rank (rank - 1) / (field - 1), 0 = best, 1 = last, and estimators are "
+    "ordered by their mean relative rank over the tasks they ran on (mean rank and number of "
+    "tasks beside it).")
 
 
 def _leaderboard_doc(board: pd.DataFrame, run_dir: Path) -> Document:
@@ -383,8 +386,10 @@ def build_report(run_dir, out_dir=None) -> Path:
     doc.add(H(2, "Leaderboard"),
             P([_RANK_RULE + " Seeds that diverged or failed are left out of the ranking (see the "
                "tables)."]))
-    heat = plots.rank_heatmap(lb.rank_matrix(board, "final_elbo"), fdir,
-                              "rank by final ELBO (1 = best; blank = not run)")
+    heat = plots.rank_heatmap(lb.rank_matrix(board, "final_elbo"),
+                              lb.rank_matrix(board, "final_elbo", values="relative"), fdir,
+                              "rank by final ELBO (number: rank, 1 = best; colour: relative rank; "
+                              "blank = not run)")
     for crit in lb.CRITERIA:
         t = _rank_table(board, crit.name)
         if t is not None:
