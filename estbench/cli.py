@@ -10,12 +10,12 @@ Bad input gets one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+from typing import Optional
 import json
 import os
 import sys
-import time
 
-import pandas as pd
 from datetime import datetime
 from pathlib import Path
 
@@ -65,19 +65,55 @@ def default_tasks() -> list[str]:
     return [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
 
 
-def _progress_printer(stream, quiet: bool):
-    start = time.perf_counter()
+class Eta:
+    """Remaining time of a sweep from the cells computed so far.
+
+    Cells of different tasks differ in cost by orders of magnitude (a toy cell takes a second, a
+    text_vae cell minutes), and cached cells cost nothing, so "elapsed / done * left" misleads.
+    Instead: the mean time of the computed cells of each task times that task's cells left
+    (a task with none computed yet borrows the slowest task mean seen, an upper-ish guess),
+    divided by the number of cells running at once.  None until one cell has been computed.
+    """
+
+    def __init__(self, cells, workers: int = 1):
+        self.left = Counter(c.task for c in cells)
+        self.times: dict = {}
+        self.workers = max(1, int(workers))
+
+    def done(self, cell, seconds: Optional[float]) -> Optional[float]:
+        self.left[cell.task] -= 1
+        if seconds is not None:
+            self.times.setdefault(cell.task, []).append(float(seconds))
+        if not self.times:
+            return None
+        means = {t: sum(v) / len(v) for t, v in self.times.items()}
+        fallback = max(means.values())
+        total = sum(n * means.get(t, fallback) for t, n in self.left.items() if n > 0)
+        return total / self.workers
+
+
+def _fmt_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _progress_printer(stream, quiet: bool, cells=(), workers: int = 1):
+    eta = Eta(cells, workers)
 
     def progress(i, n, cell, res, cached):
+        left = eta.done(cell, None if cached or res is None else res.seconds)
         if quiet:
             return
-        elapsed = time.perf_counter() - start
-        eta = elapsed / i * (n - i)
         if cached:
             status = "cached"
         else:
             status = res.status + (f": {res.error}" if res.error else "") + f" ({res.seconds:.1f}s)"
-        print(f"[{i}/{n}] {cell.label()} ... {status}  ETA {eta:.0f}s", file=stream, flush=True)
+        print(f"[{i}/{n}] {cell.label()} ... {status}  ETA {_fmt_duration(left if i < n else 0)}",
+              file=stream, flush=True)
 
     return progress
 
@@ -131,7 +167,8 @@ def _execute(args, plan, out: Path, executor, meta: dict):
     store.write_meta(out, {**store.run_metadata(sys.argv), **meta,
                            "budgets": {c.task: c.budget.as_dict() for c in plan.cells}})
     try:
-        sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet),
+        sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet, plan.cells,
+                                                                   executor.n_jobs),
                   executor=executor)
     except executors.WorkerError as e:
         store.write_merged(out)

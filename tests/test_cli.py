@@ -166,3 +166,19 @@ def test_default_run_covers_toys_and_all_compatible_estimators(tmp_path):
     toys = [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
     expected = {(t, e) for t in toys for e in estimators.available(tasks.get_class(t).family)}
     assert set(map(tuple, df[["task", "estimator"]].drop_duplicates().values)) == expected
+
+
+def test_eta_weights_cells_by_task_cost():
+    """The ETA uses each task's own mean cell time, skips cached cells and divides by workers."""
+    from estbench.cli import Eta, _fmt_duration
+
+    class C:
+        def __init__(self, task):
+            self.task = task
+
+    cells = [C("slow")] * 3 + [C("fast")] * 3
+    eta = Eta(cells, workers=2)
+    assert eta.done(C("fast"), None) is None          # cached: nothing measured yet
+    assert eta.done(C("fast"), 1.0) == (1 * 1.0 + 3 * 1.0) / 2   # slow task borrows the only mean
+    assert eta.done(C("slow"), 100.0) == (1 * 1.0 + 2 * 100.0) / 2
+    assert _fmt_duration(3725) == "1h02m" and _fmt_duration(65) == "1m05s" and _fmt_duration(None) == "?"
