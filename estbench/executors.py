@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 from estbench import store
 from estbench.train import Cell, CellResult, run_cell

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 SUMMARY_METRICS = ["final_elbo", "bias", "variance", "cosine", "step_time", "n_evals", "diverged"]

@@ -7,7 +7,6 @@ hand-computed SPIGOT projection.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
