@@ -242,7 +242,7 @@ def test_missing_folder_one_clear_message(tmp_path, capsys):
 
 def test_report_rationales_and_problem_cells(tmp_path):
     rationales = [{"tokens": ["a", "*great*", "film", "<b>"], "selected": [False, True, False, True],
-                   "label": 4, "prediction": 3}]
+                   "label": 4, "prediction": 3, "q": [0.1, 0.9, 0.3, 0.6]}]
 
     def extra(run):
         _write_cell(run, "sst", "e1", 0, -5.0, 1.0, artifacts={"rationales": rationales})
@@ -258,6 +258,8 @@ def test_report_rationales_and_problem_cells(tmp_path):
     assert "Example rationales" in md and r"**\*great\***" in md and "a **\\*great\\*** film" in md
     assert "<mark>*great*</mark>" in html and "<mark>&lt;b&gt;</mark>" in html
     assert "label 4, prediction 3, 2/4 tokens selected" in md
+    # the per-token probabilities are summarised: an all-below-1/2 q would otherwise show nothing
+    assert "q from 0.10 to 0.90, highest: '\\*great\\*' 0.90, '\\<b>' 0.60, 'film' 0.30" in md
     assert "RuntimeError: boom" in md and "diverged" in md and "non-finite at step 3" in md
     # the per-task table marks the best ELBO and leaves out the estimator with no data at all
     records, _ = store.load(run)

@@ -264,6 +264,20 @@ def _rationale_mask(tokens: list, selected: list) -> list[bool]:
     return [i in idx for i in range(len(tokens))]
 
 
+def _q_summary(tokens: list, q) -> str:
+    """The spread of the per-token selection probabilities and the most likely tokens: without it
+    an empty most-probable rationale (every q < 1/2) would hide what the encoder prefers."""
+    try:
+        q = [float(v) for v in q]
+    except (TypeError, ValueError):
+        return ""
+    if len(q) != len(tokens) or not q:
+        return ""
+    top = sorted(range(len(q)), key=lambda i: -q[i])[:3]
+    return (f"; q from {min(q):.2f} to {max(q):.2f}, highest: "
+            + ", ".join(f"'{tokens[i]}' {q[i]:.2f}" for i in top))
+
+
 def _rationale_blocks(cells: pd.DataFrame, board: pd.DataFrame) -> list:
     if cells is None or cells.empty or "artifacts" not in cells:
         return []
@@ -271,7 +285,8 @@ def _rationale_blocks(cells: pd.DataFrame, board: pd.DataFrame) -> list:
     if has.empty:
         return []
     blocks = [H(2, "Example rationales"),
-              P(["Held-out sentences with the tokens of the most probable rationale highlighted, "
+              P(["Held-out sentences with the tokens of the most probable rationale highlighted "
+                 "(q, the encoder's per-token selection probability, summarised below each), "
                  f"for the best {MAX_RATIONALE_ESTIMATORS} estimators by final ELBO (lowest seed); "
                  "'label' is the gold class, 'prediction' the classifier's."])]
     ranks = board[(board.criterion == "final_elbo")]
@@ -288,7 +303,7 @@ def _rationale_blocks(cells: pd.DataFrame, board: pd.DataFrame) -> list:
                 mask = _rationale_mask(tokens, list(ex.get("selected", [])))
                 n_sel = sum(mask)
                 cap = f"label {ex.get('label', '?')}, prediction {ex.get('prediction', '?')}, " \
-                      f"{n_sel}/{len(tokens)} tokens selected"
+                      f"{n_sel}/{len(tokens)} tokens selected" + _q_summary(tokens, ex.get("q"))
                 blocks.append(Rationale(tokens, mask, cap))
     return blocks
 
