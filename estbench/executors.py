@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -115,10 +118,31 @@ def run_and_store(cell: Cell, run_dir: str, version: Optional[str] = None, force
         return cell, None
     if threads:  # run_cell reads it (estbench.train.cpu_threads); otherwise inherited from the parent
         os.environ["ESTBENCH_THREADS"] = str(int(threads))
-    with gpu_slot(cell.device, cells_per_gpu):
+    with gpu_slot(cell.device, cells_per_gpu), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         res = run_cell(cell)
+    _summarise_warnings(cell, caught)
     store.write_cell(Path(run_dir), cell.key(version), res)
     return cell, res
+
+
+def _summarise_warnings(cell: Cell, caught: list, stream=None) -> None:
+    """One stderr line per kind of warning a cell raised, with its count: an estimator that warns
+    at every step (sparsemap's active set on long chains) would otherwise bury the progress lines
+    under hundreds of near-identical messages (they differ in their numbers, so Python's own
+    once-per-message filter does not help)."""
+    if not caught:
+        return
+    kinds: dict = {}
+    for w in caught:
+        text = str(w.message)
+        key = (w.category.__name__, re.sub(r"\d+(\.\d+)?", "N", text))
+        n, first = kinds.get(key, (0, text))
+        kinds[key] = (n + 1, first)
+    stream = stream if stream is not None else sys.stderr
+    for (cat, _), (n, first) in kinds.items():
+        times = f"{n} times, first: " if n > 1 else ""
+        print(f"estbench: {cell.label()}: {cat} {times}{first}", file=stream, flush=True)
 
 
 def _lost(cell: Cell, why: str) -> CellResult:

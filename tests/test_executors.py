@@ -223,3 +223,23 @@ def test_dask_local_cluster_matches_serial(tmp_path, serial):
     res = sweep.run(plan4(), tmp_path, executor=ex)
     assert len(res) == 4 and all(r.status == "ok" for r in res)
     same(records(tmp_path), serial)
+
+
+def test_warnings_of_a_cell_are_summarised_once_per_kind():
+    """Hundreds of near-identical warnings (numbers differ) become one line with a count."""
+    import io
+    import warnings
+
+    from estbench.executors import _summarise_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(40):
+            warnings.warn(f"active set did not converge for {n} chain(s)", UserWarning)
+        warnings.warn("something else", RuntimeWarning)
+    out = io.StringIO()
+    _summarise_warnings(Cell("toy_binary", "rloo", 0, "cpu", Budget()), caught, out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "UserWarning 40 times, first: active set did not converge for 0 chain(s)" in lines[0]
+    assert lines[1].endswith("RuntimeWarning something else")
