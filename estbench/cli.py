@@ -10,14 +10,13 @@ Bad input gets one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
-from typing import Optional
 import json
 import os
 import sys
-
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import estimators
 import tasks

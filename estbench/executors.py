@@ -107,7 +107,7 @@ def gpu_slot(device: str, slots: int = 1, lock_dir: Optional[str] = None, poll: 
 
 
 def run_and_store(cell: Cell, run_dir: str, version: Optional[str] = None, force: bool = False,
-                  cells_per_gpu: int = 1, threads: Optional[int] = None):
+                  cells_per_gpu: int = 1, threads: Optional[int] = None, log=None):
     """Run one cell and write its record to the store; the function every worker runs.
 
     Returns ``(cell, result)``; ``result`` is None when the cell's record appeared in the meantime
@@ -120,7 +120,7 @@ def run_and_store(cell: Cell, run_dir: str, version: Optional[str] = None, force
         os.environ["ESTBENCH_THREADS"] = str(int(threads))
     with gpu_slot(cell.device, cells_per_gpu), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = run_cell(cell)
+        res = run_cell(cell, log=log)
     _summarise_warnings(cell, caught)
     store.write_cell(Path(run_dir), cell.key(version), res)
     return cell, res

@@ -12,7 +12,7 @@ import tasks
 from estbench import store
 from estbench.budget import Budget
 from estbench.spec import Spec
-from estbench.train import Cell, CellResult, run_cell
+from estbench.train import Cell, CellResult
 
 
 @dataclass
@@ -86,21 +86,18 @@ def run(plan: Plan, run_dir: Path, force: bool = False,
     plan.cells = [c.with_code() for c in plan.cells]
     results = []
     n = len(plan.cells)
+    from estbench.executors import WorkerError, run_and_store
+
     if executor is None or getattr(executor, "serial", False):
         for i, cell in enumerate(plan.cells, 1):
-            key = cell.key(version)
-            if not force and store.cell_path(run_dir, key).exists():
-                if progress:
-                    progress(i, n, cell, None, True)
-                continue
-            res = run_cell(cell, log=log)
-            store.write_cell(run_dir, key, res)
-            results.append(res)
+            # the same worker function as the parallel backends: one place that runs, stores and
+            # reports a cell (its warnings summarised); None when the cell is already stored
+            _, res = run_and_store(cell, str(run_dir), version, force, log=log)
+            if res is not None:
+                results.append(res)
             if progress:
-                progress(i, n, cell, res, False)
+                progress(i, n, cell, res, res is None)
         return results
-
-    from estbench.executors import WorkerError
 
     done, todo = 0, []
     for cell in plan.cells:

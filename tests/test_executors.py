@@ -243,3 +243,22 @@ def test_warnings_of_a_cell_are_summarised_once_per_kind():
     assert len(lines) == 2
     assert "UserWarning 40 times, first: active set did not converge for 0 chain(s)" in lines[0]
     assert lines[1].endswith("RuntimeWarning something else")
+
+
+def test_serial_sweep_summarises_warnings_too(tmp_path, monkeypatch, capsys):
+    """The serial loop runs cells through the same worker function as the parallel backends."""
+    import warnings
+
+    def warn_then_run(cell, log=None):
+        for n in range(30):
+            warnings.warn(f"did not converge for {n} chain(s)", UserWarning)
+        return CellResult(cell, "ok")
+
+    monkeypatch.setattr(executors, "run_cell", warn_then_run)
+    plan = sweep.expand(parse_list("toy_binary"), parse_list("rloo"), [0], ["cpu"],
+                        overrides={"steps": 2})
+    res = sweep.run(plan, tmp_path / "run")
+    assert [r.status for r in res] == ["ok"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "UserWarning 30 times, first: did not converge for 0 chain(s)" in err[0]
+    assert sweep.run(plan, tmp_path / "run") == []  # stored: not run again

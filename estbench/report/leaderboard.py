@@ -159,8 +159,6 @@ def rank_matrix(board: pd.DataFrame, criterion: str = "final_elbo",
     per_task = b[b.task != "overall"]
     if per_task.empty:
         return pd.DataFrame()
-    if "relative" not in per_task:  # a board written before relative ranks existed
-        per_task = per_task.assign(relative=relative_rank(per_task))
     m = per_task.pivot(index="estimator", columns="task", values=values)
     overall = b[b.task == "overall"].set_index("estimator")
     if values == "relative":
