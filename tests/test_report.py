@@ -151,6 +151,8 @@ def _write_cell(run, task, est, seed, elbo, var, bias=0.1, step_time=0.002, stat
             rec(step, "elbo", elbo - 1.0 + step / steps)
             rec(step, "wall_time", step * step_time)
     if status == "ok":
+        if task == "sst":  # a task's own final figure
+            rec(steps, "dev_accuracy", 0.25 + 0.1 * seed)
         rec(steps, "final_elbo", elbo)
         rec(steps, "n_evals", 4)
         rec(steps, "step_time", step_time)
@@ -258,6 +260,10 @@ def test_report_rationales_and_problem_cells(tmp_path):
     assert "Example rationales" in md and r"**\*great\***" in md and "a **\\*great\\*** film" in md
     assert "<mark>*great*</mark>" in html and "<mark>&lt;b&gt;</mark>" in html
     assert "label 4, prediction 3, 2/4 tokens selected" in md
+    # the task's own final figures get their own table (only for the task that records them)
+    assert "| estimator | dev_accuracy |" in md and "| `e1` | 0.2500 |" in md
+    assert (run / "report" / "tables" / "sst_figures.csv").is_file()
+    assert not (run / "report" / "tables" / "toy_figures.csv").exists()
     # the per-token probabilities are summarised: an all-below-1/2 q would otherwise show nothing
     assert "q from 0.10 to 0.90, highest: '\\*great\\*' 0.90, '\\<b>' 0.60, 'film' 0.30" in md
     assert "RuntimeError: boom" in md and "diverged" in md and "non-finite at step 3" in md

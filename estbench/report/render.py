@@ -364,6 +364,7 @@ def build_report(run_dir, out_dir=None) -> Path:
     records, cells = tb.label_settings(records, cells)
     pc = tb.per_cell(records)
     tables = tb.task_tables(pc)
+    figures = tb.task_figures(records)
     board = lb.leaderboard(pc)
     all_est = set(records.estimator)
     if cells is not None and not cells.empty:
@@ -380,6 +381,8 @@ def build_report(run_dir, out_dir=None) -> Path:
                     *fdir.glob("*.svg")]:
             old.unlink()
     tb.to_csv_frame(tables).to_csv(tdir / "all_tasks.csv", index=False)
+    for task, t in figures.items():
+        t.to_csv(tdir / f"{tb.slug(task)}_figures.csv", index=False)
     for task, t in tables.items():
         t.to_csv(tdir / f"{tb.slug(task)}.csv", index=False)
         (tdir / f"{tb.slug(task)}.tex").write_text(tb.to_latex(t, task))
@@ -424,6 +427,11 @@ def build_report(run_dir, out_dir=None) -> Path:
         s = tb.slug(task)
         doc.add(H(3, task), Table(header, rows),
                 P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]))
+        if task in figures:
+            fh, frows = tb.figure_rows(figures[task], list(t.estimator))
+            doc.add(P(["The task's own final figures, mean ± 95% CI over seeds (",
+                       ("link", "CSV", f"tables/{s}_figures.csv"), "):"]),
+                    Table(fh, frows))
         curves = plots.training_curves(records, task, style, fdir)
         if curves:
             doc.add(Img(curves[0], f"{task}: held-out ELBO vs steps and wall-clock; gradient "

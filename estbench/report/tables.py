@@ -159,6 +159,38 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
     return out
 
 
+#: metrics the harness records for every task; any other metric is a task's own final figure
+HARNESS_METRICS = frozenset({"bias", "bias_noise", "variance", "cosine", "snr", "ref_norm", "elbo",
+                             "wall_time", "train_objective", *table.SUMMARY_METRICS})
+
+
+def task_figures(records: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame]:
+    """{task: table} of each task's own final figures (``Task.final_metrics``: test_iwae100,
+    dev_accuracy, selection_rate, test_ppl_is, ...): one row per estimator with ``{metric}_mean``
+    and ``{metric}_ci`` over seeds.  Tasks that record none are left out."""
+    extra = records[~records.metric.isin(HARNESS_METRICS)]
+    if extra.empty:
+        return {}
+    wide = (extra.sort_values("step").groupby(CELL_KEYS + ["metric"])["value"].last()
+            .unstack("metric").reset_index())
+    out = {}
+    for task, df in wide.groupby("task", sort=True):
+        metrics = sorted(m for m in wide.columns if m not in CELL_KEYS and df[m].notna().any())
+        if metrics:
+            out[task] = ci_frame(df, metrics, ["estimator"], level)
+    return out
+
+
+def figure_rows(t: pd.DataFrame, order: list[str]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Header and rows of a ``task_figures`` table, estimators in ``order`` (the task table's)."""
+    metrics = [c[: -len("_mean")] for c in t.columns if c.endswith("_mean")]
+    t = t.set_index("estimator")
+    est = [e for e in order if e in t.index] + sorted(set(t.index) - set(order))
+    rows = [[(str(e), False)] + [(cell_text(t.at[e, f"{m}_mean"], t.at[e, f"{m}_ci"]), False)
+                                 for m in metrics] for e in est]
+    return ["estimator"] + metrics, rows
+
+
 # ---- formatting ---------------------------------------------------------------------------------
 def fmt_num(x: float, ci: float = math.nan) -> str:
     """A mean to the precision its confidence interval supports (two significant digits of the
