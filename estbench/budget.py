@@ -1,6 +1,7 @@
 """The budget every estimator gets on a task: identical for all of them, so comparisons are fair."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -41,3 +42,38 @@ class Budget:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class EvaluationCounter:
+    """Counts evaluations of f per batch element: the harness's own tally of what an estimator
+    spends, never the estimator's word for it.
+
+    The harness owns ``f`` (the task made it): :meth:`wrap` hands the estimator a version of f that
+    adds, on every call, the number of rows it returned per batch element -- an output of shape
+    ``(*lead, *batch_shape)`` counts ``prod(lead)`` evaluations.  One counter serves a whole cell
+    and every f it wrapped, so an f kept from an earlier call still counts; :meth:`reset` starts a
+    new window (a training step, a measurement).  Reading the count costs no device sync (shapes
+    only).
+    """
+
+    def __init__(self):
+        self.count = 0
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def wrap(self, f, dist):
+        per_element = max(1, math.prod(dist.batch_shape))
+
+        def counted(z):
+            out = f(z)
+            numel = getattr(out, "numel", None)
+            self.count += -(-numel() // per_element) if numel is not None else 1
+            return out
+
+        return counted
+
+
+def over_budget_message(spent: int, budget: int, where: str, reported) -> str:
+    return (f"over budget: spent {spent} f-evaluations per data point {where}, budget {budget} "
+            f"(it reported {reported}); counted by the harness")

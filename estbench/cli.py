@@ -22,14 +22,12 @@ import estimators
 import tasks
 from estbench import executors, store, sweep, table
 from estbench.budget import Budget
-from estbench.spec import SpecError, parse_list, split_list
+from estbench.cli_report import add_parsers
+from estbench.errors import ConfigError, RankError, SpecError, UsageError, WorkerError
+from estbench.spec import parse_list, split_list
 
 DEFAULTS = Budget()
 DEFAULT_SEEDS = "0,1,2"
-
-
-class UsageError(Exception):
-    pass
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -127,7 +125,7 @@ def _common(args):
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
     try:
         executor = executors.from_args(args)
-    except executors.ConfigError as e:
+    except ConfigError as e:
         raise UsageError(str(e)) from None
     overrides = {}
     for key, flag, minimum in [("steps", "--steps", 0), ("n_samples", "--n-samples", 1),
@@ -169,7 +167,7 @@ def _execute(args, plan, out: Path, executor, meta: dict):
         sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet, plan.cells,
                                                                    executor.n_jobs),
                   executor=executor)
-    except executors.WorkerError as e:
+    except WorkerError as e:
         store.write_merged(out)
         print(f"estbench: error: {e}", file=err)
         return 1, None, None
@@ -232,7 +230,7 @@ def cmd_rank(args) -> int:
         if not args.quiet:
             print(f"checking {cls.name!r} against the estimator contract ...", file=sys.stderr)
         rank.check_target(cls)
-    except rank.RankError as e:
+    except RankError as e:
         raise UsageError(str(e)) from None
     try:
         task_specs = parse_list(args.tasks) if args.tasks else parse_list(
@@ -369,8 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="show every task and estimator with its options and defaults")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
-    from estbench.cli_report import add_parsers
-
     add_parsers(sub)
     return p
 

@@ -13,18 +13,15 @@ import math
 import warnings
 from pathlib import Path
 
-
-def _usage_error():
-    from estbench.cli import UsageError
-    return UsageError
+from estbench.errors import UsageError
 
 
 def _need_run_dir(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
-        raise _usage_error()(f"{what}: no results folder at {p}")
+        raise UsageError(f"{what}: no results folder at {p}")
     if not (p / "cells").is_dir():
-        raise _usage_error()(f"{what}: {p} is not an estbench results folder (no cells/ inside; "
+        raise UsageError(f"{what}: {p} is not an estbench results folder (no cells/ inside; "
                              f"make one with 'estbench run --out {p}')")
     return p
 
@@ -33,7 +30,7 @@ def _import_report_extra(module: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as e:
-        raise _usage_error()(f"this command needs the report extra ({e.name} is missing): "
+        raise UsageError(f"this command needs the report extra ({e.name} is missing): "
                              "pip install 'estbench[report]'") from None
 
 
@@ -47,7 +44,7 @@ def cmd_report(args) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)  # NaN means of absent metrics
             path = render.build_report(run_dir, out)
     except (FileNotFoundError, ValueError) as e:
-        raise _usage_error()(str(e)) from None
+        raise UsageError(str(e)) from None
     import pandas as pd
     board = pd.read_csv(path.parent / "leaderboard.csv")
     print(lb.overall_text(board), end="")
@@ -60,10 +57,10 @@ def _threshold(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise _usage_error()(f"--threshold must be a number (a relative change, 0.1 = 10%), "
+        raise UsageError(f"--threshold must be a number (a relative change, 0.1 = 10%), "
                              f"got {text!r}") from None
     if not (v >= 0 and math.isfinite(v)):
-        raise _usage_error()(f"--threshold must be >= 0, got {text!r}")
+        raise UsageError(f"--threshold must be >= 0, got {text!r}")
     return v
 
 
@@ -77,7 +74,7 @@ def cmd_compare(args) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)
             df, regressed = comp.compare(a, b, threshold)
     except (FileNotFoundError, ValueError) as e:
-        raise _usage_error()(str(e)) from None
+        raise UsageError(str(e)) from None
     if args.json:
         rows = json.loads(df.to_json(orient="records"))
         print(json.dumps({"run_a": str(a), "run_b": str(b), "threshold": threshold,

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from estbench import store
+from estbench.errors import ConfigError, WorkerError
 from estbench.train import Cell, CellResult, run_cell
 
 BACKENDS = ("loky", "submitit", "dask")
@@ -54,14 +55,6 @@ BACKEND_KEYS = {
     "dask": {"poll_interval"},
 }
 SUBMITIT_CLUSTERS = ("debug", "local", "slurm", "auto")
-
-
-class ConfigError(ValueError):
-    """A malformed or unknown parallel configuration (the message names the file)."""
-
-
-class WorkerError(RuntimeError):
-    """Some cells did not finish because their worker or job died; the others are stored."""
 
 
 # ----------------------------------------------------------------------------- the worker side
@@ -106,23 +99,22 @@ def gpu_slot(device: str, slots: int = 1, lock_dir: Optional[str] = None, poll: 
         time.sleep(poll)
 
 
-def run_and_store(cell: Cell, run_dir: str, version: Optional[str] = None, force: bool = False,
-                  cells_per_gpu: int = 1, threads: Optional[int] = None, log=None):
+def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: int = 1,
+                  threads: Optional[int] = None):
     """Run one cell and write its record to the store; the function every worker runs.
 
     Returns ``(cell, result)``; ``result`` is None when the cell's record appeared in the meantime
     (another worker, machine or restarted sweep finished it), in which case nothing is recomputed.
     """
-    path = store.cell_path(Path(run_dir), cell.key(version))
-    if not force and path.exists():
+    if not force and store.has_cell(Path(run_dir), cell.key()):
         return cell, None
     if threads:  # run_cell reads it (estbench.train.cpu_threads); otherwise inherited from the parent
         os.environ["ESTBENCH_THREADS"] = str(int(threads))
     with gpu_slot(cell.device, cells_per_gpu), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = run_cell(cell, log=log)
+        res = run_cell(cell)
     _summarise_warnings(cell, caught)
-    store.write_cell(Path(run_dir), cell.key(version), res)
+    store.write_cell(Path(run_dir), cell.key(), res)
     return cell, res
 
 
@@ -178,16 +170,14 @@ class Executor:
 
     @property
     def serial(self) -> bool:
+        """Whether cells run one after the other in this process (plug-ins loaded from a file exist
+        only here)."""
         return self.name == "serial"
 
-    def run_cells(self, cells: list[Cell], run_dir: Path, version: str, force: bool = False
+    def run_cells(self, cells: list[Cell], run_dir: Path, force: bool = False
                   ) -> Iterator[tuple[Cell, Optional[CellResult]]]:
         for cell in cells:
-            yield run_and_store(cell, str(run_dir), version, force, self.cells_per_gpu,
-                                self.threads_per_cell)
-
-    def describe(self) -> str:
-        return self.name
+            yield run_and_store(cell, str(run_dir), force, self.cells_per_gpu, self.threads_per_cell)
 
 
 class SerialExecutor(Executor):
@@ -203,16 +193,13 @@ class LokyExecutor(Executor):
 
     name = "loky"
 
-    def run_cells(self, cells, run_dir, version, force=False):
+    def run_cells(self, cells, run_dir, force=False):
         from joblib import Parallel, delayed
 
         par = Parallel(n_jobs=self.n_jobs, backend="loky", return_as="generator_unordered")
-        yield from par(delayed(run_and_store)(c, str(run_dir), version, force, self.cells_per_gpu,
+        yield from par(delayed(run_and_store)(c, str(run_dir), force, self.cells_per_gpu,
                                               self.threads_per_cell)
                        for c in _interleave(cells))
-
-    def describe(self):
-        return f"loky, {self.n_jobs} processes"
 
 
 class SubmititExecutor(Executor):
@@ -241,7 +228,7 @@ class SubmititExecutor(Executor):
         ex.update_parameters(**params)
         return ex
 
-    def run_cells(self, cells, run_dir, version, force=False):
+    def run_cells(self, cells, run_dir, force=False):
         cluster = self.options.get("cluster", "slurm")
         poll = float(self.options.get("poll_interval", 0.05 if cluster in ("local", "debug") else 2.0))
         groups = [[c for c in cells if not c.device.startswith("cuda")],
@@ -253,8 +240,8 @@ class SubmititExecutor(Executor):
 
         def args(group):
             n = len(group)
-            return (group, [str(run_dir)] * n, [version] * n, [force] * n,
-                    [self.cells_per_gpu] * n, [threads] * n)
+            return (group, [str(run_dir)] * n, [force] * n, [self.cells_per_gpu] * n,
+                    [threads] * n)
 
         running: dict = {}
         try:
@@ -284,9 +271,6 @@ class SubmititExecutor(Executor):
                 with contextlib.suppress(Exception):
                     job.cancel(check=False)
 
-    def describe(self):
-        cluster = self.options.get("cluster", "slurm")
-        return f"submitit ({cluster})" + (f", {self.n_jobs} jobs at once" if cluster == "local" else "")
 
 
 class DaskExecutor(Executor):
@@ -310,7 +294,7 @@ class DaskExecutor(Executor):
                 kw.setdefault("resources", {"GPU": 1})
         return kw
 
-    def run_cells(self, cells, run_dir, version, force=False):
+    def run_cells(self, cells, run_dir, force=False):
         from dask.distributed import Client, as_completed
 
         gpu_cells = any(c.device.startswith("cuda") for c in cells)
@@ -328,7 +312,7 @@ class DaskExecutor(Executor):
             for c in _interleave(cells):
                 extra = {"resources": {"GPU": 1.0 / max(1, self.cells_per_gpu)}} \
                     if c.device.startswith("cuda") else {}
-                fut = client.submit(run_and_store, c, str(run_dir), version, force,
+                fut = client.submit(run_and_store, c, str(run_dir), force,
                                     self.cells_per_gpu, threads, pure=False, **extra)
                 futures[fut] = c
             for fut in as_completed(list(futures)):
@@ -343,11 +327,6 @@ class DaskExecutor(Executor):
             if cluster is not None:
                 with contextlib.suppress(Exception):
                     cluster.close()
-
-    def describe(self):
-        kw = self.client_kwargs(False)
-        where = kw.get("address") or f"LocalCluster, {kw['n_workers']} workers"
-        return f"dask ({where})"
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from estbench.budget import EvaluationCounter
 from estimators import families as fam
 from tasks import Reference, flat_grad
 
@@ -41,28 +42,34 @@ def _zeros_if_none(grads, like):
     return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
 
 
-def gradient_estimates(task, estimator, batch, n_samples: int, M: int, batched: bool = True):
+def gradient_estimates(task, estimator, batch, n_samples: int, M: int, batched: bool = True,
+                       counter: Optional[EvaluationCounter] = None):
     """M gradient estimates of d/d(estimated params) sum_b E[f], as a ``(M, P)`` tensor.
 
     The estimator is deep-copied (in eval mode) first: measuring never changes the training estimator.
-    Returns ``(G, n_evals)``.
+    Returns ``(G, n_evals, reported)``: the f-evaluations per data point of one estimate as the
+    harness counted them (the most over the loop's calls), and as the estimator reported them.
     """
+    counter = counter if counter is not None else EvaluationCounter()
     # a copy in eval mode: measuring never changes the training estimator's state, and estimators
     # with learned parts skip their own training step (e.g. RELAX's variance gradient)
     est = copy.deepcopy(estimator).eval()
     targets = task.estimated_parameters()
     if not batched:
-        rows, n_evals = [], None
+        rows, n_evals = [], 0
         for _ in range(M):
             prob = task.problem(batch)
-            e = est.estimate(prob.dist, prob.f, n_samples, prob.context)
+            counter.reset()
+            e = est.estimate(prob.dist, counter.wrap(prob.f, prob.dist), n_samples, prob.context)
             rows.append(flat_grad(e.surrogate, targets))
-            n_evals = e.n_evals
-        return torch.stack(rows), n_evals
+            n_evals = max(n_evals, counter.count)
+        return torch.stack(rows), n_evals, e.n_evals
 
     prob = task.problem(batch)
     params, stacked, dist, ctx = replicate(prob, M)
-    e = est.estimate(dist, prob.f, n_samples, ctx)
+    counter.reset()  # per element of the replicated batch: the cost of one estimate
+    e = est.estimate(dist, counter.wrap(prob.f, dist), n_samples, ctx)
+    n_evals = counter.count
     keys = list(stacked)
     g_stacked = torch.autograd.grad(
         e.surrogate, [stacked[k] for k in keys], allow_unused=True, retain_graph=True
@@ -87,7 +94,7 @@ def gradient_estimates(task, estimator, batch, n_samples: int, M: int, batched: 
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
                                    for g, t in zip(gm, targets)]))
         G = torch.stack(rows)
-    return G.detach(), e.n_evals
+    return G.detach(), n_evals, e.n_evals
 
 
 def summarise(G: torch.Tensor, ref: Reference) -> dict[str, float]:
@@ -138,15 +145,19 @@ def isolated_rng(seed: int, device: torch.device):
 
 
 def measure(task, estimator, n_samples: int, M: int, seed: int, batch=None,
-            reference: Optional[Reference] = None, batched: bool = True) -> dict[str, float]:
-    """All measurement metrics for one checkpoint, on the task's measurement batch."""
+            reference: Optional[Reference] = None, batched: bool = True,
+            counter: Optional[EvaluationCounter] = None) -> dict[str, float]:
+    """All measurement metrics for one checkpoint, on the task's measurement batch, with the
+    f-evaluations of one estimate as counted (``n_evals``) and as reported (``n_evals_reported``)."""
     if batch is None:
         batch = task.measure_batch()
     device = task.device
     with isolated_rng(seed, device):
         if reference is None:
             reference = task.reference_gradient(batch)
-        G, n_evals = gradient_estimates(task, estimator, batch, n_samples, M, batched=batched)
+        G, n_evals, reported = gradient_estimates(task, estimator, batch, n_samples, M,
+                                                  batched=batched, counter=counter)
     out = summarise(G, reference)
     out["n_evals"] = float(n_evals)
+    out["n_evals_reported"] = reported
     return out

@@ -18,10 +18,7 @@ import pandas as pd
 import estimators
 import tasks
 from estbench import contract
-
-
-class RankError(ValueError):
-    """A target that cannot be loaded or does not honour the contract."""
+from estbench.errors import RankError
 
 
 def load_target(target: str) -> type:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from estbench.errors import SpecError
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class SpecError(ValueError):
-    """A malformed ``name[key=value,...]`` string."""
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,12 @@ def git_commit() -> str:
         return ""
 
 
-#: code every cell depends on: the harness that trains and measures, and the plug-in machinery
+#: the harness code every cell depends on; a cell's task and estimator add their own modules (their
+#: classes' whole inheritance chain, and what those import from their packages)
 _COMMON_CODE = ["estbench/train.py", "estbench/measure.py", "estbench/budget.py", "estbench/spec.py",
-                "estimators/base.py", "estimators/families.py", "estimators/plugins.py",
-                "estimators/baselines.py", "tasks/base.py"]
+                "estbench/plugins.py", "estbench/errors.py"]
 _ROOT = Path(__file__).resolve().parent.parent
-_RELATIVE_IMPORT = re.compile(r"^from \.(\w*) import ([\w, ]+)", re.M)
+_RELATIVE_IMPORT = re.compile(r"^from \.(\w*) import (\([^)]*\)|[\w, ]+)", re.M)
 
 
 def _module_files(path: Path, seen: set) -> None:
@@ -67,12 +67,17 @@ def _module_files(path: Path, seen: set) -> None:
     for mod, names in _RELATIVE_IMPORT.findall(path.read_text(errors="replace")):
         base = path.parent / mod if mod else path.parent
         candidates = [base.with_suffix(".py")] if mod else []
-        candidates += [base / f"{n.strip()}.py" for n in names.split(",")]
+        for name in names.strip("()").replace("\n", " ").split(","):
+            name = name.split(" as ")[0].strip()
+            if name:
+                candidates.append(base / f"{name}.py")
         for c in candidates:
             _module_files(c, seen)
 
 
-def _plugin_file(kind: str, spec_text: str):
+def _plugin_files(kind: str, spec_text: str) -> list:
+    """The source files of a plug-in class and of every class it inherits from (its base class,
+    e.g. ``estimators/base.py``, included): found from the class, never from a list of names."""
     import inspect
 
     import estimators
@@ -81,9 +86,18 @@ def _plugin_file(kind: str, spec_text: str):
 
     registry = estimators if kind == "estimator" else tasks
     try:
-        return Path(inspect.getsourcefile(registry.get_class(parse(spec_text).name)))
-    except (ValueError, TypeError, OSError):
-        return None
+        cls = registry.get_class(parse(spec_text).name)
+    except ValueError:
+        return []
+    files = []
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] in ("builtins", "torch", "typing"):
+            continue
+        try:
+            files.append(Path(inspect.getsourcefile(klass)))
+        except (TypeError, OSError):
+            continue
+    return files
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,8 +115,7 @@ def code_version(task: str = "", estimator: str = "") -> str:
         _module_files(_ROOT / rel, files)
     if task or estimator:
         for kind, text in (("task", task), ("estimator", estimator)):
-            path = _plugin_file(kind, text) if text else None
-            if path is not None:
+            for path in (_plugin_files(kind, text) if text else []):
                 _module_files(path, files)
     else:
         for pkg in ("estimators", "tasks"):
@@ -174,6 +187,11 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
 
 def cell_path(run_dir: Path, key: str) -> Path:
     return Path(run_dir) / "cells" / f"{key}.parquet"
+
+
+def has_cell(run_dir: Path, key: str) -> bool:
+    """Whether the cell ``key`` is stored in ``run_dir`` (and so is not recomputed)."""
+    return cell_path(run_dir, key).exists()
 
 
 def write_cell(run_dir: Path, key: str, result) -> Path:

@@ -70,47 +70,32 @@ def run(plan: Plan, run_dir: Path, force: bool = False,
         log: Optional[Callable[[str], None]] = None, executor=None) -> list[CellResult]:
     """Run every cell of the plan not already stored in ``run_dir`` (all of them with ``force``).
 
-    Each finished cell is written to the store as soon as it finishes, so an interrupted sweep
-    loses at most the cells in progress.  ``progress(i, n, cell, result, cached)`` is called after
-    each cell.
-
-    ``executor`` (from :func:`estbench.executors.make_executor`) runs the missing cells in parallel
-    (loky, submitit, dask); None or a serial executor runs them one after the other here.  Cells
-    already stored are filtered out before anything is submitted; each worker writes its own cell,
-    and progress is reported as cells complete (``i`` counts completions).  A cell whose worker
-    died is reported as failed and left unstored (a rerun retries it), then WorkerError is raised
-    once every other cell is done.
+    The sweep only plans: cells already stored are filtered out here, the rest go to ``executor``
+    (from :func:`estbench.executors.make_executor`; default the serial one, which runs them one
+    after the other in this process; loky, submitit and dask run them in parallel).  Every backend
+    runs the same worker function, which writes each finished cell to the store at once, so an
+    interrupted sweep loses at most the cells in progress.  ``progress(i, n, cell, result, cached)``
+    is called as cells complete (``i`` counts completions); ``log`` gets one line per failed cell.
+    A cell whose worker died is reported as failed and left unstored (a rerun retries it), then
+    WorkerError is raised once every other cell is done.
     """
+    from estbench.executors import SerialExecutor, WorkerError
+
+    executor = executor if executor is not None else SerialExecutor()
     run_dir = Path(run_dir)
-    version = None  # each cell's own code version (Cell.code), fixed here for every worker
     plan.cells = [c.with_code() for c in plan.cells]
-    results = []
     n = len(plan.cells)
-    from estbench.executors import WorkerError, run_and_store
-
-    if executor is None or getattr(executor, "serial", False):
-        for i, cell in enumerate(plan.cells, 1):
-            # the same worker function as the parallel backends: one place that runs, stores and
-            # reports a cell (its warnings summarised); None when the cell is already stored
-            _, res = run_and_store(cell, str(run_dir), version, force, log=log)
-            if res is not None:
-                results.append(res)
-            if progress:
-                progress(i, n, cell, res, res is None)
-        return results
-
-    done, todo = 0, []
+    done, todo, results, lost = 0, [], [], []
     for cell in plan.cells:
-        if not force and store.cell_path(run_dir, cell.key(version)).exists():
+        if not force and store.has_cell(run_dir, cell.key()):
             done += 1
             if progress:
                 progress(done, n, cell, None, True)
         else:
             todo.append(cell)
-    lost = []
     if todo:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for cell, res in executor.run_cells(todo, run_dir, version, force):
+        for cell, res in executor.run_cells(todo, run_dir, force):
             done += 1
             if res is not None and res.error.startswith("worker died"):
                 lost.append(res)

@@ -5,30 +5,39 @@ and seed; only the gradient estimate differs.  At checkpoints the harness measur
 from M estimates on their own RNG stream (so the training curve is identical with measurement on or
 off), and at the end the task's held-out figure.  Divergence (a non-finite surrogate or gradient)
 ends the cell and is recorded, never raised.
+
+What the harness enforces rather than trusts:
+
+* the budget -- it counts the evaluations of f itself (``budget.EvaluationCounter``) on every
+  training step and in every measurement; the counted figure is what is recorded as ``n_evals``, and
+  an estimator that spends more than the budget fails the cell with both numbers in the reason
+  (unless it declares ``exceeds_budget``: the exact oracle and the sparse marginalisers, whose cost
+  is set by the problem);
+* the time -- a cell past its limit (``Cell.timeout`` seconds) is stopped and recorded as failed
+  ("timed out after N s"), the sweep goes on.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass, field
 
 import torch
 
 import estimators
 import tasks
-from estbench import __version__
-from estbench.budget import Budget
+from estbench.budget import Budget, EvaluationCounter, over_budget_message
+from estbench.errors import CellTimeout, InfeasibleError, OverBudgetError
 from estbench.measure import measure
-from estbench.spec import Spec, parse
-
-#: the identifying columns of every record, in order
-KEY_COLUMNS = ["task", "estimator", "seed", "device", "n_samples", "steps"]
+from estbench.spec import parse
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,9 @@ class Cell:
     #: version of the code computing the cell (``store.cell_code_version``), fixed by the process
     #: that plans a sweep so that workers elsewhere file the cell under the same key
     code: str = ""
+    #: time limit of the whole cell in seconds (0: none); not part of the key (it does not change
+    #: a finished cell's result)
+    timeout: float = 0.0
 
     def with_code(self) -> "Cell":
         if self.code:
@@ -91,6 +103,50 @@ def _finite_grads(params) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`CellTimeout` in this thread once ``seconds`` have passed (0: no limit).
+
+    In the main thread a SIGALRM timer, which also interrupts a blocking sleep or system call; in
+    any other thread (dask runs cells in worker threads) a watchdog thread raises the exception
+    asynchronously, which takes effect at the next Python bytecode.  A hang inside one native call
+    (a single enormous torch op) is caught only when that call returns.
+    """
+    if not seconds or seconds <= 0:
+        yield
+        return
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def on_alarm(signum, frame):
+            raise CellTimeout(seconds)
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        return
+    lock, state = threading.Lock(), {"done": False}
+    target = threading.get_ident()
+
+    def fire():
+        with lock:
+            if not state["done"]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target),
+                                                           ctypes.py_object(CellTimeout))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()
+
+
 def build(cell: Cell):
     """Instantiate the task and estimator of a cell (ValueError with a clear message if impossible)."""
     tspec, espec = parse(cell.task), parse(cell.estimator)
@@ -124,18 +180,24 @@ def cpu_threads() -> int:
         return 1
 
 
-def run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellResult:
-    """Run one cell; never raises for estimator/task failures (they become a 'failed' status)."""
+def run_cell(cell: Cell) -> CellResult:
+    """Run one cell; never raises for estimator/task failures (they become a 'failed' status),
+    nor for a cell past its time limit."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads())
+    t_start = time.perf_counter()
     try:
-        return _run_cell(cell, log)
+        with time_limit(cell.timeout):
+            return _run_cell(cell, t_start)
+    except CellTimeout:
+        res = CellResult(cell, "failed", error=f"timed out after {cell.timeout:g} s (--cell-timeout)")
+        res.seconds = time.perf_counter() - t_start
+        return res
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellResult:
-    t_start = time.perf_counter()
+def _run_cell(cell: Cell, t_start: float) -> CellResult:
     res = CellResult(cell, "ok")
     base = {"task": cell.task, "estimator": cell.estimator, "seed": cell.seed,
             "device": cell.device, "n_samples": cell.budget.n_samples, "steps": cell.budget.steps}
@@ -148,14 +210,15 @@ def _run_cell(cell: Cell, log: Optional[Callable[[str], None]] = None) -> CellRe
     except _Diverged as d:
         res.status = "diverged"
         res.error = str(d)
-    except estimators.InfeasibleError as exc:  # budget units or problem size do not fit
+    except InfeasibleError as exc:  # budget units or problem size do not fit
         res.status = "infeasible"
+        res.error = str(exc)
+    except OverBudgetError as exc:
+        res.status = "failed"
         res.error = str(exc)
     except Exception as exc:  # recorded, not raised: one bad cell never stops a sweep
         res.status = "failed"
-        res.error = f"{type(exc).__name__}: {exc}"
-        if log:
-            log("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        res.error = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
     rec(cell.budget.steps, "diverged", 1.0 if res.status == "diverged" else 0.0)
     res.seconds = time.perf_counter() - t_start
     return res
@@ -173,7 +236,6 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
         # seed, not from whatever state earlier cells in this process left behind
         torch.manual_seed(cell.seed + 2_000_029)
         task, est = build(cell)
-    est.check_budget(budget.n_samples)
     # three independent, explicitly seeded streams: model init, data order, and sampling
     init_gen = torch.Generator().manual_seed(cell.seed)
     data_gen = torch.Generator().manual_seed(cell.seed + 1_000_003)
@@ -183,18 +245,23 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
     params = task.parameters()
     batches = task.train_batches(data_gen)
     checkpoints = set(budget.checkpoint_steps())
+    counter = EvaluationCounter()  # the harness's own count of f-evaluations, never the plug-in's
+    held = not est.exceeds_budget
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                device_type="cuda" if device.type == "cuda" else "cpu"):
         torch.manual_seed(cell.seed)
         train_time = 0.0
         since_ckpt_steps, since_ckpt_obj = 0, 0.0
-        n_evals = float("nan")
+        n_evals = 0
         for step in range(budget.steps + 1):
             if step in checkpoints:
                 m = measure(task, est, budget.n_samples, budget.measure_samples,
-                            seed=cell.seed * 7919 + step)
-                m.pop("n_evals")  # recorded once, from training, at the end
+                            seed=cell.seed * 7919 + step, counter=counter)
+                spent, reported = int(m.pop("n_evals")), m.pop("n_evals_reported")
+                if held and spent > budget.n_samples:
+                    raise OverBudgetError(over_budget_message(
+                        spent, budget.n_samples, f"in the measurement at step {step}", reported))
                 for k, v in m.items():
                     rec(step, k, v)
                 rec(step, "elbo", task.evaluate(final=False))
@@ -208,7 +275,9 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
             _sync(device)
             t0 = time.perf_counter()
             prob = task.problem(batch)
-            e = est.estimate(prob.dist, prob.f, budget.n_samples, prob.context)
+            counter.reset()
+            e = est.estimate(prob.dist, counter.wrap(prob.f, prob.dist), budget.n_samples,
+                             prob.context)
             objective = e.surrogate
             if prob.analytic is not None:
                 objective = objective + prob.analytic
@@ -220,11 +289,15 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
             est.update()
             _sync(device)
             dt = time.perf_counter() - t0
+            spent = counter.count
+            if held and spent > budget.n_samples:
+                raise OverBudgetError(over_budget_message(
+                    spent, budget.n_samples, f"at training step {step}", e.n_evals))
+            n_evals = max(n_evals, spent)
             train_time += dt
             since_ckpt_steps += 1
             value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
             since_ckpt_obj += float(value)
-            n_evals = float(e.n_evals)
         final = task.evaluate(final=True)
         if not math.isfinite(final):
             raise _Diverged("non-finite final evaluation")
@@ -232,5 +305,5 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
         for k, v in task.final_metrics().items():
             rec(budget.steps, k, v)
         artifacts.update(task.artifacts())
-        rec(budget.steps, "n_evals", n_evals)
+        rec(budget.steps, "n_evals", n_evals if budget.steps else float("nan"))
         rec(budget.steps, "step_time", train_time / max(budget.steps, 1))

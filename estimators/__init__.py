@@ -13,25 +13,30 @@ itself by defining ``name``.  A module that fails to import is skipped and its r
 """
 from __future__ import annotations
 
-from .base import BudgetError, Estimate, Estimator, InfeasibleError, _REGISTRY
+from estbench.errors import BudgetError, InfeasibleError
+from estbench.plugins import Option
+
+from .base import REGISTRY as _registry
+from .base import Estimate, Estimator
 from .families import FAMILIES, FamilyError, family_of
-from .plugins import Option, Registry
 
 __all__ = [
     "BudgetError", "InfeasibleError", "Estimate", "Estimator", "Option", "FamilyError", "available", "get", "get_class",
-    "skipped", "family_of", "register", "FAMILIES",
+    "skipped", "family_of", "register", "unregister", "FAMILIES",
 ]
 
-ENTRY_POINT_GROUP = "estbench.estimators"
-
-_registry = Registry("estimator", __name__, __path__, Estimator, ENTRY_POINT_GROUP,
-                     infra={"base", "families", "plugins", "baselines"})
-_registry.classes = _REGISTRY  # subclasses add themselves here on definition
+ENTRY_POINT_GROUP = _registry.group
 
 
 def register(cls: type[Estimator]) -> type[Estimator]:
-    """Register an Estimator subclass defined outside this package (e.g. a user's file)."""
+    """Register an Estimator subclass defined outside this package (e.g. a user's file);
+    RegistryError naming both classes if its name is taken."""
     return _registry.register(cls)
+
+
+def unregister(name: str) -> None:
+    """Forget a registered name (a user's temporary class, tests)."""
+    _registry.unregister(name)
 
 
 def available(family: str | None = None) -> list[str]:

@@ -18,24 +18,12 @@ import torch
 from torch import nn
 from torch import distributions as D
 
+from estbench.errors import BudgetError, InfeasibleError
+from estbench.plugins import Option, Registry, configure, display_name
+
 from . import families as fam
-from .plugins import Option, configure, display_name
 
 ObjectiveFn = Callable[[torch.Tensor], torch.Tensor]
-
-#: every concrete Estimator subclass, by name (filled by __init_subclass__)
-_REGISTRY: dict[str, type["Estimator"]] = {}
-
-
-class InfeasibleError(ValueError):
-    """The estimator cannot run on this problem as configured -- a property of the pairing, not a
-    bug (e.g. exact enumeration of 2^200 configurations).  The harness records such a cell as
-    ``infeasible``, not as a failure."""
-
-
-class BudgetError(InfeasibleError):
-    """The budget of f-evaluations cannot be spent in this estimator's whole units (too small, or
-    not a multiple)."""
 
 
 @dataclass
@@ -64,6 +52,13 @@ class Estimator(nn.Module):
       options   {option name: Option(default, doc)}
       sample_unit  the budget is spent in whole units of this many f-evaluations (2 for pairs)
       min_samples  the smallest budget that works (2 for leave-one-out)
+      exceeds_budget  why the estimator may spend more f-evaluations than the budget (an exact
+                   enumeration, a sparse support); '' for every sampling estimator, which the
+                   harness holds to the budget by counting its calls of f
+
+    Whether the estimator can run on a problem at a budget is one declarative rule, :meth:`skip`
+    (benchopt's ``skip``): the default rule reads ``min_samples``, ``sample_unit`` and
+    :meth:`budget_unit`; a plug-in with another rule overrides ``skip`` and nothing else.
 
     Stateful parts (moving averages, learned baselines or control variates) live on the instance,
     which is an ``nn.Module`` so they follow ``.to(device)``.  Learned parameters get gradients
@@ -81,6 +76,7 @@ class Estimator(nn.Module):
     options: ClassVar[dict[str, Option]] = {}
     sample_unit: ClassVar[int] = 1
     min_samples: ClassVar[int] = 1
+    exceeds_budget: ClassVar[str] = ""
     #: learning rate of the estimator's own optimiser (learned baselines / control variates)
     inner_lr: ClassVar[float] = 1e-3
 
@@ -91,7 +87,7 @@ class Estimator(nn.Module):
             bad = set(cls.families) - set(fam.FAMILIES)
             if bad:
                 raise TypeError(f"estimator {cls.name!r} declares unknown families {sorted(bad)}")
-            _REGISTRY[cls.name] = cls
+            REGISTRY.define(cls)
 
     def __init__(self, **options):
         super().__init__()
@@ -106,9 +102,14 @@ class Estimator(nn.Module):
         n_samples: int,
         context: Optional[torch.Tensor] = None,
     ) -> Estimate:
-        """Check the family and budget, then delegate to :meth:`_estimate`."""
+        """Check the family and the feasibility rule (:meth:`skip`), then delegate to
+        :meth:`_estimate`."""
         family = self.check_family(dist)
-        self.check_budget(n_samples)
+        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+            raise ValueError(f"estimator {self.name!r}: n_samples must be a positive int, got {n_samples!r}")
+        reason = self.skip(dist, n_samples)
+        if reason:
+            raise BudgetError(reason)
         return self._estimate(dist, f, n_samples, context, family)
 
     def _estimate(self, dist, f, n_samples, context, family) -> Estimate:  # pragma: no cover
@@ -124,15 +125,18 @@ class Estimator(nn.Module):
             )
         return family
 
-    def check_budget(self, n_samples: int) -> None:
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-            raise ValueError(f"estimator {self.name!r}: n_samples must be a positive int, got {n_samples!r}")
-        if n_samples < self.min_samples or n_samples % self.sample_unit:
-            raise BudgetError(
-                f"estimator {self.name!r} cannot spend a budget of {n_samples} f-evaluations per data "
-                f"point: it needs at least {self.min_samples}"
-                + (f" and a multiple of {self.sample_unit}" if self.sample_unit > 1 else "")
-            )
+    def skip(self, dist: D.Distribution, n_samples: int) -> Optional[str]:
+        """Why this estimator cannot run on ``dist`` with a budget of ``n_samples`` f-evaluations
+        per data point (one line, recorded as the cell's *not run* reason), or None if it can.
+
+        The default rule: at least ``min_samples`` and at least one whole :meth:`budget_unit`, and
+        a multiple of ``sample_unit``."""
+        need = max(self.min_samples, self.budget_unit(dist))
+        if n_samples < need or n_samples % self.sample_unit:
+            return (f"estimator {self.name!r} cannot spend a budget of {n_samples} f-evaluations per "
+                    f"data point: it needs at least {need}"
+                    + (f" and a multiple of {self.sample_unit}" if self.sample_unit > 1 else ""))
+        return None
 
     def budget_unit(self, dist: D.Distribution) -> int:
         """f-evaluations per whole unit of budget on ``dist``: ``sample_unit`` unless the unit depends
@@ -172,11 +176,6 @@ def _is_uninitialized(p) -> bool:
     return isinstance(p, nn.parameter.UninitializedParameter)
 
 
-def mean_over_samples(x: torch.Tensor) -> torch.Tensor:
-    """Average over the leading sample dimension."""
-    return x.mean(0)
-
-
 def check_f_output(fz: torch.Tensor, n: int, batch_shape: torch.Size, who: str) -> torch.Tensor:
     expected = (n, *batch_shape)
     if tuple(fz.shape) != expected:
@@ -184,3 +183,7 @@ def check_f_output(fz: torch.Tensor, n: int, batch_shape: torch.Size, who: str) 
             f"{who}: f returned shape {tuple(fz.shape)}, expected (n_samples, *batch_shape) = {expected}"
         )
     return fz
+
+
+#: every registered estimator class by name; built-in modules are found by importing the package
+REGISTRY = Registry("estimator", "estimators", Estimator, "estbench.estimators")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributions import constraints
 import torch.nn.functional as F
 from torch import nn
 
@@ -112,8 +113,6 @@ class _RelaxedControlVariate(Estimator):
     def __init__(self, **options):
         super().__init__(**options)
         t, eta = self.config["temperature"], self.config["eta"]
-        if t <= 0:
-            raise ValueError(f"{self.name}: temperature must be > 0, got {t}")
         learn = self.learns
         self.eta = nn.Parameter(torch.tensor(float(eta)), requires_grad=learn)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(t)), requires_grad=learn)
@@ -206,7 +205,8 @@ class REBAR(_RelaxedControlVariate):
     paper = ("Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein (2017), REBAR: Low-variance, unbiased "
              "gradient estimates for discrete latent variable models, NeurIPS, Eq. 6-8")
     options = {
-        "temperature": Option(0.5, "initial temperature lambda of the concrete relaxation (> 0)"),
+        "temperature": Option(0.5, "initial temperature lambda of the concrete relaxation",
+                              constraint=constraints.positive),
         "eta": Option(1.0, "initial scale eta of the control variate"),
         "learn": Option(True, "learn eta and log-temperature by minimising the estimate's variance"),
     }
@@ -241,16 +241,16 @@ class RELAX(_RelaxedControlVariate):
     paper = ("Grathwohl, Choi, Wu, Roeder & Duvenaud (2018), Backpropagation through the void, ICLR, "
              "Eq. 8, Sec. 3.3, Algorithm 2")
     options = {
-        "temperature": Option(0.5, "initial temperature lambda of the concrete relaxation (> 0)"),
+        "temperature": Option(0.5, "initial temperature lambda of the concrete relaxation",
+                              constraint=constraints.positive),
         "eta": Option(1.0, "initial scale eta of f(sigma(z)) in the control variate"),
-        "hidden": Option(32, "hidden units of the control-variate network r_rho"),
+        "hidden": Option(32, "hidden units of the control-variate network r_rho",
+                         constraint=constraints.positive_integer),
     }
     inner_lr = 1e-2
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.config["hidden"] < 1:
-            raise ValueError(f"relax: hidden must be >= 1, got {self.config['hidden']}")
         h = self.config["hidden"]
         out = nn.Linear(h, 1)
         nn.init.zeros_(out.weight)

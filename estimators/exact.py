@@ -1,7 +1,9 @@
 """Exact marginalisation: enumerate every configuration of a discrete latent."""
 from __future__ import annotations
 
-from .base import Estimate, Estimator, InfeasibleError, Option, check_f_output
+from torch.distributions import constraints
+
+from .base import Estimate, Estimator, Option, check_f_output
 from . import families as fam
 
 
@@ -20,19 +22,19 @@ class Exact(Estimator):
     families = frozenset({"bernoulli", "categorical"})
     unbiased = True
     paper = "exact enumeration, E_q[f] = sum_z q(z) f(z)"
-    options = {"max_configs": Option(2**16, "largest number of joint configurations to enumerate")}
+    options = {"max_configs": Option(2**16, "largest number of joint configurations to enumerate",
+                                     constraint=constraints.positive_integer)}
+    exceeds_budget = "the oracle: enumerates every configuration, whatever the budget"
 
-    def check_budget(self, n_samples):  # the budget does not bind: every configuration is used
-        if not isinstance(n_samples, int) or n_samples < 1:
-            super().check_budget(n_samples)
+    def skip(self, dist, n_samples):
+        C = fam.support_size(dist)
+        if C > self.config["max_configs"]:
+            return (f"estimator 'exact': {C} configurations per event exceed max_configs="
+                    f"{self.config['max_configs']} (raise it with exact[max_configs=...] if memory allows)")
+        return None
 
     def _estimate(self, dist, f, n, context, family):
         C = fam.support_size(dist)
-        if C > self.config["max_configs"]:
-            raise InfeasibleError(
-                f"estimator 'exact': {C} configurations per event exceed max_configs="
-                f"{self.config['max_configs']} (raise it with exact[max_configs=...] if memory allows)"
-            )
         z = fam.enumerate_events(dist)
         fz = check_f_output(f(z), C, dist.batch_shape, self.name)
         w = fam.log_prob(dist, z).exp()

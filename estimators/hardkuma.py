@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributions import constraints
 import torch.nn.functional as F
 
 from .base import Estimate, Estimator, Option, check_f_output
@@ -58,14 +59,10 @@ class HardKuma(Estimator):
     paper = ("Bastings, Aziz & Titov (2019), Interpretable neural predictions with differentiable "
              "binary variables, ACL, Sec. 3, Eq. 6-9")
     options = {
-        "lower": Option(-0.1, "stretch lower end l (< 0)"),
-        "upper": Option(1.1, "stretch upper end r (> 1)"),
+        # both endpoints get probability mass only if the stretched support overhangs [0, 1]
+        "lower": Option(-0.1, "stretch lower end l", constraint=constraints.less_than(0.0)),
+        "upper": Option(1.1, "stretch upper end r", constraint=constraints.greater_than(1.0)),
     }
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if not (self.config["lower"] < 0 and self.config["upper"] > 1):
-            raise ValueError("hardkuma: need lower < 0 and upper > 1 for both endpoints to get mass")
 
     def _estimate(self, dist, f, n, context, family):
         base, _ = fam.unwrap(dist)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import distributions as D
 
-from .base import BudgetError, Estimate, Estimator, Option, check_f_output
+from .base import Estimate, Estimator, Option, check_f_output
 from . import families as fam
 
 
@@ -61,9 +61,13 @@ class MeasureValued(Estimator):
         base, _ = fam.unwrap(dist)
         return 4 * math.prod(base.batch_shape[len(dist.batch_shape):])
 
-    def check_budget(self, n_samples):  # the 4*D unit is checked in _estimate, where dist is known
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-            super().check_budget(n_samples)
+    def skip(self, dist, n):
+        unit = self.budget_unit(dist)
+        if n < unit:
+            return (f"estimator 'measure_valued' evaluates f at 4*D points per sample (2 per "
+                    f"coordinate for loc and for scale, D={unit // 4}, 4*D={unit}): n_samples={n} must "
+                    f"be at least {unit}; the budget is spent in whole multiples of {unit}")
+        return None
 
     def _estimate(self, dist, f, n, context, family):
         base, _ = fam.unwrap(dist)
@@ -72,12 +76,6 @@ class MeasureValued(Estimator):
         Dn = math.prod(ev)
         unit = 4 * Dn
         ns = n // unit
-        if ns < 1:
-            raise BudgetError(
-                f"estimator 'measure_valued' evaluates f at 4*D points per sample (2 per coordinate "
-                f"for loc and for scale, D={Dn}, 4*D={unit}): n_samples={n} must be at least {unit}; "
-                f"the budget is spent in whole multiples of {unit}"
-            )
         loc, scale = base.loc, base.scale  # broadcast to base.batch_shape by torch
         mu = loc.detach().reshape(*B, Dn)
         sd = scale.detach().reshape(*B, Dn)

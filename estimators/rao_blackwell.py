@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributions import constraints
 import torch.nn.functional as F
 from torch import distributions as D
 
-from .base import BudgetError, Estimate, Estimator, Option, check_f_output
+from .base import Estimate, Estimator, Option, check_f_output
 from . import families as fam
 from .relaxed import straight_through
 
@@ -155,27 +156,19 @@ class SumAndSample(Estimator):
     paper = ("Liu, Regier, Tripuraneni, Jordan & McAuliffe (2019), Rao-Blackwellized stochastic "
              "gradients for discrete distributions, ICML, Eq. 4-6")
     options = {
-        "k": Option(1, "number of most probable joint configurations summed exactly"),
+        "k": Option(1, "number of most probable joint configurations summed exactly",
+                    constraint=constraints.positive_integer),
         "baseline": Option(True, "use the summed configurations' mean f as an (exactly corrected) "
                                  "baseline for the sampled remainder"),
     }
     min_samples = 2
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.config["k"] < 1:
-            raise ValueError(f"sum_and_sample: k must be >= 1, got {self.config['k']}")
-        self.min_samples = self.config["k"] + 1
-
-    def check_budget(self, n_samples):
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-            super().check_budget(n_samples)  # raises the standard "positive int" error
+    def skip(self, dist, n_samples):
         k = self.config["k"]
         if n_samples <= k:
-            raise BudgetError(
-                f"estimator 'sum_and_sample' sums k={k} configurations and samples the rest: "
-                f"n_samples={n_samples} must exceed k (at least {k + 1})"
-            )
+            return (f"estimator 'sum_and_sample' sums k={k} configurations and samples the rest: "
+                    f"n_samples={n_samples} must exceed k (at least {k + 1})")
+        return None
 
     def _estimate(self, dist, f, n, context, family):
         B, cells, K = cell_layout(dist)
@@ -238,21 +231,21 @@ class IndeCateR(Estimator):
         _, cells, K = cell_layout(dist)
         return math.prod(cells) * K
 
-    def check_budget(self, n_samples):  # the D*K unit is checked in _estimate, where dist is known
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-            super().check_budget(n_samples)
+    def skip(self, dist, n):
+        _, cells, K = cell_layout(dist)
+        Dn = math.prod(cells)
+        unit = Dn * K
+        if n < unit:
+            return (f"estimator 'indecater' evaluates f at D*K points per sample (D={Dn} cells, K={K} "
+                    f"classes, D*K={unit}): n_samples={n} must be at least D*K={unit}; the budget is "
+                    f"spent in whole multiples of {unit}")
+        return None
 
     def _estimate(self, dist, f, n, context, family):
         B, cells, K = cell_layout(dist)
         Dn = math.prod(cells)
         unit = Dn * K
         ns = n // unit
-        if ns < 1:
-            raise BudgetError(
-                f"estimator 'indecater' evaluates f at D*K points per sample (D={Dn} cells, K={K} "
-                f"classes, D*K={unit}): n_samples={n} must be at least D*K={unit}; the budget is "
-                f"spent in whole multiples of {unit}"
-            )
         lp = cell_logits(dist, family)  # (*B, D, K), differentiable
         probs = lp.exp()
         z = D.Categorical(logits=lp.detach()).sample((ns,))  # (ns, *B, D)
@@ -300,16 +293,10 @@ class GumbelRao(Estimator):
     paper = ("Paulus, Maddison & Krause (2021), Rao-Blackwellizing the straight-through Gumbel-Softmax "
              "gradient estimator, ICLR, Eq. 7-9")
     options = {
-        "k": Option(10, "conditional Gumbel draws averaged in the backward pass"),
-        "temperature": Option(1.0, "relaxation temperature (> 0)"),
+        "k": Option(10, "conditional Gumbel draws averaged in the backward pass",
+                    constraint=constraints.positive_integer),
+        "temperature": Option(1.0, "relaxation temperature", constraint=constraints.positive),
     }
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.config["temperature"] <= 0:
-            raise ValueError(f"gumbel_rao: temperature must be > 0, got {self.config['temperature']}")
-        if self.config["k"] < 1:
-            raise ValueError(f"gumbel_rao: k must be >= 1, got {self.config['k']}")
 
     def _estimate(self, dist, f, n, context, family):
         base, _ = fam.unwrap(dist)

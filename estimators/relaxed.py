@@ -6,6 +6,7 @@ original discrete objective; the harness measures that bias against the exact gr
 from __future__ import annotations
 
 import torch
+from torch.distributions import constraints
 from torch import distributions as D
 
 from .base import Estimate, Estimator, Option, check_f_output
@@ -83,12 +84,7 @@ class GumbelSoftmax(_Pathwise):
 
     name = "gumbel_softmax"
     paper = "Jang, Gu & Poole (2017), ICLR, Eq. 1; Maddison, Mnih & Teh (2017), ICLR, Eq. 4"
-    options = {"temperature": Option(1.0, "relaxation temperature (> 0)")}
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.config["temperature"] <= 0:
-            raise ValueError(f"gumbel_softmax: temperature must be > 0, got {self.config['temperature']}")
+    options = {"temperature": Option(1.0, "relaxation temperature", constraint=constraints.positive)}
 
     def sample(self, dist, n, family):
         return relaxed_sample(dist, n, self.config["temperature"])

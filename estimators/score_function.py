@@ -7,6 +7,7 @@ input-dependent baseline + signal normalisation), as in pyro and deepmind/mc_gra
 from __future__ import annotations
 
 import torch
+from torch.distributions import constraints
 
 from .base import Estimate, Estimator, Option, check_f_output
 from . import families as fam
@@ -65,7 +66,8 @@ class ReinforceEMA(_ScoreFunction):
 
     name = "reinforce_ema"
     paper = "Williams (1992), Sec. 4 (reinforcement baseline); Mnih & Gregor (2014), Sec. 3.2"
-    options = {"decay": Option(0.9, "decay of the moving average")}
+    options = {"decay": Option(0.9, "decay of the moving average",
+                               constraint=constraints.half_open_interval(0.0, 1.0))}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -108,8 +110,10 @@ class NVIL(_ScoreFunction):
     name = "nvil"
     paper = "Mnih & Gregor (2014), Neural variational inference and learning in belief networks, ICML, Sec. 3"
     options = {
-        "hidden": Option(100, "hidden units of the baseline MLP on the context"),
-        "decay": Option(0.8, "decay of the running mean/variance of the learning signal"),
+        "hidden": Option(100, "hidden units of the baseline MLP on the context",
+                         constraint=constraints.positive_integer),
+        "decay": Option(0.8, "decay of the running mean/variance of the learning signal",
+                        constraint=constraints.half_open_interval(0.0, 1.0)),
         "normalise": Option(True, "divide the signal by max(1, running std) (biases the magnitude)"),
     }
     inner_lr = 1e-3

@@ -11,6 +11,7 @@ import math
 import warnings
 
 import torch
+from torch.distributions import constraints
 from entmax import entmax15, sparsemax
 
 from .base import Estimate, Estimator, InfeasibleError, Option, check_f_output
@@ -20,11 +21,10 @@ DISCRETE = frozenset({"bernoulli", "categorical"})
 
 
 class _Deterministic(Estimator):
-    """Ignores the sampling budget, like ``exact``: n_evals reports what was really spent."""
+    """Evaluates f on the support of a sparse distribution, whatever the sampling budget; the
+    harness counts what it really spends."""
 
-    def check_budget(self, n_samples):
-        if not isinstance(n_samples, int) or n_samples < 1:
-            super().check_budget(n_samples)
+    exceeds_budget = "deterministic: evaluates f on every configuration of its sparse support"
 
 
 def _cell_scores(dist, family):
@@ -105,7 +105,8 @@ class SparsemaxMarginal(_Deterministic):
              "NeurIPS, Eq. 3-5")
     options = {
         "mapping": Option("sparsemax", "sparse mapping of the cell scores", ("sparsemax", "entmax15")),
-        "max_configs": Option(2**12, "largest padded number of support configurations per event"),
+        "max_configs": Option(2**12, "largest padded number of support configurations per event",
+                              constraint=constraints.positive_integer),
     }
 
     def _estimate(self, dist, f, n, context, family):
@@ -309,13 +310,9 @@ class SparseMAP(_Deterministic):
              "structured inference, ICML, Eq. 4-6, Sec. 3.2")
     options = {
         "transition": Option(0.0, "chain score bonus for consecutive z_d = z_{d+1} = 1"),
-        "max_iter": Option(50, "maximum active-set additions (raise for long chains)"),
+        "max_iter": Option(50, "maximum active-set additions (raise for long chains)",
+                           constraint=constraints.positive_integer),
     }
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.config["max_iter"] < 1:
-            raise ValueError(f"sparsemap: max_iter must be >= 1, got {self.config['max_iter']}")
 
     def _estimate(self, dist, f, n, context, family):
         base, k = fam.unwrap(dist)
@@ -396,17 +393,14 @@ class Spigot(_Deterministic):
     differentiable in z.  ``n_evals`` = 1; ``n_samples`` is ignored.
     """
 
+    exceeds_budget = ""  # one evaluation of f, at the argmax
     name = "spigot"
     families = DISCRETE
     unbiased = False
     paper = ("Peng, Thomson & Smith (2018), Backpropagating through structured argmax using a "
              "SPIGOT, ACL, Eq. 5-7")
-    options = {"eta": Option(1.0, "step size of the projected pseudo-update (> 0)")}
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.config["eta"] <= 0:
-            raise ValueError(f"spigot: eta must be > 0, got {self.config['eta']}")
+    options = {"eta": Option(1.0, "step size of the projected pseudo-update",
+                             constraint=constraints.positive)}
 
     def _estimate(self, dist, f, n, context, family):
         base, _ = fam.unwrap(dist)

@@ -6,15 +6,11 @@ with their reason kept in :func:`skipped`.
 """
 from __future__ import annotations
 
-from estimators.plugins import Registry
-
-from .base import ClosedFormToy, Problem, Reference, Task, _REGISTRY, flat_grad
+from .base import REGISTRY as _registry
+from .base import ClosedFormToy, Problem, Reference, Task, flat_grad
 
 __all__ = ["Task", "Problem", "Reference", "ClosedFormToy", "available", "get", "get_class",
            "skipped", "flat_grad"]
-
-_registry = Registry("task", __name__, __path__, Task, "estbench.tasks", infra={"base", "data"})
-_registry.classes = _REGISTRY
 
 
 def available(family: str | None = None) -> list[str]:

@@ -24,9 +24,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 import torch
 from torch import distributions as D
 
-from estimators.plugins import Option, configure, display_name
-
-_REGISTRY: dict[str, type["Task"]] = {}
+from estbench.plugins import Option, Registry, configure, display_name
 
 
 @dataclass
@@ -50,7 +48,6 @@ class Reference:
     stderr: Optional[torch.Tensor] = None
     #: how many samples a Monte Carlo reference used
     n_samples: Optional[int] = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def flat_grad(outputs: torch.Tensor, params: list[torch.Tensor], **kw) -> torch.Tensor:
@@ -80,7 +77,7 @@ class Task:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
-            _REGISTRY[cls.name] = cls
+            REGISTRY.define(cls)
 
     def __init__(self, **options):
         self.config = configure("task", self.name, self.options, options)
@@ -131,6 +128,10 @@ class Task:
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr)
         raise ValueError(f"task {self.name!r}: unknown optimizer {self.optimizer!r}")
+
+
+#: every registered task class by name; built-in modules are found by importing the package
+REGISTRY = Registry("task", "tasks", Task, "estbench.tasks")
 
 
 class ClosedFormToy(Task):

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import distributions as D, nn
 
-from estimators.plugins import Option
+from torch.distributions import constraints
+
+from estbench.plugins import Option
 
 from .base import Problem, Reference, Task, flat_grad
 from .data import mnist
@@ -136,22 +138,22 @@ class BinaryVAE(Task):
     family = "bernoulli"
     description = "Bernoulli VAE (sigmoid belief net) on dynamically binarised MNIST; f = log p(x|z), exact KL"
     options = {
-        "latents": Option(200, "number of Bernoulli latents"),
+        "latents": Option(200, "number of Bernoulli latents", constraint=constraints.positive_integer),
         "arch": Option("linear", "linear | nonlinear (2 x 200 LeakyReLU hidden layers)",
                        choices=("linear", "nonlinear")),
-        "batch_size": Option(50, "training images per step (50 in ARM/DisARM)"),
-        "lr": Option(1e-3, "Adam learning rate (DisARM: 1e-4)"),
+        "batch_size": Option(50, "training images per step (50 in ARM/DisARM)", constraint=constraints.integer_interval(1, N_TRAIN)),
+        "lr": Option(1e-3, "Adam learning rate (DisARM: 1e-4)", constraint=constraints.positive),
         "centre": Option(True, "demean encoder input; init decoder output bias at the data logit"),
         "data_dir": Option("", "folder with the 4 MNIST gzip IDX files (default: shipped copy)"),
-        "val_size": Option(1000, "validation images used by evaluate(final=False)"),
-        "eval_samples": Option(10, "reconstruction samples per image in evaluate()"),
-        "iwae_samples": Option(100, "importance samples of the final test IWAE bound"),
-        "iwae_images": Option(10000, "test images for the IWAE bound (first n; 10000 = all)"),
-        "measure_size": Option(8, "validation images in the measurement batch"),
+        "val_size": Option(1000, "validation images used by evaluate(final=False)", constraint=constraints.integer_interval(1, N_VAL)),
+        "eval_samples": Option(10, "reconstruction samples per image in evaluate()", constraint=constraints.positive_integer),
+        "iwae_samples": Option(100, "importance samples of the final test IWAE bound", constraint=constraints.positive_integer),
+        "iwae_images": Option(10000, "test images for the IWAE bound (first n; 10000 = all)", constraint=constraints.integer_interval(1, 10000)),
+        "measure_size": Option(8, "validation images in the measurement batch", constraint=constraints.integer_interval(1, N_VAL)),
         "reference": Option("auto", "auto (exact iff latents <= 16) | exact | sampled",
                             choices=("auto", "exact", "sampled")),
-        "ref_chunks": Option(64, "sampled reference: independent chunks R"),
-        "ref_chunk_samples": Option(64, "sampled reference: samples per chunk S (>= 2)"),
+        "ref_chunks": Option(64, "sampled reference: independent chunks R", constraint=constraints.integer_interval(2, 2**62)),
+        "ref_chunk_samples": Option(64, "sampled reference: samples per chunk S (>= 2)", constraint=constraints.integer_interval(2, 2**62)),
     }
     lr = 1e-3
     budgets = {
@@ -165,16 +167,6 @@ class BinaryVAE(Task):
         super().__init__(**options)
         c = self.config
         self.lr = c["lr"]
-        for k in ("latents", "batch_size", "val_size", "eval_samples", "iwae_samples",
-                  "iwae_images", "measure_size", "ref_chunks"):
-            if c[k] < 1:
-                raise ValueError(f"task 'binary_vae': option {k} must be >= 1, got {c[k]}")
-        if c["batch_size"] > N_TRAIN:
-            raise ValueError(f"task 'binary_vae': batch_size {c['batch_size']} exceeds {N_TRAIN} images")
-        if c["val_size"] > N_VAL or c["measure_size"] > N_VAL or c["iwae_images"] > 10000:
-            raise ValueError("task 'binary_vae': val_size, measure_size and iwae_images must be <= 10000")
-        if c["ref_chunk_samples"] < 2 or c["ref_chunks"] < 2:
-            raise ValueError("task 'binary_vae': ref_chunks and ref_chunk_samples must be >= 2")
         if c["reference"] == "exact" and c["latents"] > self.MAX_EXACT_LATENTS:
             raise ValueError(
                 f"task 'binary_vae': reference=exact enumerates 2^latents configurations; "
@@ -273,8 +265,7 @@ class BinaryVAE(Task):
         logq = a @ Zall.T - F.softplus(a).sum(-1, keepdim=True)  # (B, C)
         objective = (logq.exp() * Fz).sum()
         grad = flat_grad(objective, params).float()
-        return Reference(grad, exact=True, n_samples=None,
-                         meta={"method": "enumeration", "configs": C, "value": float(objective.detach())})
+        return Reference(grad, exact=True, n_samples=None)
 
     def _sampled_reference(self, x):
         """Unbiased score-function estimate with a leave-one-out baseline, R chunks of S samples.
@@ -307,8 +298,7 @@ class BinaryVAE(Task):
         rows = rows.double()
         return Reference(rows.mean(0).float(), exact=False,
                          stderr=(rows.std(0, unbiased=True) / math.sqrt(R)).float(),
-                         n_samples=R * S, meta={"method": "score function + leave-one-out",
-                                                "chunks": R, "chunk_samples": S})
+                         n_samples=R * S)
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _chunks(self, x: torch.Tensor, K: int):

@@ -63,7 +63,9 @@ from torch import distributions as D
 from torch import nn
 from torch.nn import functional as F
 
-from estimators.plugins import Option
+from torch.distributions import constraints
+
+from estbench.plugins import Option, open_interval
 
 from .base import Problem, Reference, Task, flat_grad
 from .data import sst
@@ -151,18 +153,18 @@ class _SSTRationales(Task):
     options = {
         "data_dir": Option("", "folder with {train,dev,test}.txt[.gz] (default: the shipped copy)"),
         "encoder": Option("bow", "token encoder of q(z|x): per-token MLP or biLSTM", ("bow", "lstm")),
-        "emb": Option(64, "embedding size (trainable, shared by encoder and classifier)"),
-        "hidden": Option(64, "hidden size of the encoder and of the classifier MLP"),
-        "min_count": Option(1, "keep training tokens seen at least this often; others -> <unk>"),
-        "batch_size": Option(32, "training sentences per batch"),
-        "max_train": Option(0, "use only the first N training sentences (0: all 8544)"),
-        "eval_dev": Option(500, "dev sentences (the first N) of the per-checkpoint ELBO"),
-        "eval_samples": Option(8, "z samples per sentence in the per-checkpoint dev ELBO (MC variants)"),
-        "final_samples": Option(64, "z samples per sentence in the final test ELBO (MC variants)"),
-        "measure_size": Option(8, "sentences (the first N of dev) in the measurement batch"),
-        "ref_chunks": Option(32, "reference gradient: independent chunks R (MC variants)"),
-        "ref_samples": Option(64, "reference gradient: samples per chunk S (MC variants)"),
-        "prior_p": Option(0.3, "prior selection probability per token"),
+        "emb": Option(64, "embedding size (trainable, shared by encoder and classifier)", constraint=constraints.positive_integer),
+        "hidden": Option(64, "hidden size of the encoder and of the classifier MLP", constraint=constraints.positive_integer),
+        "min_count": Option(1, "keep training tokens seen at least this often; others -> <unk>", constraint=constraints.positive_integer),
+        "batch_size": Option(32, "training sentences per batch", constraint=constraints.positive_integer),
+        "max_train": Option(0, "use only the first N training sentences (0: all 8544)", constraint=constraints.nonnegative_integer),
+        "eval_dev": Option(500, "dev sentences (the first N) of the per-checkpoint ELBO", constraint=constraints.positive_integer),
+        "eval_samples": Option(8, "z samples per sentence in the per-checkpoint dev ELBO (MC variants)", constraint=constraints.positive_integer),
+        "final_samples": Option(64, "z samples per sentence in the final test ELBO (MC variants)", constraint=constraints.positive_integer),
+        "measure_size": Option(8, "sentences (the first N of dev) in the measurement batch", constraint=constraints.positive_integer),
+        "ref_chunks": Option(32, "reference gradient: independent chunks R (MC variants)", constraint=constraints.integer_interval(2, 2**62)),
+        "ref_samples": Option(64, "reference gradient: samples per chunk S (MC variants)", constraint=constraints.integer_interval(2, 2**62)),
+        "prior_p": Option(0.3, "prior selection probability per token", constraint=open_interval(0.0, 1.0)),
     }
     budgets = {
         # quick: 800 steps of 32 sentences (~3 epochs).  Measured on a loaded 2-core CPU with one
@@ -180,8 +182,6 @@ class _SSTRationales(Task):
     def setup(self, device, generator):
         c = self.config
         self.device = torch.device(device)
-        if not 0.0 < c["prior_p"] < 1.0:
-            raise ValueError(f"{self.name}: prior_p must be in (0, 1), got {c['prior_p']}")
         train = sst.load_split("train", c["data_dir"] or None)
         if c["max_train"] > 0:
             train = train[: c["max_train"]]
@@ -379,8 +379,6 @@ class _SSTRationales(Task):
         """Unbiased score-function reference with a leave-one-out baseline at the logits (see the
         module docstring): R chunks x S samples, per-coordinate stderr from the chunks."""
         R, S = self.config["ref_chunks"], self.config["ref_samples"]
-        if R < 2 or S < 2:
-            raise ValueError(f"{self.name}: ref_chunks and ref_samples must be >= 2, got {R}, {S}")
         targets = self.estimated_parameters()
         prob = self.problem(batch)
         logits = prob.dist.base_dist.logits  # (B, L)
@@ -393,7 +391,7 @@ class _SSTRationales(Task):
             g = g * batch.mask.to(g.dtype)
         G = _batched_vjp(logits, targets, g)
         return Reference(G.mean(0), exact=False, stderr=G.std(0, unbiased=True) / math.sqrt(R),
-                         n_samples=R * S, meta={"chunks": R, "samples_per_chunk": S})
+                         n_samples=R * S)
 
 
 def _batched_vjp(out: torch.Tensor, targets, grads: torch.Tensor) -> torch.Tensor:
@@ -435,13 +433,11 @@ class SSTRationalesStructured(SSTRationales):
     description = "SST-5 rationales, Bernoulli q with a contiguity-favouring Markov-chain prior"
     options = {
         **_SSTRationales.options,
-        "stay_on": Option(0.8, "chain prior: P(z_t = 1 | z_{t-1} = 1); prior_p is the stationary rate"),
+        "stay_on": Option(0.8, "chain prior: P(z_t = 1 | z_{t-1} = 1); prior_p is the stationary rate", constraint=open_interval(0.0, 1.0)),
     }
 
     def setup(self, device, generator):
         p, b = self.config["prior_p"], self.config["stay_on"]
-        if not 0.0 < b < 1.0:
-            raise ValueError(f"{self.name}: stay_on must be in (0, 1), got {b}")
         a = p * (1 - b) / (1 - p)  # P(1 | 0), making p stationary
         if not 0.0 < a < 1.0:
             raise ValueError(f"{self.name}: prior_p={p} and stay_on={b} give P(1|0)={a:.3f} outside (0, 1)")
@@ -535,5 +531,4 @@ class SSTRationalesCategorical(_SSTRationales):
         B, L = batch.ids.shape
         cfg = self._configs(prob.dist, B, L)
         expected = (prob.dist.log_prob(cfg).exp() * prob.f(cfg)).sum()
-        return Reference(flat_grad(expected, self.estimated_parameters()), exact=True,
-                         meta={"events_per_sentence": int(cfg.shape[0])})
+        return Reference(flat_grad(expected, self.estimated_parameters()), exact=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import distributions as D
 
-from estimators.plugins import Option
+from torch.distributions import constraints
+
+from estbench.plugins import Option
 
 from .base import ClosedFormToy
 
@@ -24,8 +26,8 @@ class ToyBinary(ClosedFormToy):
     family = "bernoulli"
     description = "D Bernoulli latents, f(z) = -sum (z - t)^2 (RELAX/ARM toy)"
     options = {
-        "t": Option(0.45, "target; 0.45, 0.49 and 0.499 are the standard settings"),
-        "dim": Option(4, "number of binary latents D"),
+        "t": Option(0.45, "target; 0.45, 0.49 and 0.499 are the standard settings", constraint=constraints.real),
+        "dim": Option(4, "number of binary latents D", constraint=constraints.positive_integer),
     }
 
     def init_params(self, generator):
@@ -51,7 +53,7 @@ class LiuToy(ClosedFormToy):
     name = "liu_toy"
     family = "bernoulli"
     description = "3 Bernoullis sharing one logit, f(z) = sum (z_i - p_i)^2, p = (0.6, 0.51, 0.48)"
-    options = {"theta": Option(0.0, "initial shared logit")}
+    options = {"theta": Option(0.0, "initial shared logit", constraint=constraints.real)}
     P = (0.6, 0.51, 0.48)
 
     def init_params(self, generator):
@@ -86,8 +88,8 @@ class ToyCategorical(ClosedFormToy):
     description = "D categoricals, K classes, random unary + chain pairwise reward tables"
     options = {
         "dim": Option(3, "number of categorical latents D"),
-        "classes": Option(4, "classes per latent K"),
-        "table_seed": Option(0, "seed of the random reward tables"),
+        "classes": Option(4, "classes per latent K", constraint=constraints.integer_interval(2, 2**62)),
+        "table_seed": Option(0, "seed of the random reward tables", constraint=constraints.nonnegative_integer),
     }
 
     def init_params(self, generator):

@@ -120,7 +120,7 @@ def test_failed_cells_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeyp
             raise RuntimeError("boom in a plug-in")
 
     Broken.name = "broken_test_only"
-    monkeypatch.setitem(estimators.base._REGISTRY, "broken_test_only", Broken)
+    monkeypatch.setitem(estimators.base.REGISTRY.classes, "broken_test_only", Broken)
     code = main(["run", "--tasks", "toy_binary", "--estimators", "broken_test_only,reinforce",
                  *TINY, "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out

@@ -207,7 +207,7 @@ def test_relax_uses_context_and_checks_its_shape():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature=0.0 must be > 0"):
         estimators.get("rebar", temperature=0.0)
-    with pytest.raises(ValueError, match="hidden must be >= 1"):
+    with pytest.raises(ValueError, match="hidden=0 must be an integer >= 1"):
         estimators.get("relax", hidden=0)

@@ -41,7 +41,7 @@ def test_toy_reference_matches_brute_force(name):
     if t.family == "gaussian":
         # an unbiased reparameterisation estimate with many samples, within 4.5 standard errors
         torch.manual_seed(0)
-        G, _ = gradient_estimates(t, estimators.get("reparam"), None, 64, 4000)
+        G, *_ = gradient_estimates(t, estimators.get("reparam"), None, 64, 4000)
         mean, se = G.mean(0), G.std(0) / math.sqrt(G.shape[0])
         assert ((mean - ref.grad).abs() <= 4.5 * se).all()
     else:
@@ -62,7 +62,7 @@ def test_liu_toy_exact_gradient_and_unbiased_estimators():
         est = estimators.get(name)
         if not est.unbiased:
             continue
-        G, _ = gradient_estimates(t, est, None, budget_for(est, dist=t.problem(None).dist), 4000)
+        G, *_ = gradient_estimates(t, est, None, budget_for(est, dist=t.problem(None).dist), 4000)
         mean, se = float(G.mean()), float(G.std() / math.sqrt(G.shape[0]))
         assert abs(mean - (-0.045)) <= max(4.5 * se, 1e-6), f"{name}: {mean} +- {se}"
 
@@ -85,9 +85,9 @@ def test_batched_measurement_equals_loop_in_distribution(task_name, device):
     t = setup_task(task_name, device)
     est = estimators.get("reinforce")
     torch.manual_seed(0)
-    Gb, _ = gradient_estimates(t, est, None, 4, 3000, batched=True)
+    Gb, *_ = gradient_estimates(t, est, None, 4, 3000, batched=True)
     torch.manual_seed(1)
-    Gl, _ = gradient_estimates(t, est, None, 4, 3000, batched=False)
+    Gl, *_ = gradient_estimates(t, est, None, 4, 3000, batched=False)
     assert Gb.shape == Gl.shape and Gb.device.type == device
     se = torch.sqrt(Gb.var(0) / 3000 + Gl.var(0) / 3000)
     assert ((Gb.mean(0) - Gl.mean(0)).abs() <= 4.5 * se).all()
@@ -199,7 +199,7 @@ class _Exploding(estimators.Estimator):
 
 def test_divergence_is_recorded_not_raised(monkeypatch):
     _Exploding.name = "exploding_test_only"
-    monkeypatch.setitem(estimators.base._REGISTRY, "exploding_test_only", _Exploding)
+    monkeypatch.setitem(estimators.base.REGISTRY.classes, "exploding_test_only", _Exploding)
     _Exploding.calls = 0
     res = run_cell(_cell(est="exploding_test_only", steps=10, checkpoints=0))
     assert res.status == "diverged"
@@ -279,8 +279,9 @@ def test_cache_key_follows_the_code_of_the_cell_only(tmp_path, monkeypatch):
     k_relax, k_rloo = relax.key(), rloo.key()
     src = tmp_path / "control_variates.py"
     src.write_text(open(cv.__file__).read() + "\n# a change\n")
-    monkeypatch.setattr(store, "_plugin_file",
-                        lambda kind, text: src if text == "relax" else _orig_plugin_file(kind, text))
+    monkeypatch.setattr(store, "_plugin_files", lambda kind, text: (
+        [src if f.name == "control_variates.py" else f for f in _orig_plugin_files(kind, text)]
+        if text == "relax" else _orig_plugin_files(kind, text)))
     store.code_version.cache_clear()
     try:
         assert _cell(est="relax").key() != k_relax
@@ -289,7 +290,7 @@ def test_cache_key_follows_the_code_of_the_cell_only(tmp_path, monkeypatch):
         store.code_version.cache_clear()
 
 
-_orig_plugin_file = store._plugin_file
+_orig_plugin_files = store._plugin_files
 
 
 def test_a_cell_does_not_depend_on_earlier_cells_in_the_process():

@@ -37,7 +37,7 @@ BAD = GOOD.replace('name = "my_loo_test_only"', 'name = "my_bad_test_only"').rep
 def cleanup():
     yield
     for n in ["my_loo_test_only", "my_bad_test_only"]:
-        estimators.base._REGISTRY.pop(n, None)
+        estimators.unregister(n)
 
 
 def test_rank_a_file_estimator_and_reuse_cells(tmp_path, capsys, cleanup):

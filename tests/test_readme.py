@@ -29,7 +29,7 @@ def test_readme_example_estimator_works_verbatim():
             z, _ = z_scores(G, problem(fam, offset=10.0).exact)
             assert z.abs().max() < 4.5
     finally:
-        estimators.base._REGISTRY.pop("half_mean_baseline", None)
+        estimators.unregister("half_mean_baseline")
 
 
 def test_readme_names_exactly_two_setup_commands_and_ci_runs_the_test_one():

@@ -242,7 +242,7 @@ def test_spigot_bernoulli_hand_computed_and_eta():
     e = estimators.get("spigot", eta=0.5).estimate(D.Bernoulli(logits=logits), f, 1)
     (g,) = torch.autograd.grad(e.surrogate, logits)
     torch.testing.assert_close(g, torch.tensor([-0.2, 1.0, 0.0, 0.0]))
-    with pytest.raises(ValueError, match="eta must be > 0"):
+    with pytest.raises(ValueError, match="eta=0.0 must be > 0"):
         estimators.get("spigot", eta=0.0)
 
 
