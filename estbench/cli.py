@@ -28,19 +28,38 @@ from estbench.spec import parse_list, split_list
 
 DEFAULTS = Budget()
 DEFAULT_SEEDS = "0,1,2"
+#: the most cells one command plans (seeds x tasks x estimators x devices): a typo such as
+#: ``--seeds 0-100000000`` is refused at once instead of building the plan for minutes
+MAX_CELLS = 100_000
+#: the largest seed: every stream a cell derives from it still fits torch's 64-bit seeds
+MAX_SEED = 2 ** 32 - 1
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str, what: str, limit: int = MAX_CELLS) -> list[int]:
+    """Comma-separated integers and ranges ``a-b``, each a 64-bit integer; at most ``limit`` values,
+    counted from the range bounds before any range is expanded."""
     try:
-        out = []
+        parts = []
         for part in split_list(text):
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                out.extend(range(int(lo), int(hi) + 1))
+                parts.append((int(lo), int(hi)))
             else:
-                out.append(int(part))
+                parts.append((int(part), int(part)))
     except (ValueError, SpecError):
         raise UsageError(f"{what} must be comma-separated integers (or ranges a-b), got {text!r}") from None
+    for lo, hi in parts:
+        for v in (lo, hi):
+            if not -2 ** 63 <= v < 2 ** 63:
+                raise UsageError(f"{what}: {v} does not fit in a 64-bit integer")
+    for lo, hi in parts:
+        if hi < lo:
+            raise UsageError(f"{what}: the range {lo}-{hi} is empty (a range a-b needs a <= b)")
+    n = sum(max(0, hi - lo + 1) for lo, hi in parts)
+    if n > limit:
+        raise UsageError(f"{what} {text!r} has {n} values, more than the limit of {limit}; "
+                         "split the sweep")
+    out = [v for lo, hi in parts for v in range(lo, hi + 1)]
     if not out:
         raise UsageError(f"{what} is empty")
     if len(set(out)) != len(out):
@@ -120,13 +139,16 @@ def _common(args):
     if args.threads is not None:
         os.environ["ESTBENCH_THREADS"] = str(_positive(args.threads, "--threads"))
     seeds = _ints(args.seeds, "--seeds")
-    if any(s < 0 for s in seeds):
-        raise UsageError("--seeds must be non-negative")
+    if any(s < 0 or s > MAX_SEED for s in seeds):
+        # a cell derives its random streams from its seed (cell.seed * 7919 + step for the
+        # measurements), which torch takes as a 64-bit integer
+        raise UsageError(f"--seeds must be integers from 0 to {MAX_SEED}")
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
     try:
         executor = executors.from_args(args)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    os.environ["ESTBENCH_JOBS"] = str(executor.n_jobs)
     overrides = {}
     for key, flag, minimum in [("steps", "--steps", 0), ("n_samples", "--n-samples", 1),
                                ("checkpoints", "--checkpoints", 0),
@@ -137,9 +159,31 @@ def _common(args):
     return seeds, devices, executor, overrides
 
 
+def _selection(text: str, flag: str):
+    """A comma-separated list of names given on the command line; an empty one is an error (not
+    'everything': leave the flag out for that)."""
+    if not text.strip():
+        raise UsageError(f"{flag} is empty: name at least one (leave {flag} out for the default)")
+    return parse_list(text)
+
+
+def _cell_timeout(text: Optional[str]) -> Optional[float]:
+    """``--cell-timeout SECONDS`` (0: no limit); None: the budget's default."""
+    if text is None:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise UsageError(f"--cell-timeout must be a number of seconds, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise UsageError(f"--cell-timeout must be >= 0 seconds (0: no limit), got {text!r}")
+    return v
+
+
 def _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped: bool):
     try:
-        plan = sweep.expand(task_specs, est_specs, seeds, devices, args.budget, overrides)
+        plan = sweep.expand(task_specs, est_specs, seeds, devices, args.budget, overrides,
+                            timeout=_cell_timeout(args.cell_timeout))
     except ValueError as e:
         raise UsageError(str(e)) from None
     err = sys.stderr
@@ -158,45 +202,119 @@ def _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped: 
 
 
 def _execute(args, plan, out: Path, executor, meta: dict):
-    """Run the plan into ``out``; returns (exit status or None, the plan's records, its cells)."""
+    """Run the plan into ``out``; returns (exit status or None, the plan's records, its cells).
+
+    Finished cells are always kept.  A folder that cannot be written (read-only, disk full) gets
+    one line, never a traceback: refused before anything runs when cells need computing (exit 2),
+    an error when a write fails mid-sweep (exit 1), and when every cell is already stored the table
+    is shown from the stored cells with a note that meta.json and results.parquet were not updated.
+    """
+    import errno
+
     err = sys.stderr
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_meta(out, {**store.run_metadata(sys.argv), **meta,
-                           "budgets": {c.task: c.budget.as_dict() for c in plan.cells}})
+    read_only = {errno.EROFS, errno.EACCES, errno.EPERM}
+    write_errors = read_only | {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+
+    def reason(e: OSError) -> str:
+        if e.errno:
+            return os.strerror(e.errno)
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+    def not_updated(e: Optional[OSError]) -> str:
+        if e is None or e.errno in read_only:
+            return f"note: {out} is read-only: meta.json and results.parquet not updated"
+        return f"note: cannot write to {out} ({reason(e)}): meta.json and results.parquet not updated"
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a results folder")
+    if not out.is_dir():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create results folder {out}: {reason(e)}") from None
+    todo = len(plan.cells) if args.force else sum(not store.has_cell(out, c.key()) for c in plan.cells)
+    note = None
+    if not store.writable(out):
+        if todo:
+            raise UsageError(f"--out {out} is read-only and {todo} of {len(plan.cells)} cells need "
+                             "computing; choose a writable --out")
+        note = not_updated(None)
+    else:
+        try:
+            store.write_meta(out, {**store.run_metadata(sys.argv), **meta,
+                                   "budgets": {c.task: c.budget.as_dict() for c in plan.cells}})
+        except OSError as e:
+            if todo:
+                raise UsageError(f"cannot write results to {out}: {reason(e)}; nothing was run") from None
+            note = not_updated(e)
+
+    def merge() -> Optional[OSError]:
+        """Rewrite results.parquet (unless the folder is known not to take it); the error if any."""
+        if note is not None:
+            return None
+        try:
+            store.write_merged(out)
+        except OSError as e:
+            return e
+        return None
+
     try:
         sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet, plan.cells,
                                                                    executor.n_jobs),
                   executor=executor)
     except WorkerError as e:
-        store.write_merged(out)
+        merge()
         print(f"estbench: error: {e}", file=err)
         return 1, None, None
     except KeyboardInterrupt:
-        store.write_merged(out)
+        merge()
         print(f"interrupted: finished cells are kept in {out}; rerun the same command to finish", file=err)
         return 130, None, None
-    store.write_merged(out)
+    except ConfigError as e:  # raised once the backend starts (e.g. dask.distributed.Client)
+        merge()
+        raise UsageError(str(e)) from None
+    except OSError as e:  # a cell's record could not be written: disk full, folder turned read-only
+        if e.errno not in write_errors:
+            raise
+        merge()
+        print(f"estbench: error: cannot write results to {out}: {reason(e)} (the finished cells are "
+              "kept; rerun the same command once there is room)", file=err)
+        return 1, None, None
+    failed = merge()
+    if failed is not None:
+        if todo:
+            print(f"estbench: error: cannot write results to {out}: {reason(failed)} (the cells are "
+                  f"stored; {out / 'results.parquet'} is not updated)", file=err)
+            return 1, None, None
+        note = not_updated(failed)
+    if note is not None:
+        print(note, file=err)
     records, cells = store.load(out)
     if not cells.empty:
         cells = cells[cells.key.isin({c.key() for c in plan.cells})]
-    keep = records.iloc[0:0]
-    if len(records) and not cells.empty:
-        ident = ["task", "estimator", "seed", "device", "n_samples", "steps"]
-        keep = records.merge(cells[ident].drop_duplicates(), on=ident)
+    keep = table.finished(records, cells)  # finished cells only: failures are listed apart
     return None, keep, cells
 
 
 def cmd_run(args) -> int:
     try:
-        task_specs = parse_list(args.tasks) if args.tasks else parse_list(",".join(default_tasks()))
-        est_specs = parse_list(args.estimators) if args.estimators else parse_list(
+        task_specs = (_selection(args.tasks, "--tasks") if args.tasks is not None
+                      else parse_list(",".join(default_tasks())))
+        est_specs = _selection(args.estimators, "--estimators") if args.estimators is not None else parse_list(
             ",".join(estimators.available()))
     except SpecError as e:
         raise UsageError(str(e)) from None
     seeds, devices, executor, overrides = _common(args)
+    out = Path(args.out) if args.out else Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a results folder")
+    n = len(task_specs) * len(est_specs) * len(seeds) * len(devices)
+    if n > MAX_CELLS:  # before the plan is built: it instantiates every cell
+        raise UsageError(f"the plan would have up to {n} cells ({len(task_specs)} tasks x "
+                         f"{len(est_specs)} estimators x {len(seeds)} seeds x {len(devices)} devices), "
+                         f"more than the limit of {MAX_CELLS}; split the sweep")
     plan = _plan(args, task_specs, est_specs, seeds, devices, overrides,
                  show_skipped=bool(args.estimators and args.tasks))
-    out = Path(args.out) if args.out else Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     if not args.quiet:
         print(f"running {len(plan.cells)} cells ({len(task_specs)} tasks x {len(est_specs)} estimators"
               f" x {len(seeds)} seeds, budget {args.budget!r}"
@@ -219,8 +337,8 @@ def cmd_run(args) -> int:
 def cmd_rank(args) -> int:
     from estbench import rank
 
-    out = Path(args.out)
-    previous = store.read_meta(out)
+    reference = Path(args.reference)
+    previous = store.read_meta(reference)
     if args.seeds is None:
         args.seeds = ",".join(str(s) for s in previous.get("seeds", [])) or DEFAULT_SEEDS
     if args.budget is None:
@@ -232,8 +350,14 @@ def cmd_rank(args) -> int:
         rank.check_target(cls)
     except RankError as e:
         raise UsageError(str(e)) from None
+    out = Path(args.out) if args.out else (
+        Path("results") / "runs" / f"rank-{cls.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    same = out.resolve() == reference.resolve()
+    if same and not args.in_place:
+        raise UsageError(f"--out {out} is the reference set itself: pass --in-place to extend it "
+                         "there, or leave --out out to write a new run folder")
     try:
-        task_specs = parse_list(args.tasks) if args.tasks else parse_list(
+        task_specs = _selection(args.tasks, "--tasks") if args.tasks is not None else parse_list(
             ",".join(rank.compatible_tasks(cls)))
     except SpecError as e:
         raise UsageError(str(e)) from None
@@ -249,13 +373,17 @@ def cmd_rank(args) -> int:
         raise UsageError("an estimator loaded from a file exists only in this process: rank it without "
                          "-j/--parallel-config, or install it as an 'estbench.estimators' entry point")
     plan = _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped=False)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a results folder")
+    reused = 0 if same else rank.reuse_cells(plan, reference, out)
     if not args.quiet:
         print(f"ranking {cls.name} on {len(task_specs)} tasks against {len(others)} estimators, "
-              f"seeds {seeds}, budget {args.budget!r}: {len(plan.cells)} cells, cached ones reused "
-              f"from {out}", file=sys.stderr)
+              f"seeds {seeds}, budget {args.budget!r}: {len(plan.cells)} cells, "
+              + (f"extending {out} in place" if same else
+                 f"{reused} reused from {reference} (read only), results in {out}"), file=sys.stderr)
     status, keep, cells = _execute(args, plan, out, executor, {
         "budget": args.budget, "tasks": [str(t) for t in task_specs], "seeds": seeds,
-        "devices": devices, "ranked": cls.name})
+        "devices": devices, "ranked": cls.name, "reference": str(reference)})
     if status is not None:
         return status
     try:
@@ -265,21 +393,29 @@ def cmd_rank(args) -> int:
     except ImportError as e:
         raise UsageError(f"rank needs the report extra ({e.name} is missing): "
                          "pip install 'estbench[report]'") from None
-    board = lb.leaderboard(rt.per_cell(keep))
-    print(rank.render_placement(cls.name, board), end="")
-    mine = cells[(cells.estimator == cls.name) & (cells.status != "ok")]
-    for _, r in mine.drop_duplicates(["task", "status"]).iterrows():
-        print(f"  {r.task}: {r.status}: {r.error}")
+    mine_ok = not cells.empty and bool(((cells.estimator == cls.name) & (cells.status == "ok")).any())
+    if mine_ok:
+        board = lb.leaderboard(rt.per_cell(keep))
+        print(rank.render_placement(cls.name, board), end="")
+    else:
+        print(f"{cls.name} has no finished cell, so it has no rank:")
+    mine = cells[(cells.estimator == cls.name) & (cells.status != "ok")] if not cells.empty else cells
+    for _, r in mine.drop_duplicates(["task", "status", "error"]).iterrows():
+        status_text = "not run" if r.status == "infeasible" else r.status
+        print(f"  {r.task}: {status_text}: {r.error}")
     if not args.no_report:
         path = build_report(out)
-        print(f"report updated: {path}")
-    return 0
+        print(f"report: {path}")
+    return 0 if mine_ok else 1
 
 
-def _describe_options(cls) -> str:
-    if not cls.options:
-        return ""
-    return ", ".join(f"{k}={o.default!r}" for k, o in cls.options.items())
+def _option_lines(cls) -> list[str]:
+    """One line per declared option: default, description and the values it takes."""
+    out = []
+    for k, o in cls.options.items():
+        takes = o.describe()
+        out.append(f"      {k} = {o.default!r}  {o.doc}" + (f" [{takes}]" if takes else ""))
+    return out
 
 
 def cmd_list(args) -> int:
@@ -288,8 +424,7 @@ def cmd_list(args) -> int:
     for n in tasks.available():
         c = tasks.get_class(n)
         out.append(f"  {n:<18} [{c.family}] {c.description}")
-        for k, o in c.options.items():
-            out.append(f"      {k} = {o.default!r}  {o.doc}")
+        out.extend(_option_lines(c))
     out.append("")
     out.append("estimators:")
     for n in estimators.available():
@@ -297,8 +432,9 @@ def cmd_list(args) -> int:
         fams = ",".join(sorted(c.families))
         flag = "unbiased" if estimators.get(n).unbiased else "biased"  # may depend on options
         out.append(f"  {n:<18} [{fams}] {flag}; {c.paper}")
-        for k, o in c.options.items():
-            out.append(f"      {k} = {o.default!r}  {o.doc}")
+        if c.exceeds_budget:
+            out.append(f"      (not held to the budget: {c.exceeds_budget})")
+        out.extend(_option_lines(c))
     skipped = {**tasks.skipped(), **estimators.skipped()}
     if skipped:
         out.append("")
@@ -312,6 +448,7 @@ def cmd_list(args) -> int:
                       for n in tasks.available()},
             "estimators": {n: {"families": sorted(estimators.get_class(n).families),
                                "unbiased": estimators.get(n).unbiased,
+                               "exceeds_budget": estimators.get_class(n).exceeds_budget,
                                "options": {k: o.default for k, o in estimators.get_class(n).options.items()}}
                            for n in estimators.available()},
             "skipped": skipped,
@@ -332,6 +469,10 @@ def _budget_arguments(r) -> None:
     r.add_argument("--measure-samples", dest="measure_samples",
                    help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
     r.add_argument("--threads", help="intra-op CPU threads per cell (default 1; parallelise with -j)")
+    r.add_argument("--cell-timeout", dest="cell_timeout", metavar="SECONDS",
+                   help="stop a cell after this long and record it as failed (0: no limit; default "
+                        + ", ".join(f"{int(v)} s for the {k} budget"
+                                    for k, v in sweep.DEFAULT_CELL_TIMEOUT.items()) + ")")
     r.add_argument("--force", action="store_true", help="recompute cells already in --out")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     executors.add_cli_arguments(r)
@@ -354,14 +495,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rk = sub.add_parser("rank", help="check a new estimator, run it where it applies, show its rank")
     rk.add_argument("target", help="file.py:ClassName, file.py (one estimator class), or a registered name")
-    rk.add_argument("--out", default=str(Path("results") / "reference"),
-                    help="the result set whose cells are reused and extended (default results/reference)")
+    rk.add_argument("--reference", default=str(Path("results") / "reference"),
+                    help="the result set ranked against; its cells are reused, and it is only read "
+                         "(default results/reference)")
+    rk.add_argument("--out", help="where to write the run (default results/runs/rank-NAME-<timestamp>); "
+                                  "cells of --reference are copied in")
+    rk.add_argument("--in-place", dest="in_place", action="store_true",
+                    help="allow --out to be the --reference folder itself, extending it there")
     rk.add_argument("--tasks", help="comma-separated tasks (default: every compatible task)")
-    rk.add_argument("--seeds", help="seeds (default: those of --out's previous runs, else 0,1,2)")
+    rk.add_argument("--seeds", help="seeds (default: those of --reference, else 0,1,2)")
     rk.add_argument("--budget", choices=["quick", "standard"],
-                    help="named budget (default: that of --out's previous runs, else quick)")
+                    help="named budget (default: that of --reference, else quick)")
     _budget_arguments(rk)
-    rk.add_argument("--no-report", action="store_true", help="do not rebuild the report of --out")
+    rk.add_argument("--no-report", action="store_true", help="do not write the report of --out")
     rk.set_defaults(func=cmd_rank)
 
     ls = sub.add_parser("list", help="show every task and estimator with its options and defaults")

@@ -3,8 +3,12 @@
     estbench report  RUN_DIR [--out DIR]
     estbench compare RUN_A RUN_B [--threshold 0.1] [--json]
 
-``compare`` exits 1 when some metric got worse beyond the threshold and outside the seed-to-seed
-noise (for CI), 0 otherwise; bad input (a missing folder, no results) is one line and exit 2.
+``compare``'s exit status is a bit mask for CI: 1 when a quality metric (final ELBO, bias,
+variance, status: a cell that finished in A failed or diverged in B) got worse beyond the threshold
+and outside the seed-to-seed noise, 4 when the step time did (a speed regression only), 5 for both
+(1 | 4), 0 for none.  Step times are judged only between cells timed in the same environment (CPU,
+CUDA device, threads, jobs); otherwise they are "not comparable", never a regression.  Bad input
+(a missing folder, no results) is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -72,17 +76,19 @@ def cmd_compare(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            df, regressed = comp.compare(a, b, threshold)
+            df, quality, speed = comp.compare(a, b, threshold)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
+    code = comp.exit_code(quality, speed)
     if args.json:
         rows = json.loads(df.to_json(orient="records"))
         print(json.dumps({"run_a": str(a), "run_b": str(b), "threshold": threshold,
-                          "regressed": regressed, "rows": rows}, indent=1))
+                          "regressed": quality or speed, "regressed_quality": quality,
+                          "regressed_speed": speed, "exit_code": code, "rows": rows}, indent=1))
     else:
         print(f"A = {a}\nB = {b}\n")
         print(comp.render(df, threshold), end="")
-    return 1 if regressed else 0
+    return code
 
 
 def add_parsers(subparsers) -> None:
@@ -94,7 +100,11 @@ def add_parsers(subparsers) -> None:
     r.set_defaults(func=cmd_report)
 
     c = subparsers.add_parser("compare", help="what changed between two results folders; exit 1 "
-                                              "on a regression beyond --threshold")
+                                              "on a quality regression (final ELBO, bias, "
+                                              "variance, status) beyond --threshold, 4 on a "
+                                              "step-time regression only, 5 on both, 2 on bad "
+                                              "input; step times timed in different environments "
+                                              "are not compared")
     c.add_argument("run_a", metavar="RUN_A", help="the baseline results folder")
     c.add_argument("run_b", metavar="RUN_B", help="the results folder to check against it")
     c.add_argument("--threshold", default="0.1",

@@ -7,7 +7,20 @@ when a Welch t-test across the seeds gives p < 0.05 (variance and bias tested on
 seed-to-seed spread is roughly symmetric), or, with fewer than two seeds on either side, when the
 relative change exceeds the threshold.  A *regression* is a change for the worse (ELBO lower;
 variance, bias, time higher) by more than the threshold (relative) AND outside the noise.  A cell
-that finished in A but failed or diverged in B is a regression too.
+that finished in A but failed or diverged in B is a regression too.  Only finished cells (status
+``ok``) are compared: a failed or diverged cell's partial checkpoint records are no measurement
+(``estbench.table.finished``); such cells count in the ``status`` row.
+
+Step times depend on the machine as much as on the code: they are compared only when every
+finished cell of the (task, estimator, device) in A and in B was timed in the same environment
+(the ``env`` of its status row: CPU model, CUDA device, intra-op threads, parallel jobs).
+Otherwise the step-time row is marked "not comparable: <what differs>" -- neither outside the
+noise nor a regression; cells of older runs, which did not record it, are "not comparable:
+timing environment not recorded".
+
+Quality (final ELBO, bias, variance, status) and speed (step time) regressions are told apart:
+``compare`` returns both flags, and ``estbench compare`` exits with a bit mask of them -- 0 none,
+1 a quality regression, 4 a speed regression only, 5 both (1 | 4); 2 stays for usage errors.
 """
 from __future__ import annotations
 
@@ -18,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from estbench import store
+from estbench import store, table
 
 ALPHA = 0.05
 #: metric -> (per-cell column, higher is better, test on log10)
@@ -30,6 +43,16 @@ METRICS = {
 }
 COLUMNS = ["task", "estimator", "device", "metric", "a", "b", "change", "rel_change", "p_value",
            "seeds_a", "seeds_b", "outside_noise", "worse", "regressed", "note"]
+#: metrics whose regression is one of speed (exit bit 4); every other one is of quality (bit 1)
+SPEED_METRICS = frozenset({"step_ms"})
+#: the fields of a cell's timing environment (``env`` in its status row), as named in notes
+ENV_FIELDS = {"cpu": "CPU", "cuda_device": "CUDA device", "threads": "threads", "jobs": "jobs"}
+NOT_RECORDED = "timing environment not recorded"
+
+
+def exit_code(quality_regressed: bool, speed_regressed: bool) -> int:
+    """``estbench compare``'s exit status: 1 quality regression | 4 speed regression (5: both)."""
+    return (1 if quality_regressed else 0) | (4 if speed_regressed else 0)
 
 
 def _load(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -40,9 +63,36 @@ def _load(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     records, cells = store.load(run_dir)
     if records.empty:
         raise ValueError(f"no results in {run_dir} (no cell records under {run_dir / 'cells'})")
-    budgets = (records.groupby(["task", "estimator", "device"])[["steps", "n_samples"]]
-               .apply(lambda d: sorted(set(zip(d.steps, d.n_samples)))).to_dict())
+    records = table.finished(records, cells)  # failed / diverged cells count in 'status' only
+    budgets = {key: sorted(set(zip(d.steps, d.n_samples)))
+               for key, d in records.groupby(["task", "estimator", "device"])}
     return per_cell(records), cells, budgets
+
+
+def _envs(cells: pd.DataFrame) -> dict:
+    """(task, estimator, device) -> the timing environments of its finished cells: a list of
+    dicts, None for a cell that recorded none (an older run)."""
+    if cells is None or cells.empty or "status" not in cells:
+        return {}
+    ok = cells[cells.status == "ok"]
+    env = ok["env"] if "env" in ok else pd.Series([None] * len(ok), index=ok.index)
+    out: dict = {}
+    for key, e in zip(zip(ok.task, ok.estimator, ok.device), env):
+        out.setdefault(key, []).append(e if isinstance(e, dict) else None)
+    return out
+
+
+def _env_difference(envs_a, envs_b) -> str:
+    """'' when every cell of A and B was timed in one same environment, else what differs."""
+    if not envs_a or not envs_b or any(e is None for e in [*envs_a, *envs_b]):
+        return NOT_RECORDED
+    diffs = []
+    for f, name in ENV_FIELDS.items():
+        va = sorted({str(e.get(f)) for e in envs_a})
+        vb = sorted({str(e.get(f)) for e in envs_b})
+        if va != vb or len(va) > 1:
+            diffs.append(f"{name} {'/'.join(va)} in A vs {'/'.join(vb)} in B")
+    return "; ".join(diffs)
 
 
 def _bad_cells(cells: pd.DataFrame) -> dict:
@@ -74,24 +124,29 @@ def _budget_text(budgets) -> str:
 
 
 def compare(run_a, run_b, threshold: float = 0.1, alpha: float = ALPHA, atol: float = 1e-6
-            ) -> tuple[pd.DataFrame, bool]:
-    """The long comparison table (columns ``COLUMNS``) and whether anything regressed."""
+            ) -> tuple[pd.DataFrame, bool, bool]:
+    """The long comparison table (columns ``COLUMNS``), whether the quality regressed (final
+    ELBO, bias, variance, status) and whether the speed regressed (step time); see the module
+    docstring and ``exit_code``."""
     if not threshold >= 0:
         raise ValueError(f"threshold must be a non-negative relative change, got {threshold}")
     pa, cells_a, budgets_a = _load(run_a)
     pb, cells_b, budgets_b = _load(run_b)
     bad_a, bad_b = _bad_cells(cells_a), _bad_cells(cells_b)
+    env_a, env_b = _envs(cells_a), _envs(cells_b)
     keys = ["task", "estimator", "device"]
     ga = dict(list(pa.groupby(keys, sort=True)))
     gb = dict(list(pb.groupby(keys, sort=True)))
+    # in a run: some cell finished, failed or diverged there (infeasible ones never ran)
+    in_a, in_b = set(ga) | set(bad_a), set(gb) | set(bad_b)
     rows = []
-    for key in sorted(set(ga) | set(gb)):
+    for key in sorted(in_a | in_b):
         base = dict(zip(keys, key))
-        if key not in ga or key not in gb:
-            rows.append({**base, "metric": "", "note": "only in A" if key in ga else "only in B",
+        if key not in in_a or key not in in_b:
+            rows.append({**base, "metric": "", "note": "only in A" if key in in_a else "only in B",
                          "outside_noise": False, "worse": False, "regressed": False})
             continue
-        da, db = ga[key], gb[key]
+        da, db = ga.get(key, pa.iloc[0:0]), gb.get(key, pb.iloc[0:0])
         nba, nbb = bad_a.get(key, 0), bad_b.get(key, 0)
         ba, bb = budgets_a.get(key), budgets_b.get(key)
         budget_note = "" if ba == bb else (
@@ -121,12 +176,20 @@ def compare(run_a, run_b, threshold: float = 0.1, alpha: float = ALPHA, atol: fl
             worse_by = -rel if higher else rel  # > 0: worse
             worse = worse_by > 0
             regressed = bool(worse_by > threshold and outside)
+            if metric in SPEED_METRICS:
+                differs = _env_difference(env_a.get(key), env_b.get(key))
+                if differs:  # timed on different machines or loads: no verdict
+                    rows.append({**row, "a": a, "b": b, "change": change, "rel_change": rel,
+                                 "p_value": math.nan, "outside_noise": False, "worse": False,
+                                 "regressed": False, "note": f"not comparable: {differs}"})
+                    continue
             rows.append({**row, "a": a, "b": b, "change": change, "rel_change": rel, "p_value": p,
                          "outside_noise": bool(outside), "worse": bool(worse),
                          "regressed": regressed})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = df.astype({"outside_noise": bool, "worse": bool, "regressed": bool})
-    return df, bool(df.regressed.any())
+    speed = df.metric.isin(SPEED_METRICS)
+    return df, bool(df.regressed[~speed].any()), bool(df.regressed[speed].any())
 
 
 def _g(v, spec=".4g") -> str:
@@ -169,8 +232,12 @@ def render(df: pd.DataFrame, threshold: float | None = None) -> str:
                              f"{rel:>9} {_g(r.p_value, '.3f'):>7}  {flag}")
         lines.append("")
     n_reg = int(df.regressed.sum())
+    n_speed = int(df.regressed[df.metric.isin(SPEED_METRICS)].sum())
     n_out = int(df.outside_noise.sum())
+    n_nc = int(df.note.fillna("").astype(str).str.startswith("not comparable").sum())
     thr = f" beyond {threshold:.0%}" if threshold is not None else ""
     lines.append(f"{n_out} change(s) outside the seed-to-seed noise (!); {n_reg} regression(s)"
-                 f"{thr} (REGRESSED).")
+                 f"{thr} (REGRESSED): {n_reg - n_speed} of quality, {n_speed} of step time."
+                 + (f" {n_nc} step time(s) not comparable (timed in different environments)."
+                    if n_nc else ""))
     return "\n".join(lines) + "\n"

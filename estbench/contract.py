@@ -8,24 +8,11 @@ from __future__ import annotations
 import torch
 
 import estimators
+from estbench.budget import EvaluationCounter
+from estbench.plugins import NAME_PATTERN
 from estbench.problems import budget_for, estimates, problem, z_scores
 
 Z_TOL = 4.5
-
-
-class CountingF:
-    """Wraps f and counts its evaluations per batch element (over every call and leading dim)."""
-
-    def __init__(self, f, batch_shape, event_ndims):
-        self.f, self.batch_shape, self.event_ndims, self.count = f, batch_shape, event_ndims, 0
-
-    def __call__(self, z):
-        lead = z.shape[: z.dim() - len(self.batch_shape) - self.event_ndims]
-        n = 1
-        for s in lead:
-            n *= s
-        self.count += n
-        return self.f(z)
 
 
 def check_declarations(cls) -> list[str]:
@@ -33,8 +20,9 @@ def check_declarations(cls) -> list[str]:
     out = []
     if not (isinstance(cls, type) and issubclass(cls, estimators.Estimator)):
         return [f"{cls!r} is not a subclass of estimators.Estimator"]
-    if not cls.name or cls.name != cls.name.lower() or " " in cls.name:
-        out.append(f"`name` must be a non-empty lower_snake_case string, got {cls.name!r}")
+    if not isinstance(cls.name, str) or not NAME_PATTERN.match(cls.name):
+        out.append(f"`name` must be lower_snake_case (letters, digits, underscores, a letter first: "
+                   f"what `estbench run --estimators` can parse), got {cls.name!r}")
     fams = set(cls.families)
     if not fams or not fams <= set(estimators.FAMILIES):
         out.append(f"`families` must be a non-empty subset of {list(estimators.FAMILIES)}, got {sorted(fams)}")
@@ -52,9 +40,9 @@ def check_estimate(est, family: str, device="cpu", dtype=torch.float32) -> list[
     prob = problem(family, dtype=dtype, device=device)
     leaves, dist = prob.replicate(1)
     n = budget_for(est, dist=dist)
-    counted = CountingF(prob.f, dist.batch_shape, len(dist.event_shape))
+    counter = EvaluationCounter()
     try:
-        e = est.estimate(dist, counted, n)
+        e = est.estimate(dist, counter.wrap(prob.f, dist), n)
     except Exception as exc:
         return [f"estimate() raised on a {family} problem with n_samples={n}: {type(exc).__name__}: {exc}"]
     out = []
@@ -77,9 +65,9 @@ def check_estimate(est, family: str, device="cpu", dtype=torch.float32) -> list[
         out.append(f"value is on {v.device}, the distribution on {device}")
     if not isinstance(e.n_evals, int) or e.n_evals < 1:
         out.append(f"n_evals must be a positive int, got {e.n_evals!r}")
-    elif counted.count != e.n_evals:
+    elif counter.count != e.n_evals:
         out.append(f"n_evals reports {e.n_evals} f-evaluations per batch element but f was evaluated "
-                   f"{counted.count} times")
+                   f"{counter.count} times")
     if not out:
         grads = torch.autograd.grad(s, list(leaves.values()), allow_unused=True)
         if all(g is None for g in grads):

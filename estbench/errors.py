@@ -45,6 +45,14 @@ class BudgetError(InfeasibleError):
     not a multiple)."""
 
 
+class FamilyError(ValueError):
+    """A distribution outside the families an estimator (or estbench) supports."""
+
+
+class Diverged(Exception):
+    """A non-finite surrogate, gradient or final figure: the cell is recorded as diverged."""
+
+
 class OverBudgetError(RuntimeError):
     """An estimator spent more f-evaluations than the budget (counted by the harness): the cell is
     recorded as failed, with both numbers."""

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from estbench import store
-from estbench.errors import ConfigError, WorkerError
+from estbench.errors import ConfigError, WorkerError  # noqa: F401 (WorkerError re-exported)
 from estbench.train import Cell, CellResult, run_cell
 
 BACKENDS = ("loky", "submitit", "dask")
@@ -60,10 +60,28 @@ SUBMITIT_CLUSTERS = ("debug", "local", "slurm", "auto")
 # ----------------------------------------------------------------------------- the worker side
 
 def _gpu_index(device: str) -> str:
-    """The physical GPU behind ``device`` on this machine (honours CUDA_VISIBLE_DEVICES)."""
-    local = int(device.split(":", 1)[1]) if ":" in device else 0
+    """The physical GPU behind ``device`` on this machine (honours CUDA_VISIBLE_DEVICES).
+
+    A name, not always a number: CUDA_VISIBLE_DEVICES may list GPU UUIDs or MIG instances
+    (``MIG-GPU-<uuid>/1/0``, ``MIG-<uuid>``), and a device not of the form ``cuda:<int>`` is
+    taken as the name it gives."""
+    local = str(device).split(":", 1)[1].strip() if ":" in str(device) else "0"
+    try:
+        index = int(local)
+    except ValueError:
+        return local
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return visible[local] if local < len(visible) else str(local)
+    return visible[index] if 0 <= index < len(visible) else str(index)
+
+
+def _lock_name(gpu: str) -> str:
+    """``gpu`` as a safe file-name part: anything outside [A-Za-z0-9_.-] becomes '_'."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", gpu) or "_"
+    if len(safe) > 100:  # stay far below NAME_MAX; the hash keeps long names apart
+        import hashlib
+
+        safe = safe[:80] + "-" + hashlib.sha1(gpu.encode()).hexdigest()[:12]
+    return safe
 
 
 @contextlib.contextmanager
@@ -80,7 +98,7 @@ def gpu_slot(device: str, slots: int = 1, lock_dir: Optional[str] = None, poll: 
     import fcntl
 
     lock_dir = Path(lock_dir or tempfile.gettempdir())
-    gpu = _gpu_index(str(device))
+    gpu = _lock_name(_gpu_index(str(device)))
     paths = [lock_dir / f"estbench-gpu{gpu}-slot{k}.lock" for k in range(int(slots))]
     while True:
         for path in paths:
@@ -106,7 +124,7 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: 
     Returns ``(cell, result)``; ``result`` is None when the cell's record appeared in the meantime
     (another worker, machine or restarted sweep finished it), in which case nothing is recomputed.
     """
-    if not force and store.has_cell(Path(run_dir), cell.key()):
+    if not force and store.has_cell(Path(run_dir), cell.key(), report=False):  # the sweep reported it
         return cell, None
     if threads:  # run_cell reads it (estbench.train.cpu_threads); otherwise inherited from the parent
         os.environ["ESTBENCH_THREADS"] = str(int(threads))
@@ -301,7 +319,17 @@ class DaskExecutor(Executor):
         kw = self.client_kwargs(gpu_cells)
         own = "address" not in kw
         threads = self.threads_per_cell
-        client = Client(**kw)
+        try:
+            client = Client(**kw)
+        except (TypeError, ValueError) as exc:  # a dask_* key Client does not take, or a bad value
+            text = str(exc).strip().splitlines()
+            raise ConfigError(f"parallel config: dask.distributed.Client rejected its dask_* options "
+                              f"{kw}: {type(exc).__name__}: {text[0] if text else ''}") from None
+        except OSError as exc:  # no scheduler at dask_address (a TimeoutError), or no free port
+            text = str(exc).strip().splitlines()
+            where = f"dask cluster at {kw['address']}" if "address" in kw else "a local dask cluster"
+            raise ConfigError(f"parallel config: cannot start or reach {where}: "
+                              f"{type(exc).__name__}: {text[0] if text else ''}") from None
         try:
             if gpu_cells and not own:
                 res = [w.get("resources", {}) for w in client.scheduler_info()["workers"].values()]
@@ -340,6 +368,25 @@ def _submitit_params() -> set[str]:
     return generic | slurm
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+#: the dask.distributed.Client / LocalCluster options of known type (``dask_`` + the name), as
+#: (what the error says, check); the other ``dask_*`` keys are passed through unchecked
+DASK_TYPES = {
+    "dask_n_workers": ("a positive integer", _positive_int),
+    "dask_threads_per_worker": ("a positive integer", _positive_int),
+    "dask_processes": ("true or false", lambda v: isinstance(v, bool)),
+    "dask_address": ("a string (tcp://host:port)", lambda v: isinstance(v, str) and v.strip() != ""),
+    "dask_dashboard_address": ("a string (:8787, or null for none)",
+                               lambda v: v is None or isinstance(v, str)),
+    "dask_memory_limit": ("a string (4GB, auto), a number of bytes, or null",
+                          lambda v: v is None or isinstance(v, str)
+                          or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)),
+}
+
+
 def _check(config: dict, where: str) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: expected a mapping of options (backend: ...), got "
@@ -352,7 +399,7 @@ def _check(config: dict, where: str) -> dict:
     for k in config:
         if k in allowed:
             continue
-        if backend == "dask" and k.startswith("dask_"):
+        if backend == "dask" and isinstance(k, str) and k.startswith("dask_"):
             continue
         if backend == "submitit" and k in _submitit_params():
             continue
@@ -361,13 +408,24 @@ def _check(config: dict, where: str) -> dict:
         hint = {"loky": "", "dask": "; Client options start with dask_",
                 "submitit": "; Slurm options start with slurm_ (submitit's names: slurm_partition, "
                             "slurm_time, slurm_gpus_per_node, slurm_array_parallelism, ...)"}[backend]
-        raise ConfigError(f"{where}: unknown key(s) for backend {backend!r}: {', '.join(sorted(unknown))}"
+        raise ConfigError(f"{where}: unknown key(s) for backend {backend!r}: {', '.join(sorted(map(str, unknown)))}"
                           f" (known: {', '.join(sorted(allowed))}{hint})")
     for k in ("n_jobs", "cells_per_gpu", "threads_per_cell", "gpus_per_cell"):
         v = config.get(k)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool)
                               or (v < 1 and not (k == "n_jobs" and v == -1))):
             raise ConfigError(f"{where}: {k} must be a positive integer, got {v!r}")
+    v = config.get("poll_interval")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                          or not 0 < v < float("inf")):
+        raise ConfigError(f"{where}: poll_interval must be a positive number of seconds, got {v!r}")
+    if backend == "dask":
+        for k, v in config.items():
+            if k not in DASK_TYPES:
+                continue  # other dask_* keys go to Client as they are
+            kind, check = DASK_TYPES[k]
+            if not check(v):
+                raise ConfigError(f"{where}: {k} must be {kind}, got {v!r}")
     if backend == "submitit" and config.get("cluster", "slurm") not in SUBMITIT_CLUSTERS:
         raise ConfigError(f"{where}: cluster must be one of {', '.join(SUBMITIT_CLUSTERS)}, "
                           f"got {config.get('cluster')!r}")
@@ -380,9 +438,12 @@ def load_config(path) -> dict:
 
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read parallel config {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"parallel config {path} is not UTF-8 text (byte {exc.start}: "
+                          f"{exc.reason}); save it as UTF-8 YAML") from None
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:

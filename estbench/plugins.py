@@ -76,6 +76,11 @@ class OpenInterval(constraints.Constraint):
 open_interval = OpenInterval
 
 
+def integer_at_least(k: int):
+    """Integers >= k (torch.distributions' own class behind ``positive_integer``)."""
+    return constraints._IntegerGreaterThan(k)
+
+
 @dataclass(frozen=True)
 class Option:
     """A declared option of an estimator or task: its default, a one-line description, and what

@@ -24,7 +24,12 @@ from estbench.errors import RankError
 def load_target(target: str) -> type:
     """The Estimator class named by ``target``; registers it if it came from a file."""
     path_part, _, cls_name = target.partition(":")
-    if path_part.endswith(".py") or "/" in path_part or Path(path_part).suffix == ".py":
+    if not path_part.endswith(".py") and (Path(path_part).is_file() or ":" in target):
+        hint = f" (did you mean {path_part}.py{':' + cls_name if cls_name else ''}?)" \
+            if Path(path_part + ".py").is_file() else ""
+        raise RankError(f"rank target {target!r}: a file is named with its .py ending "
+                        f"(file.py or file.py:ClassName), an estimator by its registered name{hint}")
+    if path_part.endswith(".py") or "/" in path_part:
         path = Path(path_part)
         if not path.is_file():
             raise RankError(f"no estimator file at {path}")
@@ -58,6 +63,35 @@ def load_target(target: str) -> type:
         return estimators.get_class(target)
     except ValueError as exc:
         raise RankError(str(exc)) from None
+
+
+def reuse_cells(plan, reference: Path, out: Path) -> int:
+    """Copy into ``out`` the cells of ``plan`` that the reference set already holds (a hard link
+    where the file system allows, else a copy): the reference folder is only read.  Returns how
+    many were reused; a damaged reference file is not copied (the cell is recomputed)."""
+    import os
+    import shutil
+
+    from estbench import store
+
+    reference, out = Path(reference), Path(out)
+    if not (reference / "cells").is_dir():
+        return 0
+    n = 0
+    for cell in plan.cells:
+        key = cell.with_code().key()
+        src, dst = store.cell_path(reference, key), store.cell_path(out, key)
+        if dst.exists() or not store.has_cell(reference, key):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.reuse")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        n += 1
+    return n
 
 
 def check_target(cls) -> None:

@@ -164,12 +164,49 @@ def run_metadata(argv: list[str] | None = None) -> dict:
     }
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: ``os.umask`` can only read it by
+    setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split(":", 1)[1].strip(), 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def _fsync(path, directory: bool = False) -> None:
+    """Flush ``path`` to the disk; best effort for a directory (not every file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills a temp file beside it, which is
+    flushed to the disk and renamed over ``path``.  The file gets the permissions of an ordinary
+    new file (0o666 less the umask), not mkstemp's 0o600, so a shared results folder stays
+    readable to the colleagues the umask allows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)  # the data is on the disk before the name points at it
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -177,6 +214,28 @@ def _atomic_write(path: Path, write) -> None:
         except OSError:
             pass
         raise
+    _fsync(path.parent, directory=True)  # ... and so is the rename
+
+
+def writable(run_dir) -> bool:
+    """Whether new files can be created in the results folder ``run_dir`` (and its ``cells/``).
+
+    Tried, not asked: ``os.access`` answers yes to root on a read-only mount.  False for a folder
+    that does not exist."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "cells"):
+        if folder is not run_dir and not folder.is_dir():
+            continue
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".estbench-probe.", suffix=".tmp", dir=folder)
+        except OSError:
+            return False
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    return True
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
@@ -189,16 +248,71 @@ def cell_path(run_dir: Path, key: str) -> Path:
     return Path(run_dir) / "cells" / f"{key}.parquet"
 
 
-def has_cell(run_dir: Path, key: str) -> bool:
-    """Whether the cell ``key`` is stored in ``run_dir`` (and so is not recomputed)."""
-    return cell_path(run_dir, key).exists()
+def cell_damage(path: Path, key: str | None = None) -> str | None:
+    """Why the cell file ``path`` is not a usable record (None when it is one).
+
+    Cheap: reads only the Parquet footer (schema and metadata), never the records, so a truncated,
+    garbled or foreign file is caught, not a bit flipped inside the data pages."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # ArrowInvalid (not Parquet, truncated), OSError (unreadable), ...
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else 'unreadable'}"
+    meta = schema.metadata or {}
+    if _CELL_KEY not in meta:
+        return "a Parquet file without estbench cell metadata"
+    missing = [c for c in RECORD_COLUMNS if c not in schema.names]
+    if missing:
+        return f"missing record column(s) {', '.join(missing)}"
+    try:
+        row = json.loads(meta[_CELL_KEY])
+    except ValueError:
+        return "malformed estbench cell metadata"
+    if not isinstance(row, dict) or "status" not in row:
+        return "malformed estbench cell metadata"
+    if key is not None and row.get("key", key) != key:
+        return f"it holds cell {row.get('key')!r}"
+    return None
+
+
+_REPORTED_DAMAGE: set = set()
+
+
+def has_cell(run_dir: Path, key: str, report: bool = True) -> bool:
+    """Whether the cell ``key`` is stored in ``run_dir`` (and so is not recomputed).
+
+    A damaged cell file (truncated, unreadable, not an estbench record) is not a stored cell: it is
+    recomputed and rewritten, and ``report`` prints one line naming it (once per file)."""
+    path = cell_path(run_dir, key)
+    if not path.exists():
+        return False
+    why = cell_damage(path, key)
+    if why is None:
+        return True
+    if report:
+        try:
+            st = path.stat()
+            ident = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        except OSError:
+            ident = (str(path), None, None)
+        if ident not in _REPORTED_DAMAGE:
+            _REPORTED_DAMAGE.add(ident)
+            print(f"estbench: damaged cell file {path} ({why}): recomputing it", file=sys.stderr,
+                  flush=True)
+    return False
 
 
 def write_cell(run_dir: Path, key: str, result) -> Path:
     """Write one finished cell's records atomically; returns the path."""
     table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
+    from estbench.train import cpu_threads  # lazy: train imports the plug-in packages
+
+    cuda = str(result.cell.device).startswith("cuda") and torch.cuda.is_available()
+    # where the cell's time was measured: compare only compares step times measured alike
+    env = {"cpu": _cpu_model(), "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+           "threads": cpu_threads(), "jobs": int(os.environ.get("ESTBENCH_JOBS", "1"))}
     row = {**result.summary_row(), "key": key, "code_version": cell_code_version(result.cell),
-           "finished": time.time(), "artifacts": result.artifacts}
+           "finished": time.time(), "artifacts": result.artifacts, "env": env}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            _CELL_KEY: json.dumps(row).encode()})
     path = cell_path(run_dir, key)
@@ -271,7 +385,7 @@ def load(run_dir, latest_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]
                  .drop_duplicates(CELL_IDENTITY, keep="last").drop(columns="_order")
                  .sort_index())
     keep = set(cells["key"]) if len(cells) else set()
-    frames = [f for f in frames if f["_key"].iat[0] in keep] if frames else []
+    frames = [f for f in frames if len(f) and f["_key"].iat[0] in keep] if frames else []
     records = (pd.concat(frames, ignore_index=True).drop(columns="_key") if frames
                else records_frame([]))
     return records, cells.reset_index(drop=True)

@@ -11,6 +11,7 @@ import estimators
 import tasks
 from estbench import store
 from estbench.budget import Budget
+from estbench.errors import SpecError
 from estbench.spec import Spec
 from estbench.train import Cell, CellResult
 
@@ -31,6 +32,20 @@ def check_spec(kind: str, spec: Spec):
     return estimators.get(spec.name, **spec.options)
 
 
+def _canonical(kind: str, specs: Iterable[Spec]) -> dict:
+    """Instantiate each spec once and key it by its canonical display name: ``toy_binary``,
+    ``toy_binary[]`` and ``toy_binary[t=0.45]`` (the default) are one configuration, one cell."""
+    out, given = {}, {}
+    for spec in specs:
+        obj = check_spec(kind, spec)
+        name = obj.display_name
+        if name in out:
+            raise SpecError(f"{kind} {str(spec)!r} is the same configuration as {given[name]!r} "
+                            f"({name!r}); list it once")
+        out[name], given[name] = obj, str(spec)
+    return out
+
+
 def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> Budget:
     """The budget of a task: Budget defaults < the task's named budget < explicit overrides."""
     if name not in task.budgets:
@@ -38,14 +53,22 @@ def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> 
     return Budget(**{**task.budgets[name], **(overrides or {})})
 
 
+#: default time limit of one cell per named budget, in seconds (``--cell-timeout`` overrides it):
+#: the slowest quick cell takes about 12 minutes here, a standard one hours on a CPU
+DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0}
+
+
 def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterable[int],
            devices: Iterable[str], budget: "Budget | str" = "quick",
-           overrides: Optional[dict] = None) -> Plan:
+           overrides: Optional[dict] = None, timeout: Optional[float] = None) -> Plan:
     """All cells of a selection.  ``budget`` is a Budget used for every task, or the name of each
-    task's own budget ("quick", "standard") with ``overrides`` (e.g. steps from the command line)."""
-    task_specs, est_specs = list(task_specs), list(est_specs)
-    task_objs = {str(t): check_spec("task", t) for t in task_specs}
-    est_objs = {str(e): check_spec("estimator", e) for e in est_specs}
+    task's own budget ("quick", "standard") with ``overrides`` (e.g. steps from the command line).
+    ``timeout``: seconds a cell may run (0: no limit); default ``DEFAULT_CELL_TIMEOUT`` of the named
+    budget (no limit for an explicit Budget)."""
+    if timeout is None:
+        timeout = 0.0 if isinstance(budget, Budget) else DEFAULT_CELL_TIMEOUT.get(budget, 0.0)
+    task_objs = _canonical("task", task_specs)
+    est_objs = _canonical("estimator", est_specs)
     plan = Plan([])
     usable = []
     for d in devices:
@@ -61,7 +84,7 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
                 continue
             for dev in usable:
                 for seed in seeds:
-                    plan.cells.append(Cell(t, e, int(seed), dev, b))
+                    plan.cells.append(Cell(t, e, int(seed), dev, b, timeout=float(timeout)))
     return plan
 
 

@@ -12,6 +12,28 @@ import pandas as pd
 
 SUMMARY_METRICS = ["final_elbo", "bias", "variance", "cosine", "step_time", "n_evals", "diverged"]
 
+#: the columns of a record that identify its cell (those a cell's status row shares with it)
+RECORD_CELL_IDENTITY = ["task", "estimator", "seed", "device", "n_samples", "steps"]
+#: the cell statuses that are not a finished cell: listed apart, never ranked or tabulated
+PROBLEM_STATUSES = ("failed", "diverged", "infeasible")
+
+
+def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
+    """The records of the cells that finished (status ``ok``) only.
+
+    A failed or diverged cell keeps the checkpoint records it made before it stopped; they are no
+    measurement of the estimator, so rankings, tables, plots and comparisons must not see them.
+    Joined with the status rows of ``store.load`` on ``RECORD_CELL_IDENTITY``.  Without status
+    rows (``cells`` None) the records are returned as they are; with an empty frame, none.
+    """
+    if cells is None:
+        return records
+    if records.empty or cells.empty or "status" not in cells:
+        return records.iloc[0:0]
+    ok = cells.loc[cells.status == "ok", RECORD_CELL_IDENTITY].drop_duplicates()
+    ok = ok.astype({c: records[c].dtype for c in RECORD_CELL_IDENTITY})
+    return records.merge(ok, on=RECORD_CELL_IDENTITY, how="inner")[list(records.columns)]
+
 
 def per_cell(records: pd.DataFrame) -> pd.DataFrame:
     """One row per cell (index task, estimator, seed, device), a column per summary metric: the
@@ -64,6 +86,7 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
     if cells is not None and not cells.empty:
         for status, title in [("infeasible", "not run (infeasible: the budget does not fit the estimator's units, or the "
                                "problem is too large for it):"),
+                              ("diverged", "diverged cells (left out of the table):"),
                               ("failed", "failed cells:")]:
             bad = cells[cells.status == status]
             if len(bad):

@@ -35,7 +35,7 @@ import torch
 import estimators
 import tasks
 from estbench.budget import Budget, EvaluationCounter, over_budget_message
-from estbench.errors import CellTimeout, InfeasibleError, OverBudgetError
+from estbench.errors import CellTimeout, Diverged, InfeasibleError, OverBudgetError
 from estbench.measure import measure
 from estbench.spec import parse
 
@@ -180,6 +180,12 @@ def cpu_threads() -> int:
         return 1
 
 
+def _identity(cell: Cell) -> dict:
+    """The identifying columns of every record of a cell (store.RECORD_COLUMNS before step)."""
+    return {"task": cell.task, "estimator": cell.estimator, "seed": cell.seed,
+            "device": cell.device, "n_samples": cell.budget.n_samples, "steps": cell.budget.steps}
+
+
 def run_cell(cell: Cell) -> CellResult:
     """Run one cell; never raises for estimator/task failures (they become a 'failed' status),
     nor for a cell past its time limit."""
@@ -191,6 +197,8 @@ def run_cell(cell: Cell) -> CellResult:
             return _run_cell(cell, t_start)
     except CellTimeout:
         res = CellResult(cell, "failed", error=f"timed out after {cell.timeout:g} s (--cell-timeout)")
+        res.records.append({**_identity(cell), "step": cell.budget.steps, "metric": "diverged",
+                            "value": 0.0})
         res.seconds = time.perf_counter() - t_start
         return res
     finally:
@@ -199,15 +207,14 @@ def run_cell(cell: Cell) -> CellResult:
 
 def _run_cell(cell: Cell, t_start: float) -> CellResult:
     res = CellResult(cell, "ok")
-    base = {"task": cell.task, "estimator": cell.estimator, "seed": cell.seed,
-            "device": cell.device, "n_samples": cell.budget.n_samples, "steps": cell.budget.steps}
+    base = _identity(cell)
 
     def rec(step: int, metric: str, value: float) -> None:
         res.records.append({**base, "step": int(step), "metric": metric, "value": float(value)})
 
     try:
         _train(cell, rec, res.artifacts)
-    except _Diverged as d:
+    except Diverged as d:
         res.status = "diverged"
         res.error = str(d)
     except InfeasibleError as exc:  # budget units or problem size do not fit
@@ -222,10 +229,6 @@ def _run_cell(cell: Cell, t_start: float) -> CellResult:
     rec(cell.budget.steps, "diverged", 1.0 if res.status == "diverged" else 0.0)
     res.seconds = time.perf_counter() - t_start
     return res
-
-
-class _Diverged(Exception):
-    pass
 
 
 def _train(cell: Cell, rec, artifacts: dict) -> None:
@@ -284,7 +287,7 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             (-objective).backward()
             if not torch.isfinite(objective.detach()) or not _finite_grads(params):
-                raise _Diverged(f"non-finite surrogate or gradient at step {step}")
+                raise Diverged(f"non-finite surrogate or gradient at step {step}")
             optimizer.step()
             est.update()
             _sync(device)
@@ -300,7 +303,7 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
             since_ckpt_obj += float(value)
         final = task.evaluate(final=True)
         if not math.isfinite(final):
-            raise _Diverged("non-finite final evaluation")
+            raise Diverged("non-finite final evaluation")
         rec(budget.steps, "final_elbo", final)
         for k, v in task.final_metrics().items():
             rec(budget.steps, k, v)

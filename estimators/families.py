@@ -13,6 +13,8 @@ import functools
 import torch
 from torch import distributions as D
 
+from estbench.errors import FamilyError  # re-exported as estimators.FamilyError
+
 FAMILIES = ("bernoulli", "categorical", "gaussian")
 
 _BASE_FAMILY = {
@@ -23,8 +25,6 @@ _BASE_FAMILY = {
 }
 
 
-class FamilyError(ValueError):
-    """A distribution outside the families an estimator (or estbench) supports."""
 
 
 def unwrap(dist: D.Distribution) -> tuple[D.Distribution, int]:

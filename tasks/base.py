@@ -18,7 +18,7 @@ stacks replicas of a batch there to compute many estimates in one pass).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch

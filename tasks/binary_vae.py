@@ -17,7 +17,7 @@ from torch import distributions as D, nn
 
 from torch.distributions import constraints
 
-from estbench.plugins import Option
+from estbench.plugins import Option, integer_at_least
 
 from .base import Problem, Reference, Task, flat_grad
 from .data import mnist
@@ -152,8 +152,8 @@ class BinaryVAE(Task):
         "measure_size": Option(8, "validation images in the measurement batch", constraint=constraints.integer_interval(1, N_VAL)),
         "reference": Option("auto", "auto (exact iff latents <= 16) | exact | sampled",
                             choices=("auto", "exact", "sampled")),
-        "ref_chunks": Option(64, "sampled reference: independent chunks R", constraint=constraints.integer_interval(2, 2**62)),
-        "ref_chunk_samples": Option(64, "sampled reference: samples per chunk S (>= 2)", constraint=constraints.integer_interval(2, 2**62)),
+        "ref_chunks": Option(64, "sampled reference: independent chunks R", constraint=integer_at_least(2)),
+        "ref_chunk_samples": Option(64, "sampled reference: samples per chunk S (>= 2)", constraint=integer_at_least(2)),
     }
     lr = 1e-3
     budgets = {

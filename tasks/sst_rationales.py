@@ -65,7 +65,7 @@ from torch.nn import functional as F
 
 from torch.distributions import constraints
 
-from estbench.plugins import Option, open_interval
+from estbench.plugins import Option, integer_at_least, open_interval
 
 from .base import Problem, Reference, Task, flat_grad
 from .data import sst
@@ -162,8 +162,8 @@ class _SSTRationales(Task):
         "eval_samples": Option(8, "z samples per sentence in the per-checkpoint dev ELBO (MC variants)", constraint=constraints.positive_integer),
         "final_samples": Option(64, "z samples per sentence in the final test ELBO (MC variants)", constraint=constraints.positive_integer),
         "measure_size": Option(8, "sentences (the first N of dev) in the measurement batch", constraint=constraints.positive_integer),
-        "ref_chunks": Option(32, "reference gradient: independent chunks R (MC variants)", constraint=constraints.integer_interval(2, 2**62)),
-        "ref_samples": Option(64, "reference gradient: samples per chunk S (MC variants)", constraint=constraints.integer_interval(2, 2**62)),
+        "ref_chunks": Option(32, "reference gradient: independent chunks R (MC variants)", constraint=integer_at_least(2)),
+        "ref_samples": Option(64, "reference gradient: samples per chunk S (MC variants)", constraint=integer_at_least(2)),
         "prior_p": Option(0.3, "prior selection probability per token", constraint=open_interval(0.0, 1.0)),
     }
     budgets = {

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torch.distributions import constraints
 
-from estbench.plugins import Option, open_interval
+from estbench.plugins import Option
 
 from .base import Problem, Reference, Task, flat_grad
 from .data import ptb

@@ -8,7 +8,7 @@ from torch import distributions as D
 
 from torch.distributions import constraints
 
-from estbench.plugins import Option
+from estbench.plugins import Option, integer_at_least
 
 from .base import ClosedFormToy
 
@@ -88,7 +88,7 @@ class ToyCategorical(ClosedFormToy):
     description = "D categoricals, K classes, random unary + chain pairwise reward tables"
     options = {
         "dim": Option(3, "number of categorical latents D"),
-        "classes": Option(4, "classes per latent K", constraint=constraints.integer_interval(2, 2**62)),
+        "classes": Option(4, "classes per latent K", constraint=integer_at_least(2)),
         "table_seed": Option(0, "seed of the random reward tables", constraint=constraints.nonnegative_integer),
     }
 

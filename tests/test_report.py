@@ -178,7 +178,7 @@ def test_compare_flags_a_regression_not_noise(tmp_path, capsys):
     a = _synthetic_run(tmp_path / "a")
     # e1's ELBO 30% worse, clearly outside its tiny noise; e2's shifts 15% inside large noise
     b = _synthetic_run(tmp_path / "b", elbo_e1=-13.0, elbo_e2=-23.0)
-    df, regressed = compare(a, b, threshold=0.1)
+    df, regressed, _ = compare(a, b, threshold=0.1)
     assert regressed
     row = df.set_index(["estimator", "metric"])
     assert row.loc[("e1", "final_elbo"), "regressed"]
@@ -188,13 +188,13 @@ def test_compare_flags_a_regression_not_noise(tmp_path, capsys):
     assert not row.loc[("e1", "variance"), "regressed"]
     assert "REGRESSED" in render(df, 0.1)
     # above the threshold: outside the noise but not a regression
-    _, regressed = compare(a, b, threshold=0.5)
+    _, regressed, _ = compare(a, b, threshold=0.5)
     assert not regressed
     # an improvement is never a regression
-    _, regressed = compare(b, a, threshold=0.1)
+    _, regressed, _ = compare(b, a, threshold=0.1)
     assert not regressed
     # a run against itself: nothing outside the noise
-    df, regressed = compare(a, a, threshold=0.1)
+    df, regressed, _ = compare(a, a, threshold=0.1)
     assert not regressed and not df.outside_noise.any()
 
     # the CLI: exit 1 on a regression, 0 otherwise, JSON on request
@@ -213,7 +213,7 @@ def test_compare_one_seed_uses_the_threshold_and_variance_regressions(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _write_cell(a, "toy", "e", 0, -10.0, 1.0)
     _write_cell(b, "toy", "e", 0, -10.5, 1.5)  # ELBO 5% worse (noise), variance 50% higher
-    df, regressed = compare(a, b, threshold=0.1)
+    df, regressed, _ = compare(a, b, threshold=0.1)
     row = df.set_index("metric")
     assert regressed and row.loc["variance", "regressed"] and not row.loc["final_elbo", "regressed"]
     assert math.isnan(row.loc["variance", "p_value"])
@@ -223,7 +223,7 @@ def test_compare_cell_that_starts_failing_is_a_regression(tmp_path):
     a = _synthetic_run(tmp_path / "a")
     b = _synthetic_run(tmp_path / "b", extra=lambda r: _write_cell(
         r, "toy", "e1", 9, 0, 0, status="diverged", error="non-finite surrogate at step 3"))
-    df, regressed = compare(a, b, threshold=0.1)
+    df, regressed, _ = compare(a, b, threshold=0.1)
     assert regressed and (df.metric == "status").sum() == 1
 
 
@@ -281,9 +281,9 @@ def test_compare_ignores_float_noise_on_zero_bias_and_variance(tmp_path):
     for s in range(3):
         _write_cell(a, "toy", "exact", s, -1.0, 0.0, bias=6e-9 * (1 + 0.01 * s))
         _write_cell(b, "toy", "exact", s, -1.0, 0.0, bias=6e-8 * (1 + 0.01 * s))
-    df, regressed = compare(a, b, threshold=0.1)
+    df, regressed, _ = compare(a, b, threshold=0.1)
     row = df.set_index("metric")
     assert not regressed and not row.loc["bias", "outside_noise"]
     # the same relative change at a real scale is a regression
-    _, regressed = compare(a, b, threshold=0.1, atol=1e-12)
+    _, regressed, _ = compare(a, b, threshold=0.1, atol=1e-12)
     assert regressed

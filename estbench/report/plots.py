@@ -27,6 +27,14 @@ _RC = {"svg.fonttype": "none", "svg.hashsalt": "estbench", "figure.dpi": 100,
        "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5}
 
 
+def plain(text) -> str:
+    """``text`` as matplotlib plain text: task and estimator names carry option strings in which a
+    ``$`` (a path, a tag) would otherwise start mathtext -- wrong glyphs, or a parse error that
+    aborts the report.  Escaped dollars render as ``$``; applied to every label taken from data
+    (rcParams' ``text.parse_math`` cannot be used: the log axes' tick labels are mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
 class Style:
     """The fixed estimator -> (colour, marker) mapping of one report."""
 
@@ -62,8 +70,8 @@ def _legend(fig, handles_labels: dict, title: str = "estimator"):
     labels = sorted(handles_labels)
     handles = [handles_labels[k] for k in labels]
     ncol = 1 if len(labels) <= 18 else 2
-    fig.legend(handles, labels, title=title, loc="center left", bbox_to_anchor=(1.0, 0.5),
-               ncol=ncol, frameon=False)
+    fig.legend(handles, [plain(k) for k in labels], title=title, loc="center left",
+               bbox_to_anchor=(1.0, 0.5), ncol=ncol, frameon=False)
 
 
 def _spans_decades(values, decades: float = 1.5) -> bool:
@@ -163,9 +171,10 @@ def training_curves(records: pd.DataFrame, task: str, style: Style, out_dir: Pat
         legend_ax = axes[1][1]
         legend_ax.axis("off")
         labels = sorted(handles)
-        legend_ax.legend([handles[k] for k in labels], labels, title="estimator", loc="center",
+        legend_ax.legend([handles[k] for k in labels], [plain(k) for k in labels],
+                         title="estimator", loc="center",
                          ncol=1 if len(labels) <= 12 else 2, frameon=False)
-        fig.suptitle(task, fontsize=12)
+        fig.suptitle(plain(task), fontsize=12)
         fig.tight_layout()
         return _save(fig, out_dir, f"curves_{slug(task)}")
 
@@ -173,7 +182,7 @@ def training_curves(records: pd.DataFrame, task: str, style: Style, out_dir: Pat
 def _note(title: str, names, width: int = 60) -> str:
     """A wrapped 'title: a, b, c' for under an axis label."""
     import textwrap
-    return textwrap.fill(f"({title}: {', '.join(sorted(names))})", width)
+    return plain(textwrap.fill(f"({title}: {', '.join(sorted(names))})", width))
 
 
 def _grid(n: int, ncols: int = 3):
@@ -216,7 +225,7 @@ def bias_variance(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
                 xl += "\n" + _note("variance or bias ~0, not shown", dropped)
             ax.set_xlabel(xl)
             ax.set_ylabel("bias ‖E[g] − ∇‖ (log)")
-            ax.set_title(task)
+            ax.set_title(plain(task))
         for ax in axes.flat[len(tasks):]:
             ax.set_visible(False)
         fig.tight_layout()
@@ -243,14 +252,14 @@ def step_time_bars(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
             err = [np.minimum(ci, s.step_ms_mean.to_numpy()), ci]  # no whisker below zero
             ax.barh(y, s.step_ms_mean, xerr=err, color=[style.colour[e] for e in s.estimator],
                     error_kw={"elinewidth": 0.8, "capsize": 2})
-            ax.set_yticks(y, s.estimator, fontsize=8)
+            ax.set_yticks(y, [plain(e) for e in s.estimator], fontsize=8)
             ax.invert_yaxis()
             if _spans_decades(s.step_ms_mean, 1.0):  # one slow estimator would flatten the rest
                 ax.set_xscale("log")
                 ax.set_xlabel("time per step (ms, log)")
             else:
                 ax.set_xlabel("time per step (ms)")
-            ax.set_title(task)
+            ax.set_title(plain(task))
         for ax in axes.flat[len(tasks):]:
             ax.set_visible(False)
         fig.tight_layout()
@@ -273,7 +282,10 @@ def rank_heatmap(ranks: pd.DataFrame, relative: pd.DataFrame, out_dir: Path,
     n_est, n_cols = relative.shape
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * n_cols + 3), max(2.5, 0.32 * n_est + 1.6)))
-        sns.heatmap(relative.astype(float), annot=annot.to_numpy(), fmt="", cmap="viridis_r",
+        shown = relative.astype(float)
+        shown.index = [plain(e) for e in shown.index]
+        shown.columns = [plain(t) for t in shown.columns]
+        sns.heatmap(shown, annot=annot.to_numpy(), fmt="", cmap="viridis_r",
                     ax=ax, vmin=0, vmax=1,
                     cbar_kws={"label": "relative rank (0 = best, 1 = last)"}, linewidths=0.5,
                     linecolor="white", annot_kws={"fontsize": 8})

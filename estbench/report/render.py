@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from estbench import store
+from estbench import store, table
 from estbench.report import leaderboard as lb
 from estbench.report import plots
 from estbench.report import tables as tb
@@ -361,6 +361,9 @@ def build_report(run_dir, out_dir=None) -> Path:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     except (OSError, ValueError):
         meta = {}
+    # finished cells only: a failed or diverged cell's partial checkpoint records are no
+    # measurement (it is listed with the problem cells instead)
+    records = table.finished(records, cells)
     records, cells = tb.label_settings(records, cells)
     pc = tb.per_cell(records)
     tables = tb.task_tables(pc)
@@ -402,8 +405,8 @@ def build_report(run_dir, out_dir=None) -> Path:
                ("link", "all tables (CSV)", "tables/all_tasks.csv"), "."]))
 
     doc.add(H(2, "Leaderboard"),
-            P([_RANK_RULE + " Seeds that diverged or failed are left out of the ranking (see the "
-               "tables)."]))
+            P([_RANK_RULE + " Only finished cells are ranked and tabulated: cells that "
+               "diverged, failed or were infeasible are left out and listed at the end."]))
     heat = plots.rank_heatmap(lb.rank_matrix(board, "final_elbo"),
                               lb.rank_matrix(board, "final_elbo", values="relative"), fdir,
                               "rank by final ELBO (number: rank, 1 = best; colour: relative rank; "
@@ -448,7 +451,7 @@ def build_report(run_dir, out_dir=None) -> Path:
     if st:
         doc.add(H(2, "Time per step"), Img(st[0], "Training time per step (ms), 95% CI over seeds"))
 
-    doc.add(*_rationale_blocks(cells, board))
+    doc.add(*_rationale_blocks(cells[cells.status == "ok"] if "status" in cells else cells, board))
 
     doc.add(H(2, "Failed, diverged and infeasible cells"))
     prob = _problem_cells(cells)
