@@ -5,17 +5,23 @@ import math
 from dataclasses import asdict, dataclass
 
 
+EVALUATIONS = ("full", "subset")
+
+
 @dataclass(frozen=True)
 class Budget:
     """steps: optimiser steps; n_samples: f-evaluations per data point per step (the estimator
     spends them as it likes, in whole units); checkpoints: how many evenly spaced measurement points
     (including step 0 and the last step); measure_samples: independent gradient estimates M per
-    measurement (bias and variance come from these)."""
+    measurement (bias and variance come from these); evaluation: how much held-out data the final
+    figures use -- "full" (all of it) or "subset" (the task's fixed subset, the same for every
+    estimator, e.g. binary_vae's IWAE bound on the first 1000 test images: quick budgets)."""
 
     steps: int = 100
     n_samples: int = 4
     checkpoints: int = 3
     measure_samples: int = 256
+    evaluation: str = "full"
 
     def __post_init__(self):
         for k in ("steps", "n_samples", "checkpoints", "measure_samples"):
@@ -30,6 +36,8 @@ class Budget:
             raise ValueError(f"budget checkpoints must be >= 0, got {self.checkpoints}")
         if self.checkpoints and self.measure_samples < 2:
             raise ValueError(f"budget measure_samples must be >= 2 to estimate a variance, got {self.measure_samples}")
+        if self.evaluation not in EVALUATIONS:
+            raise ValueError(f"budget evaluation must be one of {EVALUATIONS}, got {self.evaluation!r}")
 
     def checkpoint_steps(self) -> list[int]:
         """Steps (before the update of that step) at which to measure; includes 0 and ``steps``."""

@@ -351,7 +351,7 @@ def write_meta(run_dir: Path, meta: dict) -> None:
 
 #: what identifies a cell apart from the code that computed it
 CELL_IDENTITY = ["task", "estimator", "seed", "device", "steps", "n_samples", "checkpoints",
-                 "measure_samples"]
+                 "measure_samples", "evaluation"]
 
 
 def load(run_dir, latest_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -379,10 +379,11 @@ def load(run_dir, latest_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]
         except Exception as exc:
             warnings.warn(f"skipping unreadable results file {path}: {exc}", stacklevel=2)
     cells = pd.DataFrame(rows)
-    if latest_only and len(cells) and set(CELL_IDENTITY) <= set(cells.columns):
+    identity = [c for c in CELL_IDENTITY if c in cells.columns]  # older cells lack newer fields
+    if latest_only and len(cells) and {"task", "estimator", "seed"} <= set(identity):
         order = cells["finished"] if "finished" in cells else pd.Series(0.0, index=cells.index)
         cells = (cells.assign(_order=order.fillna(0.0)).sort_values("_order", kind="stable")
-                 .drop_duplicates(CELL_IDENTITY, keep="last").drop(columns="_order")
+                 .drop_duplicates(identity, keep="last").drop(columns="_order")
                  .sort_index())
     keep = set(cells["key"]) if len(cells) else set()
     frames = [f for f in frames if len(f) and f["_key"].iat[0] in keep] if frames else []

@@ -99,8 +99,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _finite_grads(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+#: training steps between two reads of the device-side divergence flag (and at every checkpoint
+#: and the end): the step itself never waits for the device
+DIVERGENCE_CHECK_EVERY = 50
+
+
+class DivergenceWatch:
+    """Notes, on the device and without a host sync, the first training step whose objective or
+    gradients are not finite; :meth:`check` reads it (one sync) and raises :class:`Diverged`.
+
+    One fused test per step: the sum of each gradient is finite iff every entry is (an inf or nan
+    entry makes it inf or nan; a finite sum cannot overflow float32 at any realistic size)."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def note(self, step: int, objective: torch.Tensor, params) -> None:
+        sums = [objective.detach().reshape(())] + [p.grad.sum() for p in params if p.grad is not None]
+        bad = ~torch.isfinite(torch.stack(sums).float()).all()
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
+
+    def check(self) -> None:
+        first = int(self.first)
+        if first >= 0:
+            raise Diverged(f"non-finite surrogate or gradient at step {first}")
 
 
 @contextlib.contextmanager
@@ -212,8 +234,16 @@ def _run_cell(cell: Cell, t_start: float) -> CellResult:
     def rec(step: int, metric: str, value: float) -> None:
         res.records.append({**base, "step": int(step), "metric": metric, "value": float(value)})
 
+    state: dict = {}
     try:
-        _train(cell, rec, res.artifacts)
+        try:
+            _train(cell, rec, res.artifacts, state)
+        except Exception:
+            # an error some steps after the parameters went non-finite (the flag is read every few
+            # steps) is that divergence, not a failure of its own
+            if "watch" in state:
+                state["watch"].check()
+            raise
     except Diverged as d:
         res.status = "diverged"
         res.error = str(d)
@@ -231,7 +261,9 @@ def _run_cell(cell: Cell, t_start: float) -> CellResult:
     return res
 
 
-def _train(cell: Cell, rec, artifacts: dict) -> None:
+def _train(cell: Cell, rec, artifacts: dict, state: dict) -> None:
+    """Train and measure one cell, recording through ``rec``; ``state`` exposes the divergence
+    watch to the caller."""
     budget = cell.budget
     device = resolve_device(cell.device)
     with torch.random.fork_rng(devices=[], device_type="cpu"):
@@ -242,6 +274,7 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
     # three independent, explicitly seeded streams: model init, data order, and sampling
     init_gen = torch.Generator().manual_seed(cell.seed)
     data_gen = torch.Generator().manual_seed(cell.seed + 1_000_003)
+    task.evaluation = budget.evaluation
     task.setup(device, init_gen)
     est.to(device)
     optimizer = task.make_optimizer()
@@ -255,9 +288,13 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
                                device_type="cuda" if device.type == "cuda" else "cpu"):
         torch.manual_seed(cell.seed)
         train_time = 0.0
-        since_ckpt_steps, since_ckpt_obj = 0, 0.0
+        since_ckpt_steps = 0
+        since_ckpt_obj = torch.zeros((), dtype=torch.float64, device=device)  # read at checkpoints
         n_evals = 0
+        watch = state["watch"] = DivergenceWatch(device)
         for step in range(budget.steps + 1):
+            if step in checkpoints or step == budget.steps or step % DIVERGENCE_CHECK_EVERY == 0:
+                watch.check()
             if step in checkpoints:
                 m = measure(task, est, budget.n_samples, budget.measure_samples,
                             seed=cell.seed * 7919 + step, counter=counter)
@@ -270,8 +307,9 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
                 rec(step, "elbo", task.evaluate(final=False))
                 rec(step, "wall_time", train_time)
                 if since_ckpt_steps:
-                    rec(step, "train_objective", since_ckpt_obj / since_ckpt_steps)
-                since_ckpt_steps, since_ckpt_obj = 0, 0.0
+                    rec(step, "train_objective", float(since_ckpt_obj) / since_ckpt_steps)
+                since_ckpt_steps = 0
+                since_ckpt_obj = torch.zeros_like(since_ckpt_obj)
             if step == budget.steps:
                 break
             batch = next(batches)
@@ -286,8 +324,7 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
                 objective = objective + prob.analytic
             optimizer.zero_grad(set_to_none=True)
             (-objective).backward()
-            if not torch.isfinite(objective.detach()) or not _finite_grads(params):
-                raise Diverged(f"non-finite surrogate or gradient at step {step}")
+            watch.note(step, objective, params)  # no host sync: read every few steps
             optimizer.step()
             est.update()
             _sync(device)
@@ -300,7 +337,7 @@ def _train(cell: Cell, rec, artifacts: dict) -> None:
             train_time += dt
             since_ckpt_steps += 1
             value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
-            since_ckpt_obj += float(value)
+            since_ckpt_obj = since_ckpt_obj + value.double()
         final = task.evaluate(final=True)
         if not math.isfinite(final):
             raise Diverged("non-finite final evaluation")

@@ -68,6 +68,9 @@ class Task:
     #: the optimiser every estimator gets on this task (same for all: the budget is fair)
     optimizer: ClassVar[str] = "adam"
     lr: ClassVar[float] = 1e-2
+    #: how much held-out data the final figures use, "full" or "subset": set by the harness from
+    #: the cell's budget (``Budget.evaluation``) before ``setup``; a task without a subset ignores it
+    evaluation: str = "full"
     #: named budgets: {"quick": {...Budget fields...}, "standard": {...}}; ``estbench run --budget``
     budgets: ClassVar[dict[str, dict]] = {
         "quick": {"steps": 100, "n_samples": 4},

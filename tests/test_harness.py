@@ -9,6 +9,7 @@ import torch
 
 import estimators
 import tasks
+from pathlib import Path
 from estbench import store
 from estbench.budget import Budget
 from estbench.measure import gradient_estimates, measure, summarise
@@ -206,6 +207,62 @@ def test_divergence_is_recorded_not_raised(monkeypatch):
     assert "non-finite" in res.error
     df = _frame(res)
     assert df.set_index("metric").loc["diverged", "value"] == 1.0
+    # the flag is read every few steps, yet the first bad step is the one reported
+    assert "at step 2" in res.error
+
+
+def test_an_error_after_the_parameters_went_non_finite_is_a_divergence(monkeypatch):
+    """With the divergence flag read every few steps, the step after a NaN may raise (a sampler
+    rejecting NaN probabilities): that cell diverged, it did not fail."""
+    class Strict(estimators.get_class("reinforce")):
+        """REINFORCE that raises on non-finite logits (test only; Williams 1992, Eq. 7)."""
+        calls = 0
+
+        def _estimate(self, dist, f, n, context, family):
+            Strict.calls += 1
+            logits = estimators.families.params(dist)["logits"]
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError("logits are not finite")
+            e = super()._estimate(dist, f, n, context, family)
+            if Strict.calls == 3:
+                e.surrogate = e.surrogate * float("nan")
+            return e
+
+    Strict.name = "strict_test_only"
+    monkeypatch.setitem(estimators.base.REGISTRY.classes, "strict_test_only", Strict)
+    res = run_cell(_cell(est="strict_test_only", steps=20, checkpoints=0))
+    assert res.status == "diverged", res.error
+    assert "at step 2" in res.error
+
+
+def test_no_host_sync_in_the_training_step(monkeypatch):
+    """The step itself never reads a tensor's value on the host (a GPU would wait for it): the
+    divergence flag and the training objective stay on the device and are read every
+    DIVERGENCE_CHECK_EVERY steps and at checkpoints."""
+    from estbench import train
+
+    import sys
+
+    ours = [str(Path(m.__file__).parent) for m in (train, estimators, tasks)]
+    reads = {"n": 0}
+    for name in ("__bool__", "__float__", "__int__", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, **k):
+            # reads made by the harness or the plug-ins (torch.optim's own step counters live on
+            # the host even for CUDA parameters: they never sync)
+            caller = sys._getframe(1).f_code.co_filename
+            if any(caller.startswith(d) for d in ours):
+                reads["n"] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    steps = 200
+    res = run_cell(Cell("toy_gaussian", "reparam", 0, "cpu", Budget(steps=steps, n_samples=4,
+                                                                     checkpoints=0)))
+    assert res.status == "ok", res.error
+    # a few reads per DIVERGENCE_CHECK_EVERY steps and at the end, not one or more per step
+    assert reads["n"] <= 2 * (steps // train.DIVERGENCE_CHECK_EVERY + 1) + 10, reads["n"]
 
 
 def test_failures_are_recorded_with_a_clear_message():
