@@ -376,6 +376,10 @@ def cmd_rank(args) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a results folder")
     reused = 0 if same else rank.reuse_cells(plan, reference, out)
+    if not same and not reused and (reference / "cells").is_dir() and not args.quiet:
+        print(f"note: none of the {len(plan.cells)} cells is in {reference}: it was made for other "
+              "options or by other code (a cell's key covers the code that computes it); all are "
+              "computed", file=sys.stderr)
     if not args.quiet:
         print(f"ranking {cls.name} on {len(task_specs)} tasks against {len(others)} estimators, "
               f"seeds {seeds}, budget {args.budget!r}: {len(plan.cells)} cells, "

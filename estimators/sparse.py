@@ -131,28 +131,44 @@ class SparsemaxMarginal(_Deterministic):
 # ------------------------------------------------------------------------------------------------
 # SparseMAP on a binary chain
 # ------------------------------------------------------------------------------------------------
+def _maxplus(X, Y):
+    """Max-plus product of 2x2 matrices stored entry-major ``(2, 2, *batch)``:
+    (X (x) Y)[i, j] = max_k X[i, k] + Y[k, j]."""
+    return torch.maximum(X[:, 0, None] + Y[None, 0], X[:, 1, None] + Y[None, 1])
+
+
 def chain_viterbi(u: torch.Tensor, transition: float):
     """MAP of score(z) = sum_d u_d z_d + transition * sum_d z_d z_{d+1} over z in {0,1}^D.
 
-    ``u``: ``(N, D)``.  Returns ``(z, value)``: ``(N, D)`` in u's dtype and ``(N,)``.  Vectorised
-    over N; the loop runs over the chain length only.  Ties go to 0.
+    ``u``: ``(N, D)``.  Returns ``(z, value)``: ``(N, D)`` in u's dtype and ``(N,)``.  Ties go to 0.
+    No Python loop over the chain: with ``transition == 0`` (or D = 1) the chain decouples and
+    z = (u > 0); otherwise the forward max-sum recursion alpha_d = A_d (x) alpha_{d-1} (2x2 max-plus
+    matrices A_d[s, s'] = u_d s + transition s s') is a Hillis-Steele prefix scan, the back-pointers
+    follow from alpha in one batched comparison, and the back-tracking z_{d-1} = bp_d(z_d) is a
+    suffix scan of compositions of the maps bp_d: {0,1} -> {0,1}; ceil(log2 D) steps each.
     """
     N, D = u.shape
-    d0 = torch.zeros(N, dtype=u.dtype, device=u.device)
-    d1 = u[:, 0].clone()
-    bps = []
-    for d in range(1, D):
-        bp0 = d1 > d0  # best predecessor of state 0
-        bp1 = d1 + transition > d0  # best predecessor of state 1
-        d0, d1 = torch.maximum(d0, d1), u[:, d] + torch.maximum(d0, d1 + transition)
-        bps.append(torch.stack([bp0, bp1], -1))
-    last = d1 > d0
-    value = torch.maximum(d0, d1)
-    z = torch.empty(N, D, dtype=torch.long, device=u.device)
-    z[:, D - 1] = last.long()
-    for d in range(D - 1, 0, -1):
-        z[:, d - 1] = bps[d - 1].gather(-1, z[:, d: d + 1]).squeeze(-1).long()
-    return z.to(u.dtype), value
+    if transition == 0 or D == 1:
+        return (u > 0).to(u.dtype), u.clamp_min(0).sum(-1)
+    s = torch.tensor([0.0, 1.0], dtype=u.dtype, device=u.device)
+    # A[i, j, n, d] = u_nd i + transition i j: from state j at d-1 to state i at d
+    A = s[:, None, None, None] * u + transition * (s[:, None] * s[None, :])[:, :, None, None]
+    A[:, :, :, 0] = s[:, None, None] * u[:, 0]  # alpha_0 = (0, u_0) in both columns
+    off = 1
+    while off < D:  # inclusive prefix scan: A[d] <- A[d] (x) ... (x) A[0]
+        A = torch.cat([A[..., :off], _maxplus(A[..., off:], A[..., :-off])], -1)
+        off *= 2
+    a0, a1 = A[0, 0], A[1, 0]  # (N, D): best score of z_0..z_d ending in state z_d = 0 / 1
+    bp = torch.stack([a1[:, :-1] > a0[:, :-1], a1[:, :-1] + transition > a0[:, :-1]], -1).long()
+    # bp[:, d - 1, s]: the best state at d - 1 given state s at d, for d = 1..D-1
+    off = 1
+    while off < D - 1:  # suffix scan: bp[j] <- bp[j] o bp[j+1] o ... o bp[D-2]
+        bp = torch.cat([bp[:, :-off].gather(-1, bp[:, off:]), bp[:, -off:]], 1)
+        off *= 2
+    last = (a1[:, -1] > a0[:, -1]).long()  # z_{D-1}
+    z = torch.cat([bp.gather(-1, last[:, None, None].expand(N, D - 1, 1)).squeeze(-1),
+                   last[:, None]], 1)
+    return z.to(u.dtype), torch.maximum(a0[:, -1], a1[:, -1])
 
 
 def _chain_scores(Z, theta, transition):
@@ -163,17 +179,19 @@ def _chain_scores(Z, theta, transition):
     return c
 
 
-def _kkt(Z, active, ridge):
+def _kkt(Z, active, ridge, Q=None):
     """KKT matrix [[Q_A, 1], [1^T, 0]] of the equality-constrained QP on each active set.
 
-    Q_ij = m_i . m_j with the one-hot unary vectors m = (1 - z, z) per position, i.e. D - Hamming.
-    Inactive slots get an identity row (so their weight solves to 0).  ``ridge`` regularises a
-    (degenerate) affinely dependent active set: the solution then steps along the null direction.
+    Q_ij = m_i . m_j with the one-hot unary vectors m = (1 - z, z) per position, i.e. D - Hamming
+    (computed from ``Z`` unless given).  Inactive slots get an identity row (so their weight solves
+    to 0).  ``ridge`` regularises a (degenerate) affinely dependent active set: the solution then
+    steps along the null direction.
     """
     N, S, D = Z.shape
     am = active.to(Z.dtype)
-    n1 = Z.sum(-1)
-    Q = 2 * (Z @ Z.transpose(1, 2)) - n1[:, :, None] - n1[:, None, :] + D  # D - Hamming
+    if Q is None:
+        n1 = Z.sum(-1)
+        Q = 2 * (Z @ Z.transpose(1, 2)) - n1[:, :, None] - n1[:, None, :] + D  # D - Hamming
     eye = torch.eye(S, dtype=Z.dtype, device=Z.device)
     K = Z.new_zeros(N, S + 1, S + 1)
     K[:, :S, :S] = Q * am[:, :, None] * am[:, None, :] + eye * (1 - am)[:, None, :] \
@@ -183,76 +201,181 @@ def _kkt(Z, active, ridge):
     return K
 
 
+def _pad_slots(x, cap, dims):
+    """Zero-pad the slot dimensions ``dims`` of ``x`` to ``cap`` (new slots are inactive/empty)."""
+    pad = [0] * (2 * x.dim())
+    for d in dims:
+        pad[2 * (x.dim() - 1 - d) + 1] = cap - x.shape[d]
+    return torch.nn.functional.pad(x, pad)
+
+
 def sparsemap_chain_solve(theta: torch.Tensor, transition: float, max_iter: int = 50,
-                          tol: float = 1e-9, ridge: float = 1e-10):
+                          tol: float = 1e-9, ridge: float = 1e-10, sync_every: int = 0):
     """SparseMAP (Niculae et al. 2018, Eq. 4-6) on binary chains by the active-set method (Sec. 3.2).
 
     Solves max_{xi in simplex} sum_s xi_s c_s - 1/2 ||sum_s xi_s m_s||^2 over structures s in
     {0,1}^D, c_s their chain score, m_s the one-hot unary indicator; only the unary part is
     regularised (as in the paper's structured case).  Vectorised over the N chains, each with its
-    own padded active set; the Python loop runs over active-set iterations only.  Computed in
-    float64 without gradient.  Returns ``(xi, Z, active, converged)``: weights ``(N, S)``,
-    structures ``(N, S, D)``, slot mask ``(N, S)``, and a ``(N,)`` flag.
+    own padded active set of at most S = min(max_iter + 1, D + 2) slots (an affinely independent
+    active set has at most D + 1 structures; one addition beyond that is degenerate and followed by
+    a removal); a chain that wants to add a structure to a full set stops unconverged.  The Python
+    loop runs over active-set iterations only (at most max_iter + 2 S).  Computed in float64
+    without gradient.  Returns ``(xi, Z, active, converged)``: weights ``(N, S')``, structures
+    ``(N, S', D)``, slot mask ``(N, S')`` and a ``(N,)`` flag; S' <= S is the number of slots used
+    (structures sit in the first free slot, so slots past S' would all be empty).
+
+    Cost.  The Gram matrix Q = D - Hamming of the slots is updated by one row per addition rather
+    than recomputed; the KKT system of a chain is re-solved only when its active set changed (a
+    full step on an unchanged set is followed by the stationary solve of the same set); the slot
+    dimension grows with the largest active set instead of being padded to S; finished chains leave
+    the batch.  That bookkeeping reads the state on the host every ``sync_every`` iterations (0:
+    every iteration on the CPU, where it is free and also lets an iteration skip the half of the
+    update no chain needs; every 8 on other devices, where chains that finished in between stay
+    frozen and rows are masked rather than selected).  The result does not depend on it.
     """
     theta = theta.detach().double()
     N, D = theta.shape
-    # an affinely independent active set has at most D + 1 structures (m_s spans a D-dim affine
-    # space); one addition beyond that is degenerate and followed by a removal: D + 2 slots suffice
+    dev = theta.device
     S = min(max_iter + 1, D + 2, 2 ** min(D, 30))
-    Z = theta.new_zeros(N, S, D)
-    active = torch.zeros(N, S, dtype=torch.bool, device=theta.device)
-    xi = theta.new_zeros(N, S)
-    Z[:, 0], _ = chain_viterbi(theta, transition)
+    if N == 0:
+        return (theta.new_zeros(0, 1), theta.new_zeros(0, 1, D),
+                torch.zeros(0, 1, dtype=torch.bool, device=dev),
+                torch.ones(0, dtype=torch.bool, device=dev))
+    every = sync_every or (1 if dev.type == "cpu" else 8)  # iterations between host reads
+    step_cap = 8  # the slot dimension grows in chunks of 8
+
+    def cap_for(n_max):  # slots needed for the next ``every`` iterations (<= 1 addition each)
+        return min(S, -(-(n_max + every) // step_cap) * step_cap)
+
+    cap = cap_for(1)
+    z0, _ = chain_viterbi(theta, transition)
+    Z = theta.new_zeros(N, cap, D)
+    Z[:, 0] = z0
+    c = theta.new_zeros(N, cap)
+    c[:, 0] = _chain_scores(z0[:, None], theta, transition)[:, 0]
+    n1 = theta.new_zeros(N, cap)
+    n1[:, 0] = z0.sum(-1)
+    Q = theta.new_zeros(N, cap, cap)
+    Q[:, 0, 0] = D
+    active = torch.zeros(N, cap, dtype=torch.bool, device=dev)
     active[:, 0] = True
+    xi = torch.zeros_like(c)
     xi[:, 0] = 1.0
-    done = torch.zeros(N, dtype=torch.bool, device=theta.device)
+    sol_x, sol_tau = torch.zeros_like(c), theta.new_zeros(N)  # EQP solution of the current set
+    fresh = torch.ones(N, dtype=torch.bool, device=dev)  # the active set changed: re-solve
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
     stuck = torch.zeros_like(done)
-    rows = torch.arange(N, device=theta.device)
-    for _ in range(max_iter + 2 * S):  # each addition may be followed by removals
-        c = _chain_scores(Z, theta, transition)
-        K = _kkt(Z, active, ridge)
-        rhs = torch.cat([c * active, theta.new_ones(N, 1)], -1)
-        sol = torch.linalg.solve(K, rhs)
-        xih, tau = sol[:, :S] * active, sol[:, S]
+    live = torch.arange(N, device=dev)  # original index of each row of the working set
+    th = theta  # theta[live]
+    finished = []  # (rows, xi, Z, active, converged) of chains that left the working set
+    slots = torch.arange(cap, device=dev)
+
+    for it in range(max_iter + 2 * S):  # each addition may be followed by removals
+        if it % every == 0:  # host read: retire finished chains, size the slot dimension
+            n_done, n_max = (int(x) for x in torch.stack(
+                [done.sum(), active.sum(-1).max()]).tolist())
+            if n_done:
+                keep = ~done
+                finished.append((live[done], xi[done], Z[done], active[done], ~stuck[done]))
+                if n_done == live.numel():
+                    live = live[:0]
+                    break
+                live, th, Z, c, n1, Q, active, xi, sol_x, sol_tau, fresh, done, stuck = (
+                    t[keep] for t in (live, th, Z, c, n1, Q, active, xi, sol_x, sol_tau, fresh,
+                                      done, stuck))
+            new_cap = cap_for(n_max)
+            if new_cap > cap:
+                cap = new_cap
+                Z, c, n1, active, xi, sol_x = (_pad_slots(t, cap, (1,))
+                                               for t in (Z, c, n1, active, xi, sol_x))
+                Q = _pad_slots(Q, cap, (1, 2))
+                slots = torch.arange(cap, device=dev)
+        n = live.numel()
+        rows = torch.arange(n, device=dev)
+        # EQP on each active set, solved only where the set changed since the last solve
+        if every == 1:
+            idx = fresh.nonzero().squeeze(1)
+            if 0 < idx.numel() < n:
+                K = _kkt(Z[idx], active[idx], ridge, Q[idx])
+                rhs = torch.cat([c[idx] * active[idx], th.new_ones(idx.numel(), 1)], -1)
+                sol = torch.linalg.solve(K, rhs)
+                sol_x[idx], sol_tau[idx] = sol[:, :cap] * active[idx], sol[:, cap]
+            elif idx.numel():
+                rhs = torch.cat([c * active, th.new_ones(n, 1)], -1)
+                sol = torch.linalg.solve(_kkt(Z, active, ridge, Q), rhs)
+                sol_x, sol_tau = sol[:, :cap] * active, sol[:, cap]
+        else:
+            rhs = torch.cat([c * active, th.new_ones(n, 1)], -1)
+            sol = torch.linalg.solve(_kkt(Z, active, ridge, Q), rhs)
+            sol_x = torch.where(fresh[:, None], sol[:, :cap] * active, sol_x)
+            sol_tau = torch.where(fresh, sol[:, cap], sol_tau)
+        xih, tau = sol_x, sol_tau
         step = xih - xi
         stationary = step.abs().amax(-1) < tol
+        st, move = ~done & stationary, ~done & ~stationary
+        fresh = torch.zeros_like(done)
         # (a) stationary on the current set: add the most violating structure, or stop
-        mu = (xi[:, :, None] * Z).sum(1)  # (N, D) marginal P(z_d = 1)
-        z_star, v = chain_viterbi(theta + 1 - 2 * mu, transition)
-        gain = v - (1 - mu).sum(-1) - tau  # c_s* - m_s*.mu - tau
-        already = ((Z == z_star[:, None]).all(-1) & active).any(-1)
-        free = ~active
-        want = ~done & stationary & (gain > tol) & ~already
-        add = want & free.any(-1)
-        stuck = stuck | (want & ~add)
-        newly_done = ~done & stationary & ~add
-        slot = free.to(torch.int8).argmax(-1)
-        Z[rows[add], slot[add]] = z_star[add]
-        active[rows[add], slot[add]] = True
+        if every > 1 or bool(st.any()):  # (on the CPU, skip what no chain needs: it is free to ask)
+            mu = torch.bmm(xi[:, None], Z)[:, 0]  # (N, D) marginal P(z_d = 1)
+            u = th + 1 - 2 * mu
+            if every == 1 and transition != 0 and D > 1:  # the scan only where it is needed
+                sel = st.nonzero().squeeze(1)
+                z_star, v = u.new_zeros(n, D), u.new_zeros(n)
+                z_star[sel], v[sel] = chain_viterbi(u[sel], transition)
+            else:
+                z_star, v = chain_viterbi(u, transition)
+            gain = v - (1 - mu).sum(-1) - tau  # c_s* - m_s*.mu - tau
+            n1_star = z_star.sum(-1)
+            zz = torch.bmm(z_star[:, None], Z.transpose(1, 2))[:, 0]  # (a row-vector bmm: fast)
+            q = 2 * zz - n1 - n1_star[:, None] + D  # D - Hamming(z*, slot)
+            already = (active & (q == D)).any(-1)
+            free = ~active
+            want = st & (gain > tol) & ~already
+            add = want & free.any(-1)
+            stuck = stuck | (want & ~add)
+            done = done | (st & ~add)
+            slot = free.to(torch.int8).argmax(-1)
+            at = add[:, None] & (slots == slot[:, None])  # (N, cap): the new structure's slot
+            Z[rows, slot] = torch.where(add[:, None], z_star, Z[rows, slot])
+            q = torch.where(at, float(D), q)
+            Q[rows, slot] = torch.where(add[:, None], q, Q[rows, slot])
+            Q[rows, :, slot] = torch.where(add[:, None], q, Q[rows, :, slot])
+            c_star = _chain_scores(z_star[:, None], th, transition)[:, 0]
+            c = torch.where(at, c_star[:, None], c)
+            n1 = torch.where(at, n1_star[:, None], n1)
+            active = active | at
+            fresh = fresh | add
+            xi = torch.where(st[:, None], xih, xi)
         # (b) not stationary: move towards the EQP solution until a weight hits zero
-        move = ~done & ~stationary
-        neg = active & (step < 0)
-        ratio = torch.where(neg, -xi / torch.where(neg, step, -torch.ones_like(step)),
-                            torch.full_like(step, math.inf))
-        a_block, j = ratio.min(-1)
-        alpha = a_block.clamp(max=1.0)
-        xi = torch.where(move[:, None], xi + alpha[:, None] * step, xi)
-        xi = torch.where((stationary & ~done)[:, None], xih, xi)
-        drop = move & (a_block < 1)
-        xi[rows[drop], j[drop]] = 0.0
-        active[rows[drop], j[drop]] = False
-        done = done | newly_done
-        if bool(done.all()):
-            break
+        if every > 1 or bool(move.any()):
+            neg = active & (step < 0)
+            ratio = torch.where(neg, -xi / torch.where(neg, step, -torch.ones_like(step)),
+                                torch.full_like(step, math.inf))
+            a_block, j = ratio.min(-1)
+            alpha = a_block.clamp(max=1.0)
+            xi = torch.where(move[:, None], xi + alpha[:, None] * step, xi)
+            drop = move & (a_block < 1)
+            out = drop[:, None] & (slots == j[:, None])
+            xi = torch.where(out, 0.0, xi)
+            active = active & ~out
+            fresh = fresh | drop
+    if live.numel():  # the iteration budget ran out: these chains did not converge
+        finished.append((live, xi, Z, active, done & ~stuck))
+    # assemble in the original order, padded to the widest slot dimension used
+    cap = max(f[1].shape[1] for f in finished)
+    order = torch.cat([f[0] for f in finished]).argsort()
+    xi, Z, active = (torch.cat([_pad_slots(f[k], cap, (1,)) for f in finished])[order]
+                     for k in (1, 2, 3))
+    converged = torch.cat([f[4] for f in finished])[order]
     # polish: re-solve the EQP on the final (affinely independent) active set without the ridge
     rhs = torch.cat([_chain_scores(Z, theta, transition) * active, theta.new_ones(N, 1)], -1)
     exact, info = torch.linalg.solve_ex(_kkt(Z, active, 0.0), rhs)
-    exact = exact[:, :S] * active
+    exact = exact[:, :cap] * active
     ok = (info == 0) & torch.isfinite(exact).all(-1) & ((exact - xi).abs().amax(-1) < 1e-6)
     xi = torch.where(ok[:, None], exact, xi)
     xi = xi.clamp_min(0) * active
     xi = xi / xi.sum(-1, keepdim=True)
-    return xi, Z, active, done & ~stuck
+    return xi, Z, active, converged
 
 
 class SparseMAPChain(torch.autograd.Function):
@@ -310,7 +433,9 @@ class SparseMAP(_Deterministic):
              "structured inference, ICML, Eq. 4-6, Sec. 3.2")
     options = {
         "transition": Option(0.0, "chain score bonus for consecutive z_d = z_{d+1} = 1"),
-        "max_iter": Option(50, "maximum active-set additions (raise for long chains)",
+        "max_iter": Option(1000, "active-set budget: at most min(max_iter + 1, D + 2) structures "
+                           "at once and max_iter + 2 x that iterations (a chain pays only for what "
+                           "it uses; 50, the old default, leaves long chains unconverged)",
                            constraint=constraints.positive_integer),
     }
 

@@ -212,6 +212,212 @@ def test_sparsemap_estimator_gradient_matches_finite_differences():
     assert 2 <= e.n_evals <= 5
 
 
+# ---- SparseMAP: the vectorised solver against the original loops -------------------------------
+def _viterbi_loop(u, transition):
+    """The original chain Viterbi (a Python loop over the positions), kept as the reference."""
+    N, Dn = u.shape
+    d0 = torch.zeros(N, dtype=u.dtype)
+    d1 = u[:, 0].clone()
+    bps = []
+    for d in range(1, Dn):
+        bp0 = d1 > d0
+        bp1 = d1 + transition > d0
+        d0, d1 = torch.maximum(d0, d1), u[:, d] + torch.maximum(d0, d1 + transition)
+        bps.append(torch.stack([bp0, bp1], -1))
+    last = d1 > d0
+    value = torch.maximum(d0, d1)
+    z = torch.empty(N, Dn, dtype=torch.long)
+    z[:, Dn - 1] = last.long()
+    for d in range(Dn - 1, 0, -1):
+        z[:, d - 1] = bps[d - 1].gather(-1, z[:, d: d + 1]).squeeze(-1).long()
+    return z.to(u.dtype), value
+
+
+def _solve_reference(theta, transition, max_iter=50, tol=1e-9, ridge=1e-10):
+    """The original active-set loop (full Gram matrix and KKT solve every iteration, S fixed slots,
+    the loop Viterbi), kept as the reference the fast solver must reproduce."""
+    theta = theta.double()
+    N, Dn = theta.shape
+
+    def scores(Z):
+        pairs = (Z[..., :-1] * Z[..., 1:]).sum(-1)
+        return torch.einsum("nsd,nd->ns", Z, theta) + transition * pairs
+
+    def kkt(Z, active, ridge):
+        S = Z.shape[1]
+        am = active.double()
+        n1 = Z.sum(-1)
+        Q = 2 * (Z @ Z.transpose(1, 2)) - n1[:, :, None] - n1[:, None, :] + Dn
+        eye = torch.eye(S, dtype=torch.float64)
+        K = Z.new_zeros(N, S + 1, S + 1)
+        K[:, :S, :S] = Q * am[:, :, None] * am[:, None, :] + eye * (1 - am)[:, None, :] \
+            + ridge * eye * am[:, None, :]
+        K[:, :S, S] = am
+        K[:, S, :S] = am
+        return K
+
+    S = min(max_iter + 1, Dn + 2, 2 ** min(Dn, 30))
+    Z = theta.new_zeros(N, S, Dn)
+    active = torch.zeros(N, S, dtype=torch.bool)
+    xi = theta.new_zeros(N, S)
+    Z[:, 0], _ = _viterbi_loop(theta, transition)
+    active[:, 0] = True
+    xi[:, 0] = 1.0
+    done = torch.zeros(N, dtype=torch.bool)
+    stuck = torch.zeros_like(done)
+    rows = torch.arange(N)
+    for _ in range(max_iter + 2 * S):
+        sol = torch.linalg.solve(kkt(Z, active, ridge),
+                                 torch.cat([scores(Z) * active, theta.new_ones(N, 1)], -1))
+        xih, tau = sol[:, :S] * active, sol[:, S]
+        step = xih - xi
+        stationary = step.abs().amax(-1) < tol
+        mu = (xi[:, :, None] * Z).sum(1)
+        z_star, v = _viterbi_loop(theta + 1 - 2 * mu, transition)
+        gain = v - (1 - mu).sum(-1) - tau
+        already = ((Z == z_star[:, None]).all(-1) & active).any(-1)
+        free = ~active
+        want = ~done & stationary & (gain > tol) & ~already
+        add = want & free.any(-1)
+        stuck = stuck | (want & ~add)
+        newly_done = ~done & stationary & ~add
+        slot = free.to(torch.int8).argmax(-1)
+        Z[rows[add], slot[add]] = z_star[add]
+        active[rows[add], slot[add]] = True
+        move = ~done & ~stationary
+        neg = active & (step < 0)
+        ratio = torch.where(neg, -xi / torch.where(neg, step, -torch.ones_like(step)),
+                            torch.full_like(step, float("inf")))
+        a_block, j = ratio.min(-1)
+        xi = torch.where(move[:, None], xi + a_block.clamp(max=1.0)[:, None] * step, xi)
+        xi = torch.where((stationary & ~done)[:, None], xih, xi)
+        drop = move & (a_block < 1)
+        xi[rows[drop], j[drop]] = 0.0
+        active[rows[drop], j[drop]] = False
+        done = done | newly_done
+        if bool(done.all()):
+            break
+    exact, info = torch.linalg.solve_ex(kkt(Z, active, 0.0), torch.cat(
+        [scores(Z) * active, theta.new_ones(N, 1)], -1))
+    exact = exact[:, :S] * active
+    ok = (info == 0) & torch.isfinite(exact).all(-1) & ((exact - xi).abs().amax(-1) < 1e-6)
+    xi = torch.where(ok[:, None], exact, xi).clamp_min(0) * active
+    return xi / xi.sum(-1, keepdim=True), Z, active, done & ~stuck
+
+
+def _assert_same_solution(fast, ref):
+    """Same structures in the same slots, same weights and flags; the fast solver returns only the
+    slots it used (every slot past them is empty in the reference)."""
+    xi, Z, active, conv = fast
+    xr, Zr, ar, cr = ref
+    S = xi.shape[1]
+    assert not ar[:, S:].any()
+    assert torch.equal(active, ar[:, :S]) and torch.equal(conv, cr)
+    assert torch.equal(Z * active[..., None], Zr[:, :S] * ar[:, :S, None])
+    torch.testing.assert_close(xi, xr[:, :S], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("transition", [0.0, 0.7, -0.6, 2.5])
+@pytest.mark.parametrize("Dn", [1, 2, 3, 17, 64])
+def test_viterbi_matches_the_loop_reference(Dn, transition):
+    g = torch.Generator().manual_seed(Dn)
+    u = torch.randn(97, Dn, dtype=torch.float64, generator=g) * 1.5
+    z, v = chain_viterbi(u, transition)
+    zr, vr = _viterbi_loop(u, transition)
+    assert torch.equal(z, zr)
+    torch.testing.assert_close(v, vr)
+    # exact ties (integer scores): both break them the same way (towards 0)
+    u = torch.randint(-1, 2, (97, Dn), generator=g).double()
+    for t in (0.0, 1.0, -1.0):
+        z, v = chain_viterbi(u, t)
+        zr, vr = _viterbi_loop(u, t)
+        assert torch.equal(z, zr) and torch.equal(v, vr)
+
+
+@pytest.mark.parametrize("sync_every", [0, 8])
+@pytest.mark.parametrize("transition,Dn,max_iter", [
+    (0.0, 120, 100),  # long decoupled chains: every chain converges, ~30-40 structures each
+    (0.0, 120, 20),  # too few slots: both stop the same chains at the same place, unconverged
+    (0.7, 30, 200),  # coupled chains (with removals from the active set)
+    (-0.6, 30, 200),
+    (0.8, 4, 50),
+    (-1.5, 1, 50),  # bare cells
+])
+def test_sparsemap_solver_matches_the_reference(transition, Dn, max_iter, sync_every):
+    g = torch.Generator().manual_seed(Dn)
+    theta = torch.randn(6, Dn, dtype=torch.float64, generator=g) * 0.8
+    fast = sparsemap_chain_solve(theta, transition, max_iter, sync_every=sync_every)
+    ref = _solve_reference(theta, transition, max_iter)
+    _assert_same_solution(fast, ref)
+    if max_iter == 20:
+        assert not fast[3].all()  # the case exercises unconverged chains
+    else:
+        assert fast[3].all()
+
+
+def test_sparsemap_without_transition_has_the_closed_form_on_long_chains():
+    """With transition 0 the score is linear in the marginals mu = E_xi[z] and the regulariser is
+    1/2 ||M xi||^2 = 1/2 sum_d (1 - mu_d)^2 + mu_d^2, so the QP separates over the coordinates:
+    max_{mu_d in [0, 1]} theta_d mu_d - 1/2 ((1 - mu_d)^2 + mu_d^2), whose solution is
+    mu_d = clip((theta_d + 1) / 2, 0, 1) (the 2-class sparsemax of [0, theta_d]).  Binary-VAE-like
+    logits (almost every |theta_d| < 1, so almost every coordinate fractional) need ~50-56
+    structures at D = 200: the old default max_iter=50 (51 slots) ran out of slots on most
+    chains."""
+    g = torch.Generator().manual_seed(7)
+    theta = torch.randn(12, 200, dtype=torch.float64, generator=g) * 0.4
+    closed = ((theta + 1) / 2).clamp(0, 1)
+    xi, Z, active, conv = sparsemap_chain_solve(theta, 0.0, 1000)
+    assert conv.all()
+    mu = (xi[..., None] * Z).sum(1)
+    # the active set stops when no structure gains more than tol = 1e-9: mu is within ~1e-8
+    torch.testing.assert_close(mu, closed, rtol=0, atol=1e-7)
+    assert (xi >= 0).all() and (xi[~active] == 0).all()
+    torch.testing.assert_close(xi.sum(-1), torch.ones(12, dtype=torch.float64))
+    sizes = active.sum(-1)
+    assert (sizes > 51).any() and (sizes <= 201).all()
+    xi50, Z50, a50, conv50 = sparsemap_chain_solve(theta, 0.0, 50)
+    assert not conv50[sizes > 51].any()  # too few slots: not converged (the estimator warns)
+    assert conv50[sizes <= 51].all()
+    keep = conv50  # where both converge, the answers are the same
+    S = xi50.shape[1]
+    torch.testing.assert_close(xi50[keep], xi[keep, :S], rtol=0, atol=1e-10)
+    assert not xi[keep, S:].any()
+
+
+class _ReferenceChain(torch.autograd.Function):
+    """SparseMAPChain with the reference forward (the backward formula is the module's)."""
+
+    @staticmethod
+    def forward(ctx, theta, transition, max_iter):
+        xi, Z, active, _ = _solve_reference(theta.detach(), transition, max_iter)
+        ctx.save_for_backward(Z, active)
+        Zo = Z.to(theta.dtype)
+        ctx.mark_non_differentiable(Zo, active)
+        return xi.to(theta.dtype), Zo, active
+
+    backward = staticmethod(SparseMAPChain.backward)
+
+
+@pytest.mark.parametrize("transition", [0.0, 0.6])
+def test_sparsemap_estimate_matches_the_reference_implementation(transition, monkeypatch):
+    from estimators import sparse
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 40, generator=g) * 0.7
+    w = torch.randn(40, generator=g)
+    f = lambda z: torch.sin(z @ w) + (z[..., :-1] * z[..., 1:]).sum(-1) * 0.1
+    est = estimators.get("sparsemap", transition=transition)
+    out = []
+    for chain in (sparse.SparseMAPChain, _ReferenceChain):
+        monkeypatch.setattr(sparse, "SparseMAPChain", chain)
+        p = logits.clone().requires_grad_()
+        e = est.estimate(D.Independent(D.Bernoulli(logits=p), 1), f, 1)
+        out.append((e.value, torch.autograd.grad(e.surrogate, p)[0], e.n_evals))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1])
+    assert out[0][2] == out[1][2] >= 3
+
+
 # ---- SPIGOT --------------------------------------------------------------------------------------
 def test_spigot_categorical_hand_computed():
     logits = torch.tensor([[1.0, 2.0, 0.0]], requires_grad=True)
