@@ -117,21 +117,64 @@ def _fmt_duration(seconds: Optional[float]) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def _progress_printer(stream, quiet: bool, cells=(), workers: int = 1):
-    eta = Eta(cells, workers)
+class Progress:
+    """What a person watching a sweep sees: one line for the cells already stored, then the cells
+    as they are computed -- a tqdm bar on a terminal (failures printed above it), one line per cell
+    elsewhere (logs, CI) -- with an ETA from :class:`Eta`, which ignores the stored cells.
 
-    def progress(i, n, cell, res, cached):
-        left = eta.done(cell, None if cached or res is None else res.seconds)
-        if quiet:
+    ``sweep.run`` reports every stored cell before any computed one, so the stored cells are
+    summed up in one line as soon as the first computed cell (or the end) arrives.
+    """
+
+    def __init__(self, stream, quiet: bool, cells=(), workers: int = 1, where=None,
+                 bar: Optional[bool] = None):
+        self.stream, self.quiet, self.where = stream, quiet, where
+        self.eta = Eta(cells, workers)
+        self.cached = 0
+        self.flushed = False
+        self.bar = None
+        if bar is None:
+            bar = bool(getattr(stream, "isatty", lambda: False)())
+        self.use_bar = bar
+
+    def _flush_cached(self, n: int) -> None:
+        if self.flushed:
             return
-        if cached:
-            status = "cached"
-        else:
-            status = res.status + (f": {res.error}" if res.error else "") + f" ({res.seconds:.1f}s)"
-        print(f"[{i}/{n}] {cell.label()} ... {status}  ETA {_fmt_duration(left if i < n else 0)}",
-              file=stream, flush=True)
+        self.flushed = True
+        if self.cached and not self.quiet:
+            where = f" in {self.where}" if self.where else ""
+            print(f"{self.cached} of {n} cells already stored{where}: reused (--force recomputes them)",
+                  file=self.stream, flush=True)
 
-    return progress
+    def __call__(self, i, n, cell, res, cached):
+        left = self.eta.done(cell, None if cached or res is None else res.seconds)
+        if cached:
+            self.cached += 1
+            if i == n:
+                self._flush_cached(n)
+            return
+        self._flush_cached(n)
+        if self.quiet:
+            return
+        status = (res.status if res is not None else "stored by another worker") + \
+            (f": {res.error}" if res is not None and res.error else "") + \
+            (f" ({res.seconds:.1f}s)" if res is not None else "")
+        eta = f"ETA {_fmt_duration(left if i < n else 0)}"
+        if self.use_bar:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=n - self.cached, file=self.stream, unit="cell",
+                                dynamic_ncols=True, leave=True)
+            if res is not None and res.status != "ok":
+                self.bar.write(f"{cell.label()} ... {status}", file=self.stream)
+            self.bar.set_postfix_str(f"{cell.task} x {cell.estimator}: {res.status if res else '-'}"
+                                     f", {eta}", refresh=False)
+            self.bar.update(1)
+            if i == n:
+                self.bar.close()
+        else:
+            print(f"[{i}/{n}] {cell.label()} ... {status}  {eta}", file=self.stream, flush=True)
 
 
 def _common(args):
@@ -259,8 +302,8 @@ def _execute(args, plan, out: Path, executor, meta: dict):
         return None
 
     try:
-        sweep.run(plan, out, force=args.force, progress=_progress_printer(err, args.quiet, plan.cells,
-                                                                   executor.n_jobs),
+        sweep.run(plan, out, force=args.force,
+                  progress=Progress(err, args.quiet, plan.cells, executor.n_jobs, where=out),
                   executor=executor)
     except WorkerError as e:
         merge()

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from estbench.budget import Budget
 from estbench.cli import main
 
 TINY = ["--steps", "6", "--checkpoints", "2", "--measure-samples", "16", "--seeds", "0,1"]
@@ -62,10 +63,10 @@ def test_run_again_reuses_finished_cells(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert err.count("cached") == 2
+    assert "2 of 2 cells already stored" in err and " ... ok" not in err  # one line, not one a cell
     pd.testing.assert_frame_equal(first, pd.read_parquet(out / "results.parquet"))
     assert main(args + ["--force"]) == 0
-    assert "cached" not in capsys.readouterr().err
+    assert "already stored" not in capsys.readouterr().err
 
 
 def test_run_json_and_quiet(tmp_path, capsys):
@@ -182,3 +183,33 @@ def test_eta_weights_cells_by_task_cost():
     assert eta.done(C("fast"), 1.0) == (1 * 1.0 + 3 * 1.0) / 2   # slow task borrows the only mean
     assert eta.done(C("slow"), 100.0) == (1 * 1.0 + 2 * 100.0) / 2
     assert _fmt_duration(3725) == "1h02m" and _fmt_duration(65) == "1m05s" and _fmt_duration(None) == "?"
+
+
+def test_progress_on_a_terminal_is_a_bar_with_failures_above_it(tmp_path):
+    """On a terminal: one line for the stored cells, a tqdm bar over the computed ones, failed
+    cells printed above the bar; elsewhere one line per computed cell."""
+    import io
+
+    from estbench.cli import Progress
+    from estbench.train import Cell, CellResult
+
+    cells = [Cell("toy_binary", e, 0, "cpu", Budget(steps=1)) for e in ("a", "b", "c", "d")]
+    for bar in (True, False):
+        stream = io.StringIO()
+        p = Progress(stream, quiet=False, cells=cells, where=tmp_path, bar=bar)
+        p(1, 4, cells[0], None, True)
+        p(2, 4, cells[1], None, True)
+        p(3, 4, cells[2], CellResult(cells[2], "ok", seconds=0.5), False)
+        p(4, 4, cells[3], CellResult(cells[3], "failed", error="boom", seconds=0.1), False)
+        text = stream.getvalue()
+        assert text.count("already stored") == 1 and "2 of 4 cells already stored" in text
+        assert "toy_binary x d seed=0 cpu ... failed: boom" in text
+        if bar:
+            assert "2/2" in text and "[3/4]" not in text
+        else:
+            assert "[3/4] toy_binary x c seed=0 cpu ... ok (0.5s)" in text
+    quiet = io.StringIO()
+    p = Progress(quiet, quiet=True, cells=cells, bar=True)
+    p(1, 4, cells[0], None, True)
+    p(2, 4, cells[1], CellResult(cells[1], "ok"), False)
+    assert quiet.getvalue() == ""

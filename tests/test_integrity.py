@@ -369,3 +369,31 @@ def test_default_options_name_one_configuration(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--tasks", "toy_binary,toy_binary[t=0.45]", *base]) == 2
     assert "same configuration" in capsys.readouterr().err
+
+
+# ---- the house: a neutral home for plug-in machinery, no import circle, no file lists ----------
+def test_tasks_do_not_import_from_the_estimator_package():
+    for path in (ROOT / "tasks").rglob("*.py"):
+        text = path.read_text()
+        assert "from estimators" not in text and "import estimators" not in text, path
+
+
+def test_cli_report_does_not_import_the_cli():
+    code = ("import sys, estbench.cli_report; "
+            "sys.exit(1 if 'estbench.cli' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_a_cells_code_version_follows_its_classes_not_a_list_of_file_names():
+    """The harness lists only its own files; a plug-in's key covers the files of its class and
+    everything it inherits from or imports from its package."""
+    assert all(f.startswith("estbench/") for f in store._COMMON_CODE)
+    files = set()
+    for kind, name in (("estimator", "rloo"), ("task", "binary_vae")):
+        for path in store._plugin_files(kind, name):
+            store._module_files(path, files)
+    rel = {str(p.relative_to(ROOT)) for p in files}
+    assert {"estimators/score_function.py", "estimators/base.py", "estimators/families.py",
+            "estimators/baselines.py", "tasks/binary_vae.py", "tasks/base.py",
+            "tasks/data/mnist.py"} <= rel
+    assert "estimators/antithetic.py" not in rel  # another estimator's module: not its code

@@ -69,7 +69,7 @@ def test_rank_reports_reuse_on_stderr(tmp_path, capsys, cleanup):
     capsys.readouterr()
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "cached" in err and " ok (" not in err  # nothing recomputed
+    assert "already stored" in err and " ok (" not in err  # nothing recomputed
 
 
 def test_rank_refuses_an_estimator_that_breaks_the_contract(tmp_path, capsys, cleanup):
