@@ -527,6 +527,9 @@ def _budget_arguments(r) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="estbench", description=__doc__.split("\n\n")[0])
+    from estbench import __version__
+
+    p.add_argument("--version", action="version", version=f"estbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train and measure estimators on tasks; print a summary table")

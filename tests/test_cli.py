@@ -213,3 +213,19 @@ def test_progress_on_a_terminal_is_a_bar_with_failures_above_it(tmp_path):
     p(1, 4, cells[0], None, True)
     p(2, 4, cells[1], CellResult(cells[1], "ok"), False)
     assert quiet.getvalue() == ""
+
+
+def test_python_api_and_version(tmp_path, capsys):
+    import estbench
+
+    records, cells = estbench.run(tasks="toy_binary", estimators=["rloo", "disarm"], seeds=[0],
+                                  out=tmp_path / "api", steps=3, checkpoints=2, measure_samples=8)
+    assert set(cells.estimator) == {"rloo", "disarm"} and (cells.status == "ok").all()
+    again, cells_again = estbench.load(tmp_path / "api", finished_only=True)
+    assert len(again) == len(records)
+    table = estbench.summary(again, cells_again)
+    assert set(table.estimator) == {"rloo", "disarm"} and "final_elbo" in table
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"estbench {estbench.__version__}"
