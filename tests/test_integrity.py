@@ -397,3 +397,18 @@ def test_a_cells_code_version_follows_its_classes_not_a_list_of_file_names():
             "estimators/baselines.py", "tasks/binary_vae.py", "tasks/base.py",
             "tasks/data/mnist.py"} <= rel
     assert "estimators/antithetic.py" not in rel  # another estimator's module: not its code
+
+
+def test_rank_of_an_estimator_that_cannot_spend_the_budget_says_not_run(tmp_path, reference,
+                                                                        forget, capsys):
+    path = tmp_path / "greedy.py"
+    path.write_text(HEADER.replace("NAME", "greedy_test_only").replace("BODY", "pass")
+                    .replace("    calls = 0\n", "    calls = 0\n    min_samples = 100\n"))
+    forget.append("greedy_test_only")
+    out = tmp_path / "out"
+    assert main(["rank", str(path), "--tasks", "toy_binary", "--reference", str(reference),
+                 "--out", str(out), *TINY]) == 1
+    text = capsys.readouterr().out
+    assert "greedy_test_only has no finished cell" in text
+    assert "toy_binary: not run: estimator 'greedy_test_only' cannot spend a budget of 12" in text
+    assert (out / "report" / "report.md").is_file()
