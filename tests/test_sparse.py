@@ -213,96 +213,8 @@ def test_sparsemap_estimator_gradient_matches_finite_differences():
 
 
 # ---- SparseMAP: the vectorised solver against the original loops -------------------------------
-def _viterbi_loop(u, transition):
-    """The original chain Viterbi (a Python loop over the positions), kept as the reference."""
-    N, Dn = u.shape
-    d0 = torch.zeros(N, dtype=u.dtype)
-    d1 = u[:, 0].clone()
-    bps = []
-    for d in range(1, Dn):
-        bp0 = d1 > d0
-        bp1 = d1 + transition > d0
-        d0, d1 = torch.maximum(d0, d1), u[:, d] + torch.maximum(d0, d1 + transition)
-        bps.append(torch.stack([bp0, bp1], -1))
-    last = d1 > d0
-    value = torch.maximum(d0, d1)
-    z = torch.empty(N, Dn, dtype=torch.long)
-    z[:, Dn - 1] = last.long()
-    for d in range(Dn - 1, 0, -1):
-        z[:, d - 1] = bps[d - 1].gather(-1, z[:, d: d + 1]).squeeze(-1).long()
-    return z.to(u.dtype), value
-
-
-def _solve_reference(theta, transition, max_iter=50, tol=1e-9, ridge=1e-10):
-    """The original active-set loop (full Gram matrix and KKT solve every iteration, S fixed slots,
-    the loop Viterbi), kept as the reference the fast solver must reproduce."""
-    theta = theta.double()
-    N, Dn = theta.shape
-
-    def scores(Z):
-        pairs = (Z[..., :-1] * Z[..., 1:]).sum(-1)
-        return torch.einsum("nsd,nd->ns", Z, theta) + transition * pairs
-
-    def kkt(Z, active, ridge):
-        S = Z.shape[1]
-        am = active.double()
-        n1 = Z.sum(-1)
-        Q = 2 * (Z @ Z.transpose(1, 2)) - n1[:, :, None] - n1[:, None, :] + Dn
-        eye = torch.eye(S, dtype=torch.float64)
-        K = Z.new_zeros(N, S + 1, S + 1)
-        K[:, :S, :S] = Q * am[:, :, None] * am[:, None, :] + eye * (1 - am)[:, None, :] \
-            + ridge * eye * am[:, None, :]
-        K[:, :S, S] = am
-        K[:, S, :S] = am
-        return K
-
-    S = min(max_iter + 1, Dn + 2, 2 ** min(Dn, 30))
-    Z = theta.new_zeros(N, S, Dn)
-    active = torch.zeros(N, S, dtype=torch.bool)
-    xi = theta.new_zeros(N, S)
-    Z[:, 0], _ = _viterbi_loop(theta, transition)
-    active[:, 0] = True
-    xi[:, 0] = 1.0
-    done = torch.zeros(N, dtype=torch.bool)
-    stuck = torch.zeros_like(done)
-    rows = torch.arange(N)
-    for _ in range(max_iter + 2 * S):
-        sol = torch.linalg.solve(kkt(Z, active, ridge),
-                                 torch.cat([scores(Z) * active, theta.new_ones(N, 1)], -1))
-        xih, tau = sol[:, :S] * active, sol[:, S]
-        step = xih - xi
-        stationary = step.abs().amax(-1) < tol
-        mu = (xi[:, :, None] * Z).sum(1)
-        z_star, v = _viterbi_loop(theta + 1 - 2 * mu, transition)
-        gain = v - (1 - mu).sum(-1) - tau
-        already = ((Z == z_star[:, None]).all(-1) & active).any(-1)
-        free = ~active
-        want = ~done & stationary & (gain > tol) & ~already
-        add = want & free.any(-1)
-        stuck = stuck | (want & ~add)
-        newly_done = ~done & stationary & ~add
-        slot = free.to(torch.int8).argmax(-1)
-        Z[rows[add], slot[add]] = z_star[add]
-        active[rows[add], slot[add]] = True
-        move = ~done & ~stationary
-        neg = active & (step < 0)
-        ratio = torch.where(neg, -xi / torch.where(neg, step, -torch.ones_like(step)),
-                            torch.full_like(step, float("inf")))
-        a_block, j = ratio.min(-1)
-        xi = torch.where(move[:, None], xi + a_block.clamp(max=1.0)[:, None] * step, xi)
-        xi = torch.where((stationary & ~done)[:, None], xih, xi)
-        drop = move & (a_block < 1)
-        xi[rows[drop], j[drop]] = 0.0
-        active[rows[drop], j[drop]] = False
-        done = done | newly_done
-        if bool(done.all()):
-            break
-    exact, info = torch.linalg.solve_ex(kkt(Z, active, 0.0), torch.cat(
-        [scores(Z) * active, theta.new_ones(N, 1)], -1))
-    exact = exact[:, :S] * active
-    ok = (info == 0) & torch.isfinite(exact).all(-1) & ((exact - xi).abs().amax(-1) < 1e-6)
-    xi = torch.where(ok[:, None], exact, xi).clamp_min(0) * active
-    return xi / xi.sum(-1, keepdim=True), Z, active, done & ~stuck
+from benchmarks.sparsemap_reference import old_chain_viterbi as _viterbi_loop  # noqa: E402
+from benchmarks.sparsemap_reference import old_sparsemap_chain_solve as _solve_reference  # noqa: E402
 
 
 def _assert_same_solution(fast, ref):
@@ -384,18 +296,7 @@ def test_sparsemap_without_transition_has_the_closed_form_on_long_chains():
     assert not xi[keep, S:].any()
 
 
-class _ReferenceChain(torch.autograd.Function):
-    """SparseMAPChain with the reference forward (the backward formula is the module's)."""
-
-    @staticmethod
-    def forward(ctx, theta, transition, max_iter):
-        xi, Z, active, _ = _solve_reference(theta.detach(), transition, max_iter)
-        ctx.save_for_backward(Z, active)
-        Zo = Z.to(theta.dtype)
-        ctx.mark_non_differentiable(Zo, active)
-        return xi.to(theta.dtype), Zo, active
-
-    backward = staticmethod(SparseMAPChain.backward)
+from benchmarks.sparsemap_reference import OldSparseMAPChain as _ReferenceChain  # noqa: E402
 
 
 @pytest.mark.parametrize("transition", [0.0, 0.6])
