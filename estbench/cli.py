@@ -10,6 +10,7 @@ Bad input gets one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -223,7 +224,19 @@ def _cell_timeout(text: Optional[str]) -> Optional[float]:
     return v
 
 
+def _results_folder(out: Path) -> Path:
+    """``--out``: a folder, existing or to be made; a file there is bad input."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a results folder")
+    return out
+
+
 def _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped: bool):
+    n = len(task_specs) * len(est_specs) * len(seeds) * len(devices)
+    if n > MAX_CELLS:  # before the plan is built: it instantiates every cell
+        raise UsageError(f"the plan would have up to {n} cells ({len(task_specs)} tasks x "
+                         f"{len(est_specs)} estimators x {len(seeds)} seeds x {len(devices)} devices), "
+                         f"more than the limit of {MAX_CELLS}; split the sweep")
     try:
         plan = sweep.expand(task_specs, est_specs, seeds, devices, args.budget, overrides,
                             timeout=_cell_timeout(args.cell_timeout))
@@ -268,18 +281,22 @@ def _execute(args, plan, out: Path, executor, meta: dict):
             return f"note: {out} is read-only: meta.json and results.parquet not updated"
         return f"note: cannot write to {out} ({reason(e)}): meta.json and results.parquet not updated"
 
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a results folder")
     if not out.is_dir():
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create results folder {out}: {reason(e)}") from None
-    todo = len(plan.cells) if args.force else sum(not store.has_cell(out, c.key()) for c in plan.cells)
+    @functools.lru_cache(maxsize=None)
+    def todo() -> int:
+        """Cells to compute, counted only where a refused write needs it before the sweep (the
+        count reads every stored cell's footer, which the sweep does anyway)."""
+        return len(plan.cells) if args.force else sum(not store.has_cell(out, c.key())
+                                                      for c in plan.cells)
+
     note = None
     if not store.writable(out):
-        if todo:
-            raise UsageError(f"--out {out} is read-only and {todo} of {len(plan.cells)} cells need "
+        if todo():
+            raise UsageError(f"--out {out} is read-only and {todo()} of {len(plan.cells)} cells need "
                              "computing; choose a writable --out")
         note = not_updated(None)
     else:
@@ -287,7 +304,7 @@ def _execute(args, plan, out: Path, executor, meta: dict):
             store.write_meta(out, {**store.run_metadata(sys.argv), **meta,
                                    "budgets": {c.task: c.budget.as_dict() for c in plan.cells}})
         except OSError as e:
-            if todo:
+            if todo():
                 raise UsageError(f"cannot write results to {out}: {reason(e)}; nothing was run") from None
             note = not_updated(e)
 
@@ -302,9 +319,9 @@ def _execute(args, plan, out: Path, executor, meta: dict):
         return None
 
     try:
-        sweep.run(plan, out, force=args.force,
-                  progress=Progress(err, args.quiet, plan.cells, executor.n_jobs, where=out),
-                  executor=executor)
+        computed = sweep.run(plan, out, force=args.force,
+                             progress=Progress(err, args.quiet, plan.cells, executor.n_jobs, where=out),
+                             executor=executor)
     except WorkerError as e:
         merge()
         print(f"estbench: error: {e}", file=err)
@@ -325,7 +342,7 @@ def _execute(args, plan, out: Path, executor, meta: dict):
         return 1, None, None
     failed = merge()
     if failed is not None:
-        if todo:
+        if computed:  # this run computed cells: a results.parquet that lags them is an error
             print(f"estbench: error: cannot write results to {out}: {reason(failed)} (the cells are "
                   f"stored; {out / 'results.parquet'} is not updated)", file=err)
             return 1, None, None
@@ -348,14 +365,8 @@ def cmd_run(args) -> int:
     except SpecError as e:
         raise UsageError(str(e)) from None
     seeds, devices, executor, overrides = _common(args)
-    out = Path(args.out) if args.out else Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a results folder")
-    n = len(task_specs) * len(est_specs) * len(seeds) * len(devices)
-    if n > MAX_CELLS:  # before the plan is built: it instantiates every cell
-        raise UsageError(f"the plan would have up to {n} cells ({len(task_specs)} tasks x "
-                         f"{len(est_specs)} estimators x {len(seeds)} seeds x {len(devices)} devices), "
-                         f"more than the limit of {MAX_CELLS}; split the sweep")
+    out = _results_folder(Path(args.out) if args.out else
+                          Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     plan = _plan(args, task_specs, est_specs, seeds, devices, overrides,
                  show_skipped=bool(args.estimators and args.tasks))
     if not args.quiet:
@@ -416,8 +427,7 @@ def cmd_rank(args) -> int:
         raise UsageError("an estimator loaded from a file exists only in this process: rank it without "
                          "-j/--parallel-config, or install it as an 'estbench.estimators' entry point")
     plan = _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped=False)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a results folder")
+    _results_folder(out)
     reused = 0 if same else rank.reuse_cells(plan, reference, out)
     if not same and not reused and (reference / "cells").is_dir() and not args.quiet:
         print(f"note: none of the {len(plan.cells)} cells is in {reference}: it was made for other "

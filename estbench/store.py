@@ -32,7 +32,9 @@ import torch
 
 from estbench import __version__
 
-RECORD_COLUMNS = ["task", "estimator", "seed", "device", "n_samples", "steps", "step", "metric", "value"]
+#: the columns of a record that identify its cell (those a cell's status row shares with it)
+RECORD_IDENTITY = ["task", "estimator", "seed", "device", "n_samples", "steps"]
+RECORD_COLUMNS = [*RECORD_IDENTITY, "step", "metric", "value"]
 _CELL_KEY = b"estbench.cell"
 
 

@@ -10,12 +10,10 @@ import math
 
 import pandas as pd
 
+from estbench.store import RECORD_IDENTITY
+
 SUMMARY_METRICS = ["final_elbo", "bias", "variance", "cosine", "step_time", "n_evals", "diverged"]
 
-#: the columns of a record that identify its cell (those a cell's status row shares with it)
-RECORD_CELL_IDENTITY = ["task", "estimator", "seed", "device", "n_samples", "steps"]
-#: the cell statuses that are not a finished cell: listed apart, never ranked or tabulated
-PROBLEM_STATUSES = ("failed", "diverged", "infeasible")
 
 
 def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
@@ -23,16 +21,16 @@ def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
 
     A failed or diverged cell keeps the checkpoint records it made before it stopped; they are no
     measurement of the estimator, so rankings, tables, plots and comparisons must not see them.
-    Joined with the status rows of ``store.load`` on ``RECORD_CELL_IDENTITY``.  Without status
+    Joined with the status rows of ``store.load`` on ``store.RECORD_IDENTITY``.  Without status
     rows (``cells`` None) the records are returned as they are; with an empty frame, none.
     """
     if cells is None:
         return records
     if records.empty or cells.empty or "status" not in cells:
         return records.iloc[0:0]
-    ok = cells.loc[cells.status == "ok", RECORD_CELL_IDENTITY].drop_duplicates()
-    ok = ok.astype({c: records[c].dtype for c in RECORD_CELL_IDENTITY})
-    return records.merge(ok, on=RECORD_CELL_IDENTITY, how="inner")[list(records.columns)]
+    ok = cells.loc[cells.status == "ok", RECORD_IDENTITY].drop_duplicates()
+    ok = ok.astype({c: records[c].dtype for c in RECORD_IDENTITY})
+    return records.merge(ok, on=RECORD_IDENTITY, how="inner")[list(records.columns)]
 
 
 def per_cell(records: pd.DataFrame) -> pd.DataFrame:
