@@ -62,8 +62,11 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out="results/runs/python",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     executor = executors.make_executor(jobs)
-    sweep.run(plan, out, force=force, executor=executor,
-              progress=Progress(sys.stderr, not progress, plan.cells, executor.n_jobs, where=out))
+    shown = Progress(sys.stderr, not progress, plan.cells, executor.n_jobs, where=out)
+    try:
+        sweep.run(plan, out, force=force, executor=executor, progress=shown)
+    finally:
+        shown.close()
     store.write_merged(out)
     records, cells = store.load(out)
     keys = {c.key() for c in plan.cells}

@@ -14,6 +14,8 @@ import functools
 import json
 import os
 import sys
+import threading
+import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -121,15 +123,23 @@ def _fmt_duration(seconds: Optional[float]) -> str:
 class Progress:
     """What a person watching a sweep sees: one line for the cells already stored, then the cells
     as they are computed -- a tqdm bar on a terminal (failures printed above it), one line per cell
-    elsewhere (logs, CI) -- with an ETA from :class:`Eta`, which ignores the stored cells.
+    elsewhere (logs, CI) -- with an ETA from :class:`Eta`, which ignores the stored cells; and,
+    read from the cells' heartbeats in the results folder (store.Heartbeat), what the running
+    cells are doing: on the bar, the longest-running cell's step and phase, refreshed every
+    second; in a log, a line every minute for each cell running longer than a minute.
 
     ``sweep.run`` reports every stored cell before any computed one, so the stored cells are
     summed up in one line as soon as the first computed cell (or the end) arrives.
     """
 
+    #: seconds between looks at the heartbeats (terminal, log) and a log line's minimum cell age
+    POLL_BAR, POLL_LOG, LONG_CELL = 1.0, 60.0, 60.0
+
     def __init__(self, stream, quiet: bool, cells=(), workers: int = 1, where=None,
                  bar: Optional[bool] = None):
         self.stream, self.quiet, self.where = stream, quiet, where
+        cells = list(cells)
+        self.n = len(cells)
         self.eta = Eta(cells, workers)
         self.cached = 0
         self.flushed = False
@@ -137,6 +147,15 @@ class Progress:
         if bar is None:
             bar = bool(getattr(stream, "isatty", lambda: False)())
         self.use_bar = bar
+        self._lock = threading.RLock()
+        self._eta_text = "ETA ?"
+        self._since = time.time()  # heartbeats of cells started before this sweep are stale
+        self._stop = threading.Event()
+        if not quiet and where is not None:
+            threading.Thread(target=self._watch, name="estbench-progress", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
 
     def _flush_cached(self, n: int) -> None:
         if self.flushed:
@@ -147,7 +166,53 @@ class Progress:
             print(f"{self.cached} of {n} cells already stored{where}: reused (--force recomputes them)",
                   file=self.stream, flush=True)
 
+    def _ensure_bar(self, n: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n - self.cached, file=self.stream, unit="cell",
+                            dynamic_ncols=True, leave=True)
+
+    @staticmethod
+    def describe(beat: dict, now: float) -> str:
+        """One running cell as a person reads it: label, time so far, step and phase."""
+        return (f"{beat.get('label', beat.get('key', '?'))} {_fmt_duration(now - beat['started'])}: "
+                f"step {beat.get('step', '?')} of {beat.get('steps', '?')}, {beat.get('phase', '?')}")
+
+    def _running(self) -> list[dict]:
+        return [b for b in store.running(self.where) if b.get("started", 0) >= self._since - 1]
+
+    def _watch(self) -> None:
+        period = self.POLL_BAR if self.use_bar else self.POLL_LOG
+        while not self._stop.wait(period):
+            try:
+                beats, now = self._running(), time.time()
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    if self.use_bar:
+                        if not beats:
+                            continue
+                        self._flush_cached(self.n)
+                        self._ensure_bar(self.n)
+                        more = f" (+{len(beats) - 1} running)" if len(beats) > 1 else ""
+                        self.bar.set_postfix_str(f"{self.describe(beats[0], now)}{more}, "
+                                                 f"{self._eta_text}", refresh=True)
+                    else:
+                        for beat in beats:
+                            if now - beat["started"] >= self.LONG_CELL:
+                                print(f"  running {self.describe(beat, now)}", file=self.stream,
+                                      flush=True)
+            except Exception:  # never let the display take a sweep down
+                pass
+
     def __call__(self, i, n, cell, res, cached):
+        with self._lock:
+            self._record(i, n, cell, res, cached)
+            if i == n:
+                self.close()
+
+    def _record(self, i, n, cell, res, cached):
         left = self.eta.done(cell, None if cached or res is None else res.seconds)
         if cached:
             self.cached += 1
@@ -160,13 +225,9 @@ class Progress:
         status = (res.status if res is not None else "stored by another worker") + \
             (f": {res.error}" if res is not None and res.error else "") + \
             (f" ({res.seconds:.1f}s)" if res is not None else "")
-        eta = f"ETA {_fmt_duration(left if i < n else 0)}"
+        eta = self._eta_text = f"ETA {_fmt_duration(left if i < n else 0)}"
         if self.use_bar:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=n - self.cached, file=self.stream, unit="cell",
-                                dynamic_ncols=True, leave=True)
+            self._ensure_bar(n)
             if res is not None and res.status != "ok":
                 self.bar.write(f"{cell.label()} ... {status}", file=self.stream)
             self.bar.set_postfix_str(f"{cell.task} x {cell.estimator}: {res.status if res else '-'}"
@@ -318,10 +379,9 @@ def _execute(args, plan, out: Path, executor, meta: dict):
             return e
         return None
 
+    progress = Progress(err, args.quiet, plan.cells, executor.n_jobs, where=out)
     try:
-        computed = sweep.run(plan, out, force=args.force,
-                             progress=Progress(err, args.quiet, plan.cells, executor.n_jobs, where=out),
-                             executor=executor)
+        computed = sweep.run(plan, out, force=args.force, progress=progress, executor=executor)
     except WorkerError as e:
         merge()
         print(f"estbench: error: {e}", file=err)
@@ -340,6 +400,8 @@ def _execute(args, plan, out: Path, executor, meta: dict):
         print(f"estbench: error: cannot write results to {out}: {reason(e)} (the finished cells are "
               "kept; rerun the same command once there is room)", file=err)
         return 1, None, None
+    finally:
+        progress.close()
     failed = merge()
     if failed is not None:
         if computed:  # this run computed cells: a results.parquet that lags them is an error

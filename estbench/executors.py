@@ -128,9 +128,13 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: 
         return cell, None
     if threads:  # run_cell reads it (estbench.train.cpu_threads); otherwise inherited from the parent
         os.environ["ESTBENCH_THREADS"] = str(int(threads))
-    with gpu_slot(cell.device, cells_per_gpu), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = run_cell(cell)
+    heartbeat = store.Heartbeat(run_dir, cell.key(), cell.label())
+    try:
+        with gpu_slot(cell.device, cells_per_gpu), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = run_cell(cell, report=heartbeat)
+    finally:
+        heartbeat.close()
     _summarise_warnings(cell, caught)
     store.write_cell(Path(run_dir), cell.key(), res)
     return cell, res

@@ -5,6 +5,8 @@ Layout of a run folder::
     RUN/meta.json               run metadata (versions, device names, git commit, command)
     RUN/cells/<key>.parquet     tidy records of one cell; its status row rides in the file metadata
     RUN/results.parquet         all records merged (rewritten after every sweep; derived, disposable)
+    RUN/running/<key>.json      what a cell in progress is doing (:class:`Heartbeat`; removed when
+                                the cell ends; never read as a result)
 
 A cell file appears only complete (temp file + ``os.replace``), so an interrupted sweep never leaves
 a half-written record, and a cell whose file exists is not recomputed.
@@ -320,6 +322,81 @@ def write_cell(run_dir: Path, key: str, result) -> Path:
     path = cell_path(run_dir, key)
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path
+
+
+#: the folder of the heartbeat files of cells in progress
+RUNNING = "running"
+
+
+class Heartbeat:
+    """What a running cell is doing, for whoever watches the sweep: ``RUN/running/<key>.json``
+    (label, step, steps, phase, start time), rewritten at each change of phase and otherwise at
+    most every ``every`` seconds, removed when the cell ends.  It lives in the results folder, so
+    it works wherever the store does (loky, Slurm or dask workers on a shared file system).  It
+    never raises: progress is a courtesy, not part of a result."""
+
+    def __init__(self, run_dir, key: str, label: str, every: float = 2.0):
+        self.path = Path(run_dir) / RUNNING / f"{key}.json"
+        self.label, self.every = label, every
+        self.started = time.time()
+        self._last, self._phase = -float("inf"), None
+
+    def __call__(self, step: int, steps: int, phase: str) -> None:
+        now = time.monotonic()
+        if phase == self._phase and now - self._last < self.every:
+            return
+        self._last, self._phase = now, phase
+        state = {"label": self.label, "step": int(step), "steps": int(steps), "phase": phase,
+                 "started": self.started, "pid": os.getpid()}
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def running(run_dir, keys=None) -> list[dict]:
+    """The heartbeats of the cells in progress in ``run_dir`` (of ``keys`` only, if given), oldest
+    first, each with ``key`` and ``updated`` (the file's modification time) added."""
+    folder = Path(run_dir) / RUNNING
+    out = []
+    try:
+        paths = list(folder.glob("*.json"))
+    except OSError:
+        return out
+    for path in paths:
+        key = path.stem
+        if keys is not None and key not in keys:
+            continue
+        try:
+            state = json.loads(path.read_text())
+            state.update(key=key, updated=path.stat().st_mtime)
+        except (OSError, ValueError):
+            continue  # being replaced, or removed since the glob
+        out.append(state)
+    return sorted(out, key=lambda s: s.get("started", 0))
+
+
+def clear_running(run_dir, keys) -> None:
+    """Remove the heartbeats of ``keys`` (left by workers that died) and the folder if empty."""
+    folder = Path(run_dir) / RUNNING
+    for key in keys:
+        try:
+            (folder / f"{key}.json").unlink()
+        except OSError:
+            pass
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def read_meta(run_dir) -> dict:

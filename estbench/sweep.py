@@ -128,6 +128,8 @@ def run(plan: Plan, run_dir: Path, force: bool = False,
                     log(f"{cell.label()}: {res.error}")
             if progress:
                 progress(done, n, cell, res, res is None)
+    if todo:  # heartbeats a dead worker left behind
+        store.clear_running(run_dir, [c.key() for c in todo])
     order = {cell: i for i, cell in enumerate(plan.cells)}
     results.sort(key=lambda r: order.get(r.cell, n))
     if lost:

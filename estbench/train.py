@@ -35,9 +35,10 @@ import torch
 import estimators
 import tasks
 from estbench.budget import Budget, EvaluationCounter, over_budget_message
-from estbench.errors import CellTimeout, Diverged, InfeasibleError, OverBudgetError
-from estbench.measure import measure
+from estbench.errors import BudgetError, CellTimeout, Diverged, InfeasibleError, OverBudgetError
+from estbench.measure import isolated_rng, measure
 from estbench.spec import parse
+from estbench.store import RECORD_IDENTITY
 
 
 @dataclass(frozen=True)
@@ -202,42 +203,60 @@ def cpu_threads() -> int:
         return 1
 
 
+#: where a cell keeps the record-identity columns that are not its own attributes
+_BUDGET_IDENTITY = ("n_samples", "steps")
+
+
 def _identity(cell: Cell) -> dict:
-    """The identifying columns of every record of a cell (store.RECORD_COLUMNS before step)."""
-    return {"task": cell.task, "estimator": cell.estimator, "seed": cell.seed,
-            "device": cell.device, "n_samples": cell.budget.n_samples, "steps": cell.budget.steps}
+    """The identifying columns of every record of a cell, in store.RECORD_IDENTITY's order."""
+    return {k: getattr(cell.budget if k in _BUDGET_IDENTITY else cell, k) for k in RECORD_IDENTITY}
 
 
-def run_cell(cell: Cell) -> CellResult:
+def _record(res: "CellResult", step: int, metric: str, value: float) -> None:
+    res.records.append({**_identity(res.cell), "step": int(step), "metric": metric,
+                        "value": float(value)})
+
+
+def _check_spent(held: bool, spent: int, budget: Budget, where: str, reported) -> None:
+    """The counted budget: an estimator held to it that spent more fails the cell."""
+    if held and spent > budget.n_samples:
+        raise OverBudgetError(over_budget_message(spent, budget.n_samples, where, reported))
+
+
+def _no_report(step: int, steps: int, phase: str) -> None:
+    pass
+
+
+def run_cell(cell: Cell, report=None) -> CellResult:
     """Run one cell; never raises for estimator/task failures (they become a 'failed' status),
-    nor for a cell past its time limit."""
+    nor for a cell past its time limit.  ``report(step, steps, phase)``, if given, is told where
+    the cell is (each training step, each measurement, the final evaluation); it must be cheap
+    (store.Heartbeat throttles itself) and is called outside the timed step."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads())
     t_start = time.perf_counter()
     try:
         with time_limit(cell.timeout):
-            return _run_cell(cell, t_start)
+            return _run_cell(cell, t_start, report or _no_report)
     except CellTimeout:
         res = CellResult(cell, "failed", error=f"timed out after {cell.timeout:g} s (--cell-timeout)")
-        res.records.append({**_identity(cell), "step": cell.budget.steps, "metric": "diverged",
-                            "value": 0.0})
+        _record(res, cell.budget.steps, "diverged", 0.0)
         res.seconds = time.perf_counter() - t_start
         return res
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_cell(cell: Cell, t_start: float) -> CellResult:
+def _run_cell(cell: Cell, t_start: float, report) -> CellResult:
     res = CellResult(cell, "ok")
-    base = _identity(cell)
 
     def rec(step: int, metric: str, value: float) -> None:
-        res.records.append({**base, "step": int(step), "metric": metric, "value": float(value)})
+        _record(res, step, metric, value)
 
     state: dict = {}
     try:
         try:
-            _train(cell, rec, res.artifacts, state)
+            _train(cell, rec, res.artifacts, state, report)
         except Exception:
             # an error some steps after the parameters went non-finite (the flag is read every few
             # steps) is that divergence, not a failure of its own
@@ -261,9 +280,9 @@ def _run_cell(cell: Cell, t_start: float) -> CellResult:
     return res
 
 
-def _train(cell: Cell, rec, artifacts: dict, state: dict) -> None:
-    """Train and measure one cell, recording through ``rec``; ``state`` exposes the divergence
-    watch to the caller."""
+def _train(cell: Cell, rec, artifacts: dict, state: dict, report) -> None:
+    """Train and measure one cell, recording through ``rec`` and telling ``report`` where it is;
+    ``state`` exposes the divergence watch to the caller."""
     budget = cell.budget
     device = resolve_device(cell.device)
     with torch.random.fork_rng(devices=[], device_type="cpu"):
@@ -280,7 +299,17 @@ def _train(cell: Cell, rec, artifacts: dict, state: dict) -> None:
     optimizer = task.make_optimizer()
     params = task.parameters()
     batches = task.train_batches(data_gen)
-    checkpoints = set(budget.checkpoint_steps())
+    checkpoint_list = budget.checkpoint_steps()
+    checkpoints = set(checkpoint_list)
+    report(0, budget.steps, "setting up")
+    if checkpoints:
+        # the feasibility rule before the step-0 measurement, whose reference gradient is the
+        # costliest part of a measurement (11 s of a text_vae cell spent only to find the
+        # estimator cannot run); on the measurement batch, on its own RNG stream
+        with isolated_rng(cell.seed, device):
+            reason = est.skip(task.problem(task.measure_batch()).dist, budget.n_samples)
+        if reason:
+            raise BudgetError(reason)
     counter = EvaluationCounter()  # the harness's own count of f-evaluations, never the plug-in's
     held = not est.exceeds_budget
 
@@ -296,12 +325,12 @@ def _train(cell: Cell, rec, artifacts: dict, state: dict) -> None:
             if step in checkpoints or step == budget.steps or step % DIVERGENCE_CHECK_EVERY == 0:
                 watch.check()
             if step in checkpoints:
+                report(step, budget.steps, f"measuring (checkpoint {checkpoint_list.index(step) + 1}"
+                                           f" of {len(checkpoint_list)})")
                 m = measure(task, est, budget.n_samples, budget.measure_samples,
                             seed=cell.seed * 7919 + step, counter=counter)
                 spent, reported = int(m.pop("n_evals")), m.pop("n_evals_reported")
-                if held and spent > budget.n_samples:
-                    raise OverBudgetError(over_budget_message(
-                        spent, budget.n_samples, f"in the measurement at step {step}", reported))
+                _check_spent(held, spent, budget, f"in the measurement at step {step}", reported)
                 for k, v in m.items():
                     rec(step, k, v)
                 rec(step, "elbo", task.evaluate(final=False))
@@ -330,14 +359,14 @@ def _train(cell: Cell, rec, artifacts: dict, state: dict) -> None:
             _sync(device)
             dt = time.perf_counter() - t0
             spent = counter.count
-            if held and spent > budget.n_samples:
-                raise OverBudgetError(over_budget_message(
-                    spent, budget.n_samples, f"at training step {step}", e.n_evals))
+            _check_spent(held, spent, budget, f"at training step {step}", e.n_evals)
             n_evals = max(n_evals, spent)
             train_time += dt
+            report(step + 1, budget.steps, "training")
             since_ckpt_steps += 1
             value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
             since_ckpt_obj = since_ckpt_obj + value.double()
+        report(budget.steps, budget.steps, "final evaluation")
         final = task.evaluate(final=True)
         if not math.isfinite(final):
             raise Diverged("non-finite final evaluation")

@@ -215,6 +215,99 @@ def test_progress_on_a_terminal_is_a_bar_with_failures_above_it(tmp_path):
     assert quiet.getvalue() == ""
 
 
+def test_a_running_cell_reports_its_step_and_phase_and_leaves_no_heartbeat(tmp_path):
+    """The harness tells the reporter every phase of a cell (set-up, each measurement, training
+    steps in order, the final evaluation); run_and_store keeps it in RUN/running/<key>.json while
+    the cell runs and removes it afterwards."""
+    from estbench import executors, store
+    from estbench.train import Cell, run_cell
+
+    cell = Cell("toy_binary", "rloo", 0, "cpu", Budget(steps=6, checkpoints=3, measure_samples=4))
+    seen = []
+    res = run_cell(cell, report=lambda step, steps, phase: seen.append((step, steps, phase)))
+    assert res.status == "ok", res.error
+    phases = [p for _, _, p in seen]
+    assert phases[0] == "setting up" and phases[-1] == "final evaluation"
+    assert [p for p in phases if p.startswith("measuring")] == [
+        f"measuring (checkpoint {i} of 3)" for i in (1, 2, 3)]
+    assert [s for s, _, p in seen if p == "training"] == [1, 2, 3, 4, 5, 6]
+    assert {steps for _, steps, _ in seen} == {6}
+
+    states = []
+    original = store.Heartbeat.__call__
+
+    def spy(self, step, steps, phase):
+        original(self, step, steps, phase)
+        states.extend(store.running(tmp_path))
+
+    store.Heartbeat.__call__ = spy
+    try:
+        executors.run_and_store(cell.with_code(), str(tmp_path))
+    finally:
+        store.Heartbeat.__call__ = original
+    assert states and states[0]["label"] == cell.label() and states[0]["key"] == cell.with_code().key()
+    assert states[-1]["phase"] == "final evaluation" and states[-1]["step"] == 6
+    assert store.running(tmp_path) == []  # removed when the cell ended
+    assert store.has_cell(tmp_path, cell.with_code().key())
+
+
+def test_heartbeat_writes_on_a_new_phase_and_at_most_every_few_seconds(tmp_path):
+    from estbench import store
+
+    beat = store.Heartbeat(tmp_path, "k1", "a x b", every=3600)
+    beat(1, 10, "training")
+    beat(2, 10, "training")  # throttled: same phase within `every`
+    assert [b["step"] for b in store.running(tmp_path)] == [1]
+    beat(2, 10, "measuring (checkpoint 2 of 3)")  # a new phase is written at once
+    (state,) = store.running(tmp_path)
+    assert (state["step"], state["phase"]) == (2, "measuring (checkpoint 2 of 3)")
+    assert store.running(tmp_path, keys={"other"}) == []
+    beat.close()
+    beat.close()  # twice is harmless
+    assert store.running(tmp_path) == []
+    store.Heartbeat(tmp_path, "k2", "x")(0, 1, "setting up")
+    store.clear_running(tmp_path, ["k2"])
+    assert not (tmp_path / store.RUNNING).exists()
+
+
+def test_progress_shows_what_long_running_cells_are_doing(tmp_path, monkeypatch):
+    """In a log: a line per cell running longer than LONG_CELL, every POLL_LOG seconds, from its
+    heartbeat; heartbeats of cells started before the sweep (a dead earlier run) are not shown.
+    On a terminal: the longest-running cell on the bar."""
+    import io
+    import time
+
+    from estbench import store
+    from estbench.cli import Progress
+    from estbench.train import Cell
+
+    monkeypatch.setattr(Progress, "POLL_LOG", 0.05)
+    monkeypatch.setattr(Progress, "POLL_BAR", 0.05)
+    monkeypatch.setattr(Progress, "LONG_CELL", 0.0)
+    cells = [Cell("text_vae", "rloo", 0, "cpu", Budget(steps=30))] * 2
+    stale = store.Heartbeat(tmp_path, "old", "stale x cell")
+    stale.started = time.time() - 3600
+    stale(5, 9, "training")
+    for bar in (False, True):
+        stream = io.StringIO()
+        p = Progress(stream, quiet=False, cells=cells, where=tmp_path, bar=bar)
+        beat = store.Heartbeat(tmp_path, f"k{bar}", "text_vae x rloo seed=0 cpu")
+        beat(12, 30, "training")
+        deadline = time.time() + 10
+        while "step 12 of 30, training" not in stream.getvalue() and time.time() < deadline:
+            time.sleep(0.05)
+        p.close()
+        beat.close()
+        text = stream.getvalue()
+        assert "text_vae x rloo seed=0 cpu" in text and "step 12 of 30, training" in text, text
+        assert "stale" not in text
+        if not bar:
+            assert text.startswith("  running text_vae x rloo seed=0 cpu ")
+    quiet = io.StringIO()
+    Progress(quiet, quiet=True, cells=cells, where=tmp_path).close()
+    assert quiet.getvalue() == ""
+
+
 def test_python_api_and_version(tmp_path, capsys):
     import estbench
 

@@ -249,7 +249,7 @@ def test_serial_sweep_summarises_warnings_too(tmp_path, monkeypatch, capsys):
     """The serial loop runs cells through the same worker function as the parallel backends."""
     import warnings
 
-    def warn_then_run(cell, log=None):
+    def warn_then_run(cell, report=None):
         for n in range(30):
             warnings.warn(f"did not converge for {n} chain(s)", UserWarning)
         return CellResult(cell, "ok")

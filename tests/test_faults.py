@@ -362,7 +362,7 @@ def test_read_only_out_with_cells_to_compute_is_refused_up_front(finished, capsy
     capsys.readouterr()
     make_read_only(monkeypatch)
     ran = []
-    monkeypatch.setattr(executors, "run_cell", lambda cell: ran.append(cell))
+    monkeypatch.setattr(executors, "run_cell", lambda cell, report=None: ran.append(cell))
     assert run(out, "0,1,2", "--quiet") == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("estbench: error: ") and str(out) in line
