@@ -40,17 +40,34 @@ RECORD_COLUMNS = [*RECORD_IDENTITY, "step", "metric", "value"]
 _CELL_KEY = b"estbench.cell"
 
 
-def git_commit() -> str:
-    """The git commit of the estbench source tree (with ``-dirty`` if modified), or ''."""
-    here = Path(__file__).resolve().parent.parent
+#: paths whose changes do not make the source "dirty": results are what a run writes (remaking
+#: the reference deletes its committed cells first, which is not a change to the code)
+_NOT_SOURCE = ("results",)
+
+
+def source_changes(root=None) -> str:
+    """``git status`` of the tracked files outside ``results/`` of the estbench source tree (or of
+    the checkout at ``root``): '' when clean or when it is not a git checkout."""
+    here = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             *(f":(exclude){p}" for p in _NOT_SOURCE)],
+            cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_commit(root=None) -> str:
+    """The git commit of the estbench source tree or of ``root`` (with ``-dirty`` if its code, not
+    its results, has uncommitted changes), or ''."""
+    here = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5).stdout.strip()
         if not sha:
             return ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        return sha + ("-dirty" if source_changes(here) else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -149,6 +166,20 @@ def _cpu_model() -> str:
     return ""
 
 
+def typed_command(argv: list[str]) -> str:
+    """The command as a person types it: ``estbench run ...`` rather than the entry point's
+    absolute path (``/usr/.../bin/estbench``) or ``python -m estbench``'s ``.../__main__.py``;
+    arguments quoted where the shell needs it."""
+    import shlex
+
+    if not argv:
+        return ""
+    head = Path(argv[0]).name
+    if head in ("__main__.py", "estbench", "estbench.exe") or head.startswith("estbench"):
+        head = "estbench"
+    return " ".join([head, *(shlex.quote(a) for a in argv[1:])])
+
+
 def run_metadata(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     return {
@@ -164,7 +195,7 @@ def run_metadata(argv: list[str] | None = None) -> dict:
         "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
-        "command": " ".join(argv) if argv is not None else None,
+        "command": typed_command(argv) if argv is not None else None,
     }
 
 

@@ -95,3 +95,46 @@ def test_two_concurrent_sweeps_on_one_folder_never_corrupt_it(tmp_path, capsys):
     # and a third run finds everything finished
     assert main([*short, "--out", str(out)]) == 0
     assert f"{N_CELLS} of {N_CELLS} cells already stored" in capsys.readouterr().err
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+
+def test_results_do_not_make_the_source_dirty_but_code_does(tmp_path):
+    """Remaking the reference deletes its committed cells first: that is not a change to the code,
+    so the recorded commit stays clean; an edited source file makes it '-dirty'."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+    (repo / "results" / "reference").mkdir(parents=True)
+    (repo / "estbench").mkdir()
+    (repo / "estbench" / "train.py").write_text("x = 1\n")
+    (repo / "results" / "reference" / "cell.parquet").write_text("old\n")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(tmp_path), "PATH": os.environ["PATH"]})
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    sha = store.git_commit(repo)
+    assert len(sha) == 40 and store.source_changes(repo) == ""
+    (repo / "results" / "reference" / "cell.parquet").unlink()
+    assert store.git_commit(repo) == sha  # deleting results is not dirt
+    (repo / "estbench" / "train.py").write_text("x = 2\n")
+    assert store.git_commit(repo) == sha + "-dirty"
+    assert "estbench/train.py" in store.source_changes(repo)
+
+
+@pytest.mark.parametrize("argv,typed", [
+    (["/root/.pyenv/versions/3.11.7/bin/estbench", "run", "--seeds", "0,1"], "estbench run --seeds 0,1"),
+    (["/site-packages/estbench/__main__.py", "list"], "estbench list"),
+    (["estbench", "run", "--tasks", "toy_binary[t=0.49]", "--out", "a b"],
+     "estbench run --tasks 'toy_binary[t=0.49]' --out 'a b'"),
+])
+def test_the_command_is_recorded_as_typed(argv, typed):
+    assert store.typed_command(argv) == typed
