@@ -38,6 +38,7 @@ ALPHA = 0.05
 METRICS = {
     "final_elbo": ("final_elbo", True, False),
     "variance": ("variance", False, True),
+    "grad_error": ("grad_error", False, True),
     "bias": ("bias", False, True),
     "step_ms": ("step_ms", False, False),  # time per training step, milliseconds
 }

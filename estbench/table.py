@@ -1,7 +1,8 @@
 """The summary table of a run: one row per task x estimator, means over seeds.
 
-Derived from the tidy records only.  bias and variance are averaged over the checkpoints of a cell
-(along its training trajectory), then over seeds; step time is seconds per training step; final
+Derived from the tidy records only.  bias, variance and gradient error (the mean squared error of
+one estimate, squared bias plus variance) are averaged over the checkpoints of a cell (along its
+training trajectory), then over seeds; step time is seconds per training step; final
 ELBO is the task's held-out figure at the end (higher is better).
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pandas as pd
 
 from estbench.store import RECORD_IDENTITY
 
-SUMMARY_METRICS = ["final_elbo", "bias", "variance", "cosine", "step_time", "n_evals", "diverged"]
+SUMMARY_METRICS = ["final_elbo", "bias", "variance", "grad_error", "cosine", "step_time", "n_evals",
+                   "diverged"]
 
 
 
@@ -63,8 +65,8 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
     """A fixed-width text table, grouped by task, sorted by final ELBO (best first)."""
     if summary_df.empty:
         return "(no results)"
-    header = f"{'estimator':<32} {'final ELBO':>18} {'bias':>10} {'variance':>10} {'cosine':>7} " \
-             f"{'step ms':>8} {'f-evals':>7} {'seeds':>5}"
+    header = f"{'estimator':<32} {'final ELBO':>18} {'bias':>10} {'variance':>10} {'grad err':>10} " \
+             f"{'cosine':>7} {'step ms':>8} {'f-evals':>7} {'seeds':>5}"
     lines = []
     for (task, device), df in summary_df.groupby(["task", "device"], sort=True):
         lines.append(f"== {task} [{device}] ==")
@@ -77,6 +79,7 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
             note = f"  ({int(r.diverged)} diverged)" if r.diverged else ""
             lines.append(
                 f"{r.estimator:<32} {elbo:>18} {_fmt(r.bias, '.3g'):>10} {_fmt(r.variance, '.3g'):>10} "
+                f"{_fmt(r.grad_error, '.3g'):>10} "
                 f"{_fmt(r.cosine, '.3f'):>7} {_fmt(r.step_time * 1e3 if r.step_time == r.step_time else float('nan'), '.2f'):>8} "
                 f"{_fmt(r.n_evals, '.0f'):>7} {int(r.seeds):>5}{note}"
             )

@@ -12,6 +12,7 @@ import tasks
 from pathlib import Path
 from estbench import store
 from estbench.budget import Budget
+from estbench.errors import Diverged
 from estbench.measure import gradient_estimates, measure, summarise
 from estbench.spec import SpecError, parse, parse_list
 from estbench.train import Cell, run_cell
@@ -211,6 +212,35 @@ def test_divergence_is_recorded_not_raised(monkeypatch):
     assert "at step 2" in res.error
 
 
+class _NanGradient(estimators.Estimator):
+    """A finite surrogate whose gradient is not finite from its third call on (test only): the
+    square root of |logits - logits| is 0 with an infinite derivative."""
+    families = frozenset({"bernoulli"})
+    unbiased = False
+    paper = "test only"
+    calls = 0
+
+    def _estimate(self, dist, f, n, context, family):
+        _NanGradient.calls += 1
+        logits = estimators.families.params(dist)["logits"]
+        s = logits.sum() * 1e-3
+        if _NanGradient.calls > 2:
+            s = s + (logits - logits.detach()).abs().sqrt().sum()
+        return estimators.Estimate(s, torch.zeros(dist.batch_shape), n)
+
+
+def test_a_non_finite_gradient_under_a_finite_surrogate_is_a_divergence(monkeypatch):
+    """Gradients are not tested per step (a pass over them was 7% of an SST step): the update they
+    poison shows at the next step, whose surrogate is not finite (or, for parameters the surrogate
+    does not read, at the next check of the parameters)."""
+    _NanGradient.name = "nan_gradient_test_only"
+    monkeypatch.setitem(estimators.base.REGISTRY.classes, "nan_gradient_test_only", _NanGradient)
+    _NanGradient.calls = 0
+    res = run_cell(_cell(est="nan_gradient_test_only", steps=120, checkpoints=0))
+    assert res.status == "diverged", res.error
+    assert "non-finite surrogate at step 3" in res.error, res.error  # the bad gradient: step 2
+
+
 def test_an_error_after_the_parameters_went_non_finite_is_a_divergence(monkeypatch):
     """With the divergence flag read every few steps, the step after a NaN may raise (a sampler
     rejecting NaN probabilities): that cell diverged, it did not fail."""
@@ -360,3 +390,22 @@ def test_a_cell_does_not_depend_on_earlier_cells_in_the_process():
     torch.rand(1000)
     again = _frame(run_cell(relax)).query("metric == 'final_elbo'").value.item()
     assert first == again
+
+
+def test_the_divergence_watch_checks_the_parameters_at_each_check():
+    """A parameter the surrogate does not read (a decoder's, say) poisoned by a non-finite
+    gradient: found at the next check, with the steps between which it happened."""
+    from estbench.train import DivergenceWatch
+
+    params = [torch.zeros(3), torch.ones(2)]
+    watch = DivergenceWatch(torch.device("cpu"), params)
+    watch.note(7, torch.tensor(1.0))
+    watch.check(50)  # all finite
+    params[1][0] = float("inf")
+    with pytest.raises(Diverged, match="non-finite parameters after the update of a step from 50 to 100"):
+        watch.check(100)
+    watch = DivergenceWatch(torch.device("cpu"), [torch.zeros(1)])
+    watch.note(3, torch.tensor(float("nan")))
+    watch.note(4, torch.tensor(float("nan")))
+    with pytest.raises(Diverged, match="non-finite surrogate at step 3"):
+        watch.check(50)

@@ -69,8 +69,13 @@ def test_report_end_to_end(tiny_run, tmp_path, capsys):
     tex = (out / "tables" / "toy_binary.tex").read_text()
     assert r"\toprule" in tex and r"\pm" in tex and r"gumbel\_softmax" in tex
     board = pd.read_csv(out / "leaderboard.csv")
-    assert set(board.criterion) == {"final_elbo", "variance", "step_time"}
-    assert (board[board.task == "overall"].groupby("criterion").size() == 3).all()
+    assert set(board.criterion) == {"final_elbo", "grad_error", "variance", "step_time"}
+    sizes = board[board.task == "overall"].groupby("criterion").size()
+    assert (sizes.drop("variance") == 3).all() and sizes["variance"] <= 3
+    assert "## At a glance" in md and "## Bias test" in md and "Rank stability" in md
+    st = pd.read_csv(out / "stability.csv")
+    assert set(st.criterion) >= {"final_elbo", "grad_error"} and set(st.task) == {"toy_binary", "toy_gaussian"}
+    assert "log10_grad_error_mean" in csv and "bias_p" in csv
 
 
 # ---- statistics on known numbers -------------------------------------------------------------------
@@ -132,6 +137,44 @@ def test_leaderboard_overall_mean_rank_over_tasks():
     # equal variances everywhere: all tie
     var = board[(board.criterion == "variance") & (board.task != "overall")]
     assert set(var["rank"]) == {1}
+
+
+def test_variance_ranking_leaves_out_what_the_bias_test_rejects():
+    """A deterministic biased estimator (zero variance, bias test p ~ 0) is not ranked by variance,
+    and is not marked best in the variance column; it is ranked by gradient error with the rest."""
+    pc = _pc({"A": [1.0, 1.1, 0.9], "B": [0.5, 0.4, 0.6], "C": [2.0, 2.1, 1.9]})
+    pc["log10_variance"] = pc.estimator.map({"A": 0.0, "B": -math.inf, "C": 1.0})
+    pc["log10_grad_error"] = pc.estimator.map({"A": 0.1, "B": 2.0, "C": 1.1})
+    pc["bias_p"] = pc.estimator.map({"A": 0.5, "B": 1e-9, "C": 0.4})
+    pc["step_ms"] = 1.0
+    board = leaderboard(pc)
+    var = board[(board.criterion == "variance") & (board.task == "T")]
+    assert set(var.estimator) == {"A", "C"} and dict(zip(var.estimator, var["rank"]))["A"] == 1
+    err = board[(board.criterion == "grad_error") & (board.task == "T")]
+    assert dict(zip(err.estimator, err["rank"])) == {"A": 1, "C": 2, "B": 3}
+    for col in ("final_elbo", "bias", "n_evals", "step_time", "diverged", "grad_error", "variance"):
+        pc[col] = pc.get(col, 0.0)
+    pc["log10_variance"] = pc["log10_variance"].astype(float)
+    pc["device"] = "cpu"
+    t = task_tables(pc)["T"].set_index("estimator")
+    assert not t.loc["B", "log10_variance_best"] and t.loc["A", "log10_variance_best"]
+
+
+def test_rank_stability_marks_a_clear_order_stable_and_noise_inconclusive():
+    from estbench.report.leaderboard import stability
+
+    clear = _pc({"A": [10.0, 10.1, 9.9, 10.0, 10.2], "B": [5.0, 5.1, 4.9, 5.2, 5.0],
+                 "C": [1.0, 1.1, 0.9, 1.0, 1.2]})
+    g = __import__("numpy").random.default_rng(0)
+    noisy = _pc({e: list(g.normal(0, 1, 5)) for e in "ABCD"}, task="N")
+    pc = pd.concat([clear, noisy], ignore_index=True)
+    st = stability(pc).set_index(["criterion", "task"])
+    assert st.loc[("final_elbo", "T"), "stable"] and st.loc[("final_elbo", "T"), "median_tau"] == 1.0
+    assert st.loc[("final_elbo", "T"), "leader"] == "A"
+    assert st.loc[("final_elbo", "T"), "leader_kept"] == 1.0
+    assert not st.loc[("final_elbo", "N"), "stable"]
+    one_seed = _pc({"A": [1.0], "B": [2.0]}, task="S")
+    assert not stability(one_seed).set_index("task").loc["S", "stable"]
 
 
 # ---- hand-made run folders: compare, rationales, failed cells -----------------------------------
@@ -204,7 +247,7 @@ def test_compare_flags_a_regression_not_noise(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(a), str(a), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["regressed"] is False and len(payload["rows"]) == 8
+    assert payload["regressed"] is False and len(payload["rows"]) == 2 * 5  # estimators x metrics
     assert main(["compare", str(a), str(b), "--threshold", "ten"]) == 2
     assert "--threshold" in capsys.readouterr().err
 

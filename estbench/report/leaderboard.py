@@ -15,8 +15,10 @@ a relative rank ``(rank - 1) / (field - 1)`` -- 0 for the best, 1 for the last -
 order is by the mean relative rank over the tasks an estimator ran on; the mean raw rank and the
 number of tasks are reported beside it.
 
-Criteria: final ELBO (higher is better), log10 gradient variance (lower; an exactly zero variance
-ranks first), step time (lower).
+Criteria: final ELBO (higher is better); log10 gradient error E||g - grad||^2 (lower; every
+estimator); log10 gradient variance (lower; an exactly zero variance ranks first) among the
+estimators the bias test does not reject on that task (tables.estimator_bias_p at
+tables.BIAS_TEST_ALPHA); step time (lower).
 """
 from __future__ import annotations
 
@@ -36,11 +38,18 @@ class Criterion:
     column: str     # column of the per-cell frame
     title: str
     higher: bool
+    #: rank only the estimators the bias test does not reject (variance means nothing for a
+    #: biased estimator: spigot's is zero)
+    unbiased_only: bool = False
 
 
 CRITERIA = [
     Criterion("final_elbo", "final_elbo", "final ELBO (higher is better)", True),
-    Criterion("variance", "log10_variance", "gradient variance (lower is better)", False),
+    Criterion("grad_error", "log10_grad_error",
+              "gradient error E‖g − ∇‖², squared bias plus variance (lower is better)", False),
+    Criterion("variance", "log10_variance",
+              "gradient variance, among estimators the bias test does not reject (lower is better)",
+              False, unbiased_only=True),
     Criterion("step_time", "step_ms", "step time (lower is better)", False),
 ]
 
@@ -110,15 +119,27 @@ def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     every task and criterion, plus rows with task ``"overall"``: ``mean`` the mean rank over the
     ``tasks`` an estimator ran on and ``rank`` the position by mean rank (ties shared)."""
     rows = []
+    from estbench.report.tables import BIAS_TEST_ALPHA, estimator_bias_p
+
+    bias_p = estimator_bias_p(pc)
     for crit in CRITERIA:
+        if crit.column not in pc:
+            continue
         per_task = []
         for task, df in pc.groupby("task", sort=True):
             vals = df[["estimator", "seed", crit.column]].rename(columns={crit.column: "value"})
             vals = vals.astype({"value": float})
-            if crit.column == "log10_variance":
+            if crit.unbiased_only:
+                biased = {e for e in vals.estimator.unique()
+                          if bias_p.get((task, e), math.nan) < BIAS_TEST_ALPHA}
+                vals = vals[~vals.estimator.isin(biased)]
+                if vals.empty:
+                    continue
+            log = crit.column.startswith("log10_")
+            if log:
                 vals["value"] = vals["value"].clip(lower=_LOG10_FLOOR)
             r = rank_with_ties(vals, crit.higher, alpha)
-            if crit.column == "log10_variance":
+            if log:
                 r["mean"] = r["mean"].where(r["mean"] > _LOG10_FLOOR + 1, -math.inf)
             r.insert(0, "task", task)
             per_task.append(r)
@@ -141,6 +162,63 @@ def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=cols)
     return pd.concat(rows, ignore_index=True).reindex(columns=cols)
+
+
+#: a task's order "survives" resampling its seeds when the median Kendall tau between the
+#: resampled and the full order is at least STABLE_TAU and its leader stays first in at least
+#: STABLE_LEADER of the resamples
+STABLE_TAU, STABLE_LEADER, BOOTSTRAP = 0.8, 0.9, 500
+
+
+def stability(pc: pd.DataFrame, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+    """How well each task's order survives other seeds, per criterion.
+
+    Bootstrap over seeds: draw the seeds with replacement (the same draw for every estimator, so
+    the comparison stays paired), order the estimators by their mean in the draw, and compare with
+    the order of the full data -- Kendall's tau, and whether the leader stays first.  Estimators
+    that lack one of the seeds are left out (a resample must be one set of seeds for all).
+    Columns: criterion, task, estimators, seeds, leader, median_tau, leader_kept, stable.
+    With fewer than 2 seeds or 2 estimators: NaN figures and stable False.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    bias_p = None
+    for crit in CRITERIA:
+        if crit.column not in pc:
+            continue
+        for task, df in pc.groupby("task", sort=True):
+            wide = df.pivot_table(index="seed", columns="estimator", values=crit.column,
+                                  aggfunc="mean").astype(float)
+            if crit.unbiased_only:
+                if bias_p is None:
+                    from estbench.report.tables import BIAS_TEST_ALPHA, estimator_bias_p
+
+                    bias_p, alpha_b = estimator_bias_p(pc), BIAS_TEST_ALPHA
+                wide = wide[[e for e in wide.columns if not bias_p.get((task, e), math.nan) < alpha_b]]
+            wide = wide.clip(lower=_LOG10_FLOOR) if crit.column.startswith("log10_") else wide
+            wide = wide.dropna(axis=1)
+            sign = -1.0 if crit.higher else 1.0  # lower is better after the sign
+            n_s, n_e = wide.shape
+            row = {"criterion": crit.name, "task": task, "estimators": n_e, "seeds": n_s,
+                   "leader": None, "median_tau": math.nan, "leader_kept": math.nan,
+                   "stable": False}
+            if n_s >= 2 and n_e >= 2:
+                vals = sign * wide.to_numpy()
+                full = vals.mean(0)
+                leader = int(np.argmin(full))
+                taus, kept = [], 0
+                for _ in range(n_boot):
+                    m = vals[rng.integers(0, n_s, n_s)].mean(0)
+                    tau = stats.kendalltau(full, m).statistic
+                    taus.append(1.0 if np.isnan(tau) else tau)  # all equal: no disagreement
+                    kept += int(np.argmin(m) == leader)
+                row.update(leader=wide.columns[leader], median_tau=float(np.median(taus)),
+                           leader_kept=kept / n_boot)
+                row["stable"] = bool(row["median_tau"] >= STABLE_TAU
+                                     and row["leader_kept"] >= STABLE_LEADER)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["criterion", "task", "estimators", "seeds", "leader",
+                                       "median_tau", "leader_kept", "stable"])
 
 
 def relative_rank(ranks: pd.DataFrame) -> pd.Series:

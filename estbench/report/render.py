@@ -334,13 +334,122 @@ _RANK_RULE = (
     "tasks beside it).")
 
 
-def _leaderboard_doc(board: pd.DataFrame, run_dir: Path) -> Document:
+def _declared_unbiased(name: str):
+    """What an estimator's class declares (``unbiased``), or None for one not loaded here."""
+    import estimators
+    from estbench.spec import parse
+
+    try:
+        return bool(estimators.get_class(parse(name).name).unbiased)
+    except Exception:  # a plug-in from a file, or a name from another version
+        return None
+
+
+BIAS_TEST_TEXT = (
+    "The bias test (estbench.measure.bias_test) asks of each checkpoint whether the M estimates' "
+    "mean differs from the reference gradient by more than their Monte Carlo error, the "
+    "reference's own and a float32 tolerance, along 16 fixed random directions (Student t, "
+    "Bonferroni over the directions); a cell combines its checkpoints and an estimator its cells "
+    f"the same way (Bonferroni). Rejected at alpha {tb.BIAS_TEST_ALPHA}: the bias is real. Not "
+    "rejected is not a proof of unbiasedness: with few estimates a small bias goes unseen.")
+
+
+def _bias_test_blocks(pc: pd.DataFrame) -> list:
+    p = tb.estimator_bias_p(pc)
+    if p.empty:
+        return []
+    rows, alarms = [], []
+    for (task, est), pv in sorted(p.items()):
+        if not pv < tb.BIAS_TEST_ALPHA:
+            continue
+        declared = _declared_unbiased(est)
+        d = pc[(pc.task == task) & (pc.estimator == est)]
+        rows.append([(est, bool(declared)), (task, False),
+                     ({True: "unbiased", False: "biased", None: "?"}[declared], bool(declared)),
+                     (tb.p_text(pv), False), (f"{d['bias'].mean():.3g}", False),
+                     (f"{d['grad_error'].mean():.3g}" if "grad_error" in d else "-", False)])
+        if declared:
+            alarms.append(f"{est} on {task} (p {tb.p_text(pv)}, bias {d['bias'].mean():.3g})")
+    out = [H(2, "Bias test"), P([BIAS_TEST_TEXT])]
+    if alarms:
+        out.append(P([("b", "Declared unbiased but rejected by the bias test: "
+                               + "; ".join(alarms) + ".")]))
+    if rows:
+        out.append(P(["Rejected (bold: declared unbiased):"]))
+        out.append(Table(["estimator", "task", "declares", "bias test p", "bias", "gradient error"],
+                         rows, align="llllrr"))
+    else:
+        out.append(P(["No estimator's bias test rejects on any task."]))
+    return out
+
+
+STABILITY_TEXT = (
+    "Would the order survive other seeds? The seeds are resampled with replacement "
+    f"({lb.BOOTSTRAP} draws, the same seeds for every estimator), the estimators re-ordered by "
+    "their means in each draw and compared with the order of all seeds: the median Kendall tau and "
+    f"how often the leader stays first. Stable: tau >= {lb.STABLE_TAU} and the leader first in "
+    f"at least {lb.STABLE_LEADER:.0%} of the draws; otherwise the ranking is inconclusive at this "
+    "budget and number of seeds (estimators missing a seed are left out).")
+
+
+def _stability_table(st: pd.DataFrame, criterion: str) -> Table | None:
+    d = st[st.criterion == criterion]
+    if d.empty:
+        return None
+    rows = []
+    for _, r in d.iterrows():
+        tau = "-" if pd.isna(r.median_tau) else f"{r.median_tau:.2f}"
+        kept = "-" if pd.isna(r.leader_kept) else f"{r.leader_kept:.0%}"
+        rows.append([(str(r.task), False), (str(r.leader or "-"), False), (tau, False),
+                     (kept, False), ("stable" if r.stable else "inconclusive", bool(r.stable)),
+                     (f"{int(r.estimators)} x {int(r.seeds)}", False)])
+    return Table(["task", "leader", "median tau", "leader kept", "ranking", "estimators x seeds"],
+                 rows, align="lllrll")
+
+
+def _glance_table(board: pd.DataFrame, st: pd.DataFrame, pc: pd.DataFrame) -> Table | None:
+    """Per task: the rank-1 group by final ELBO and by gradient error, with their figures (means
+    over seeds), ms a step, and whether each ranking is stable."""
+    per_task = board[board.task != "overall"]
+    if per_task.empty:
+        return None
+    verdict = {(r.criterion, r.task): r.stable for r in st.itertuples()} if not st.empty else {}
+    ms = pc.groupby(["task", "estimator"])["step_ms"].mean()
+    rows = []
+    for task in sorted(per_task.task.unique()):
+        row = [(str(task), False)]
+        for crit, fmt in (("final_elbo", "{:.4g}"), ("grad_error", "10^{:.2f}")):
+            d = per_task[(per_task.task == task) & (per_task.criterion == crit) & (per_task["rank"] == 1)]
+            if d.empty:
+                row += [("-", False), ("-", False), ("-", False)]
+                continue
+            names = ", ".join(d.estimator)
+            val = d["mean"].iloc[0]
+            row += [(names, False),
+                    (fmt.format(val) if pd.notna(val) and abs(val) != float("inf") else str(val), False),
+                    ("stable" if verdict.get((crit, task)) else "inconclusive",
+                     bool(verdict.get((crit, task))))]
+        leaders = per_task[(per_task.task == task) & (per_task.criterion == "final_elbo")
+                           & (per_task["rank"] == 1)].estimator
+        times = [ms.get((task, e)) for e in leaders]
+        times = [t for t in times if t is not None and pd.notna(t)]
+        row.append((f"{min(times):.3g}-{max(times):.3g}" if len(times) > 1 else
+                    (f"{times[0]:.3g}" if times else "-"), False))
+        rows.append(row)
+    return Table(["task", "best by final ELBO", "ELBO", "", "best by gradient error",
+                  "log10 error", "", "ms a step (ELBO best)"], rows, align="llrllrlr")
+
+
+def _leaderboard_doc(board: pd.DataFrame, run_dir: Path, st: pd.DataFrame | None = None) -> Document:
     doc = Document(f"estbench leaderboard: {run_dir.name}")
     doc.add(P([_RANK_RULE + " Bold: rank 1."]))
     for crit in lb.CRITERIA:
         t = _rank_table(board, crit.name)
         if t is not None:
             doc.add(H(2, f"By {crit.title}"), t)
+            s = _stability_table(st, crit.name) if st is not None else None
+            if s is not None:
+                doc.add(P(["Rank stability: " + STABILITY_TEXT]), s)
     return doc
 
 
@@ -390,7 +499,9 @@ def build_report(run_dir, out_dir=None) -> Path:
         t.to_csv(tdir / f"{tb.slug(task)}.csv", index=False)
         (tdir / f"{tb.slug(task)}.tex").write_text(tb.to_latex(t, task))
     board.to_csv(out / "leaderboard.csv", index=False)
-    (out / "leaderboard.md").write_text(_leaderboard_doc(board, run_dir).markdown(out))
+    st = lb.stability(pc)
+    st.to_csv(out / "stability.csv", index=False)
+    (out / "leaderboard.md").write_text(_leaderboard_doc(board, run_dir, st).markdown(out))
 
     doc = Document(f"estbench report: {run_dir.name}")
     n_cells = len(cells) if cells is not None else 0
@@ -404,6 +515,15 @@ def build_report(run_dir, out_dir=None) -> Path:
                ("link", "leaderboard.md", "leaderboard.md"), ", ",
                ("link", "all tables (CSV)", "tables/all_tasks.csv"), "."]))
 
+    glance = _glance_table(board, st, pc)
+    if glance is not None:
+        doc.add(H(2, "At a glance"),
+                P(["Per task, the estimators ranked first (with their ties) by final ELBO and by "
+                   "gradient error E‖g − ∇‖², the figure (mean over seeds) and whether the "
+                   "ranking survives resampling the seeds; ms a step of the ELBO leaders. What "
+                   "each ranking measures: see the README, \"What each ranking measures\"."]),
+                glance)
+
     doc.add(H(2, "Leaderboard"),
             P([_RANK_RULE + " Only finished cells are ranked and tabulated: cells that "
                "diverged, failed or were infeasible are left out and listed at the end."]))
@@ -415,8 +535,13 @@ def build_report(run_dir, out_dir=None) -> Path:
         t = _rank_table(board, crit.name)
         if t is not None:
             doc.add(H(3, f"By {crit.title}"), t)
+            s = _stability_table(st, crit.name)
+            if s is not None:
+                doc.add(P([f"Rank stability by {crit.name.replace('_', ' ')}: "
+                           "stable or inconclusive per task (see below)."]), s)
         if crit.name == "final_elbo" and heat:
             doc.add(Img(heat[0], "Rank by final ELBO, estimators x tasks"))
+    doc.add(P(["Rank stability: " + STABILITY_TEXT]))
 
     doc.add(H(2, "Results per task"),
             P(["Mean ± 95% confidence half-width over seeds (Student t). bias and variance are "
@@ -439,6 +564,8 @@ def build_report(run_dir, out_dir=None) -> Path:
         if curves:
             doc.add(Img(curves[0], f"{task}: held-out ELBO vs steps and wall-clock; gradient "
                                    f"variance along training"))
+
+    doc.add(*_bias_test_blocks(pc))
 
     bv = plots.bias_variance(pc, style, fdir)
     if bv:

@@ -30,6 +30,7 @@ class Column:
 COLUMNS = [
     Column("final_elbo", "final ELBO", True),
     Column("bias", "bias", False),
+    Column("log10_grad_error", "log10 gradient error", False),
     Column("log10_variance", "log10 variance", False),
     Column("step_ms", "step time (ms)", False),
     Column("n_evals", "f-evals", False),
@@ -81,12 +82,26 @@ def per_cell(records: pd.DataFrame) -> pd.DataFrame:
     cols = CELL_KEYS + list(table.SUMMARY_METRICS)
     out = pd.DataFrame(columns=cols) if records.empty else table.per_cell(records).reset_index()
     out = out.reindex(columns=cols)
-    var = out["variance"].astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["log10_variance"] = np.where(var > 0, np.log10(var.where(var > 0, 1.0)),
-                                         np.where(var == 0, -np.inf, np.nan))
+    for metric in ("variance", "grad_error"):
+        v = out[metric].astype(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[f"log10_{metric}"] = np.where(v > 0, np.log10(v.where(v > 0, 1.0)),
+                                              np.where(v == 0, -np.inf, np.nan))
     out["step_ms"] = out["step_time"].astype(float) * 1e3
+    out["bias_p"] = _cell_bias_p(records, out)
     return out.sort_values(CELL_KEYS, ignore_index=True)
+
+
+def _cell_bias_p(records: pd.DataFrame, out: pd.DataFrame) -> pd.Series:
+    """Per cell, the bias test over its checkpoints: Bonferroni's min(1, k min_j p_j) over the k
+    checkpoints' p-values (NaN for records made before the test existed)."""
+    if records.empty or "bias_p" not in set(records.metric):
+        return pd.Series(np.nan, index=out.index)
+    keys = ["task", "estimator", "device", "seed"]
+    p = (records[records.metric == "bias_p"].groupby(keys)["value"]
+         .agg(lambda v: min(1.0, float(v.min()) * len(v))))
+    return pd.Series([p.get(tuple(k), np.nan) for k in out[keys].itertuples(index=False)],
+                     index=out.index, dtype=float)
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -125,6 +140,19 @@ BEST_RTOL = 1e-6
 
 
 # ---- the per-task tables ------------------------------------------------------------------------
+#: level of the bias test wherever a verdict is drawn from it (tables, leaderboard, report)
+BIAS_TEST_ALPHA = 0.01
+
+
+def estimator_bias_p(pc: pd.DataFrame) -> pd.Series:
+    """Per (task, estimator): the bias test over all its cells, Bonferroni's min(1, n min p) over
+    the n cells' p-values (each already Bonferroni over its checkpoints); NaN without a test."""
+    if pc.empty or "bias_p" not in pc:
+        return pd.Series(dtype=float)
+    g = pc.dropna(subset=["bias_p"]).groupby(["task", "estimator"])["bias_p"]
+    return g.agg(lambda v: min(1.0, float(v.min()) * len(v)))
+
+
 def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame]:
     """{task: table} with one row per estimator: for each column its mean, CI half-width and a
     ``best`` flag, plus ``seeds`` (cells with a final ELBO) and ``diverged``; sorted by final ELBO.
@@ -144,8 +172,15 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
         for c in COLUMNS:
             has_data |= t[f"{c.name}_mean"].notna().to_numpy()
         t = t[has_data].reset_index(drop=True)
+        bias_p = estimator_bias_p(df)
+        t["bias_p"] = [bias_p.get((task, e), np.nan) for e in t.estimator]
+        # the lowest variance is only "best" among estimators the bias test does not reject: a
+        # deterministic biased estimator (spigot) has zero variance
+        biased = (t["bias_p"] < BIAS_TEST_ALPHA).to_numpy()
         for c in COLUMNS:
             means = t[f"{c.name}_mean"]
+            if c.name == "log10_variance":
+                means = means.where(~biased)
             finite = means.dropna()
             best = finite.max() if c.higher else finite.min()
             is_best = (means == best) | np.isclose(means, best, rtol=BEST_RTOL, atol=0)
@@ -155,13 +190,15 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
         keep = ["estimator", "seeds", "cells", "diverged"]
         for c in COLUMNS:
             keep += [f"{c.name}_mean", f"{c.name}_ci", f"{c.name}_best"]
+        keep.append("bias_p")
         out[task] = t[keep]
     return out
 
 
 #: metrics the harness records for every task; any other metric is a task's own final figure
-HARNESS_METRICS = frozenset({"bias", "bias_noise", "variance", "cosine", "snr", "ref_norm", "elbo",
-                             "wall_time", "train_objective", *table.SUMMARY_METRICS})
+HARNESS_METRICS = frozenset({"bias", "bias_noise", "variance", "grad_error", "bias_z", "bias_p",
+                             "cosine", "snr", "ref_norm", "elbo", "wall_time", "train_objective",
+                             *table.SUMMARY_METRICS})
 
 
 def task_figures(records: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame]:
@@ -228,7 +265,9 @@ def cell_text(mean: float, ci: float, sep: str = " ± ") -> str:
 
 def display_rows(t: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     """Header and rows of (text, is_best) pairs of a task table, for md/html/LaTeX rendering."""
-    header = ["estimator"] + [c.title for c in COLUMNS] + ["seeds"]
+    with_test = "bias_p" in t and t["bias_p"].notna().any()
+    header = ["estimator"] + [c.title for c in COLUMNS] + (["bias test p"] if with_test else []) \
+        + ["seeds"]
     rows = []
     for _, r in t.iterrows():
         row = [(str(r.estimator), False)]
@@ -240,12 +279,21 @@ def display_rows(t: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]
             else:
                 text = cell_text(mean, ci)
             row.append((text, bool(r[f"{c.name}_best"])))
+        if with_test:
+            row.append((p_text(r["bias_p"]), False))
         seeds = f"{int(r.seeds)}"
         if r.diverged:
             seeds += f" ({int(r.diverged)} diverged)"
         row.append((seeds, False))
         rows.append(row)
     return header, rows
+
+
+def p_text(p) -> str:
+    """A p-value as read in a table: two significant digits, '<0.001' below, '-' when absent."""
+    if p is None or p != p:
+        return "-"
+    return "<0.001" if p < 1e-3 else f"{p:.2g}"
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
