@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce (or resume: finished cells are kept) the committed reference run and its report.
-# Quick budget, every task x every compatible estimator x 3 seeds, CPU, two worker processes.
+# Quick budget, every task x every compatible estimator x 5 seeds, CPU, two worker processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # a reference records the commit that made it: refuse uncommitted changes to the code (changes
@@ -14,5 +14,5 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
     fi
 fi
 estbench run --tasks toy_binary,liu_toy,toy_categorical,toy_gaussian,binary_vae,sst_rationales_categorical,sst_rationales,text_vae,sst_rationales_structured \
-    --seeds 0,1,2 -j 2 --out results/reference --quiet
+    --seeds 0,1,2,3,4 -j 2 --out results/reference --quiet
 estbench report results/reference
