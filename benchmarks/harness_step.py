@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import estimators  # noqa: E402
 import tasks  # noqa: E402
 from estbench.budget import Budget  # noqa: E402
+from estbench.errors import InfeasibleError  # noqa: E402
 from estbench.spec import parse  # noqa: E402
 from estbench.train import Cell, run_cell  # noqa: E402
 
@@ -93,14 +94,20 @@ def main(argv=None) -> int:
             if family not in estimators.get_class(parse(est_name).name).families:
                 continue
             bare, harness = [], []
-            for r in range(args.rounds):
-                order = [0, 1] if r % 2 == 0 else [1, 0]
-                for which in order:
-                    if which == 0:
-                        t = bare_steps(task_name, est_name, device, n, args.steps, seed=r)
-                        bare.append(statistics.fmean(t))  # the statistic the harness records
-                    else:
-                        harness.append(harness_step(task_name, est_name, args.device, n, args.steps, r))
+            try:
+                for r in range(args.rounds):
+                    order = [0, 1] if r % 2 == 0 else [1, 0]
+                    for which in order:
+                        if which == 0:
+                            t = bare_steps(task_name, est_name, device, n, args.steps, seed=r)
+                            bare.append(statistics.fmean(t))  # the statistic the harness records
+                        else:
+                            harness.append(harness_step(task_name, est_name, args.device, n,
+                                                        args.steps, r))
+            except (InfeasibleError, RuntimeError) as exc:  # cannot spend the budget, or failed
+                print(f"{task_name:<14} {est_name:<16} not run: {' '.join(str(exc).split())[:90]}",
+                      flush=True)
+                continue
             b, h = statistics.median(bare), statistics.median(harness)
             print(f"{task_name:<14} {est_name:<16} {b * 1e3:>9.2f} {h * 1e3:>11.2f} {h / b:>7.3f}",
                   flush=True)

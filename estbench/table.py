@@ -49,10 +49,19 @@ def summary(records: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS])
     grouped = per_cell(records).groupby(["task", "estimator", "device"])
     out = grouped.mean()
-    out["final_elbo_sd"] = grouped["final_elbo"].std()
+    # one uncertainty convention everywhere (CLI table, report, leaderboard): the half-width of
+    # the Student-t 95% confidence interval of the mean over seeds
+    out["final_elbo_ci"] = grouped["final_elbo"].agg(lambda v: _ci95(v.to_numpy(float)))
     out["seeds"] = grouped.size()
     out["diverged"] = grouped["diverged"].sum()
     return out.reset_index()
+
+
+def _ci95(v) -> float:
+    """Half-width of the Student-t 95% confidence interval of the mean (NaN below two values)."""
+    from estbench.report.tables import mean_ci  # lazy: scipy
+
+    return mean_ci(v)[1]
 
 
 def _fmt(v, spec):
@@ -74,8 +83,8 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
         df = df.sort_values("final_elbo", ascending=False, na_position="last")
         for _, r in df.iterrows():
             elbo = _fmt(r.final_elbo, ".4f")
-            if not (isinstance(r.final_elbo_sd, float) and math.isnan(r.final_elbo_sd)):
-                elbo += f" ±{r.final_elbo_sd:.4f}"
+            if not (isinstance(r.final_elbo_ci, float) and math.isnan(r.final_elbo_ci)):
+                elbo += f" ±{r.final_elbo_ci:.4f}"
             note = f"  ({int(r.diverged)} diverged)" if r.diverged else ""
             lines.append(
                 f"{r.estimator:<32} {elbo:>18} {_fmt(r.bias, '.3g'):>10} {_fmt(r.variance, '.3g'):>10} "

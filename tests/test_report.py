@@ -330,3 +330,16 @@ def test_compare_ignores_float_noise_on_zero_bias_and_variance(tmp_path):
     # the same relative change at a real scale is a regression
     _, regressed, _ = compare(a, b, threshold=0.1, atol=1e-12)
     assert regressed
+
+
+def test_an_estimator_is_found_biased_only_when_most_of_its_cells_reject():
+    """One rejecting cell of five is not a verdict (a rare-event false alarm looks like that); a
+    bias that repeats in three of five is."""
+    from estbench.report.tables import estimator_bias
+
+    pc = _pc({"lone": [1.0] * 5, "real": [1.0] * 5, "none": [1.0] * 5})
+    pc["bias_p"] = [1e-9, 0.5, 0.8, 0.3, 0.9] + [1e-9, 1e-4, 0.2, 1e-6, 0.7] + [0.5] * 5
+    v = estimator_bias(pc).loc["T"]
+    assert dict(v["rejecting"]) == {"lone": 1, "none": 0, "real": 3}
+    assert dict(v["biased"]) == {"lone": False, "none": False, "real": True}
+    assert v.loc["lone", "p"] == pytest.approx(5e-9)

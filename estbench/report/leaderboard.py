@@ -17,8 +17,8 @@ number of tasks are reported beside it.
 
 Criteria: final ELBO (higher is better); log10 gradient error E||g - grad||^2 (lower; every
 estimator); log10 gradient variance (lower; an exactly zero variance ranks first) among the
-estimators the bias test does not reject on that task (tables.estimator_bias_p at
-tables.BIAS_TEST_ALPHA); step time (lower).
+estimators the bias test does not find biased on that task (tables.estimator_bias: more than
+half of its cells reject at tables.BIAS_TEST_ALPHA); step time (lower).
 """
 from __future__ import annotations
 
@@ -119,9 +119,9 @@ def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     every task and criterion, plus rows with task ``"overall"``: ``mean`` the mean rank over the
     ``tasks`` an estimator ran on and ``rank`` the position by mean rank (ties shared)."""
     rows = []
-    from estbench.report.tables import BIAS_TEST_ALPHA, estimator_bias_p
+    from estbench.report.tables import biased_set
 
-    bias_p = estimator_bias_p(pc)
+    biased_pairs = biased_set(pc)
     for crit in CRITERIA:
         if crit.column not in pc:
             continue
@@ -130,8 +130,7 @@ def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
             vals = df[["estimator", "seed", crit.column]].rename(columns={crit.column: "value"})
             vals = vals.astype({"value": float})
             if crit.unbiased_only:
-                biased = {e for e in vals.estimator.unique()
-                          if bias_p.get((task, e), math.nan) < BIAS_TEST_ALPHA}
+                biased = {e for e in vals.estimator.unique() if (task, e) in biased_pairs}
                 vals = vals[~vals.estimator.isin(biased)]
                 if vals.empty:
                     continue
@@ -182,7 +181,7 @@ def stability(pc: pd.DataFrame, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.Da
     """
     rng = np.random.default_rng(seed)
     rows = []
-    bias_p = None
+    biased_pairs = None
     for crit in CRITERIA:
         if crit.column not in pc:
             continue
@@ -190,11 +189,11 @@ def stability(pc: pd.DataFrame, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.Da
             wide = df.pivot_table(index="seed", columns="estimator", values=crit.column,
                                   aggfunc="mean").astype(float)
             if crit.unbiased_only:
-                if bias_p is None:
-                    from estbench.report.tables import BIAS_TEST_ALPHA, estimator_bias_p
+                if biased_pairs is None:
+                    from estbench.report.tables import biased_set
 
-                    bias_p, alpha_b = estimator_bias_p(pc), BIAS_TEST_ALPHA
-                wide = wide[[e for e in wide.columns if not bias_p.get((task, e), math.nan) < alpha_b]]
+                    biased_pairs = biased_set(pc)
+                wide = wide[[e for e in wide.columns if (task, e) not in biased_pairs]]
             wide = wide.clip(lower=_LOG10_FLOOR) if crit.column.startswith("log10_") else wide
             wide = wide.dropna(axis=1)
             sign = -1.0 if crit.higher else 1.0  # lower is better after the sign

@@ -335,12 +335,14 @@ _RANK_RULE = (
 
 
 def _declared_unbiased(name: str):
-    """What an estimator's class declares (``unbiased``), or None for one not loaded here."""
+    """What an estimator configuration declares (``unbiased``, which options may change: NVIL's
+    variance normalisation makes it biased), or None for one not loaded here."""
     import estimators
     from estbench.spec import parse
 
     try:
-        return bool(estimators.get_class(parse(name).name).unbiased)
+        spec = parse(name)
+        return bool(estimators.get(spec.name, **spec.options).unbiased)
     except Exception:  # a plug-in from a file, or a name from another version
         return None
 
@@ -349,37 +351,49 @@ BIAS_TEST_TEXT = (
     "The bias test (estbench.measure.bias_test) asks of each checkpoint whether the M estimates' "
     "mean differs from the reference gradient by more than their Monte Carlo error, the "
     "reference's own and a float32 tolerance, along 16 fixed random directions (Student t, "
-    "Bonferroni over the directions); a cell combines its checkpoints and an estimator its cells "
-    f"the same way (Bonferroni). Rejected at alpha {tb.BIAS_TEST_ALPHA}: the bias is real. Not "
-    "rejected is not a proof of unbiasedness: with few estimates a small bias goes unseen.")
+    "Bonferroni over the directions); a cell combines its checkpoints by Bonferroni and rejects "
+    f"at alpha {tb.BIAS_TEST_ALPHA}. An estimator is found biased on a task when more than half of "
+    "its cells reject: a real bias repeats from seed to seed, while a lone rejection can come from "
+    "the test's normal approximation failing where a few rare, large estimates decide the mean "
+    "(late in training, with q nearly deterministic) and the M estimates miss them. Not found "
+    "biased is "
+    "no proof of unbiasedness: with few estimates a small bias goes unseen.")
 
 
 def _bias_test_blocks(pc: pd.DataFrame) -> list:
-    p = tb.estimator_bias_p(pc)
-    if p.empty:
+    verdict = tb.estimator_bias(pc)
+    if verdict.empty:
         return []
-    rows, alarms = [], []
-    for (task, est), pv in sorted(p.items()):
-        if not pv < tb.BIAS_TEST_ALPHA:
+    rows, alarms, lone = [], [], []
+    for (task, est), v in verdict.sort_index().iterrows():
+        if not v.rejecting:
             continue
         declared = _declared_unbiased(est)
         d = pc[(pc.task == task) & (pc.estimator == est)]
+        share = f"{int(v.rejecting)}/{int(v.cells)}"
+        if not v.biased:
+            if declared:
+                lone.append(f"{est} on {task} ({share})")
+            continue
         rows.append([(est, bool(declared)), (task, False),
                      ({True: "unbiased", False: "biased", None: "?"}[declared], bool(declared)),
-                     (tb.p_text(pv), False), (f"{d['bias'].mean():.3g}", False),
+                     (share, False), (tb.p_text(v.p), False), (f"{d['bias'].mean():.3g}", False),
                      (f"{d['grad_error'].mean():.3g}" if "grad_error" in d else "-", False)])
         if declared:
-            alarms.append(f"{est} on {task} (p {tb.p_text(pv)}, bias {d['bias'].mean():.3g})")
+            alarms.append(f"{est} on {task} ({share} cells reject, p {tb.p_text(v.p)}, "
+                          f"bias {d['bias'].mean():.3g})")
     out = [H(2, "Bias test"), P([BIAS_TEST_TEXT])]
     if alarms:
-        out.append(P([("b", "Declared unbiased but rejected by the bias test: "
-                               + "; ".join(alarms) + ".")]))
+        out.append(P([("b", "Declared unbiased but found biased: " + "; ".join(alarms) + ".")]))
     if rows:
-        out.append(P(["Rejected (bold: declared unbiased):"]))
-        out.append(Table(["estimator", "task", "declares", "bias test p", "bias", "gradient error"],
-                         rows, align="llllrr"))
+        out.append(P(["Found biased (bold: declared unbiased):"]))
+        out.append(Table(["estimator", "task", "declares", "cells rejecting", "p (Bonferroni)",
+                          "bias", "gradient error"], rows, align="lllllrr"))
     else:
-        out.append(P(["No estimator's bias test rejects on any task."]))
+        out.append(P(["No estimator is found biased on any task."]))
+    if lone:
+        out.append(P(["Declared unbiased, rejected in a minority of cells (not a verdict; see "
+                      "above): " + "; ".join(lone) + "."]))
     return out
 
 

@@ -144,13 +144,30 @@ BEST_RTOL = 1e-6
 BIAS_TEST_ALPHA = 0.01
 
 
-def estimator_bias_p(pc: pd.DataFrame) -> pd.Series:
-    """Per (task, estimator): the bias test over all its cells, Bonferroni's min(1, n min p) over
-    the n cells' p-values (each already Bonferroni over its checkpoints); NaN without a test."""
-    if pc.empty or "bias_p" not in pc:
-        return pd.Series(dtype=float)
+def estimator_bias(pc: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, estimator), the bias test over its cells: ``p`` (Bonferroni's min(1, n min p)
+    over the n cells' p-values, each already Bonferroni over its checkpoints), ``rejecting`` (cells
+    whose own p is below BIAS_TEST_ALPHA), ``cells`` and the verdict ``biased``: more than half of
+    the cells reject.  A real bias repeats from seed to seed; a lone rejection can come from the
+    test's normal approximation failing where a few rare, large estimates decide the mean (late in
+    training, q nearly deterministic) and M estimates miss them, so one cell cannot make the
+    verdict.
+    Empty without a test in the records."""
+    cols = ["p", "rejecting", "cells", "biased"]
+    if pc.empty or "bias_p" not in pc or pc["bias_p"].isna().all():
+        return pd.DataFrame(columns=cols, index=pd.MultiIndex.from_tuples([], names=["task", "estimator"]))
     g = pc.dropna(subset=["bias_p"]).groupby(["task", "estimator"])["bias_p"]
-    return g.agg(lambda v: min(1.0, float(v.min()) * len(v)))
+    out = pd.DataFrame({"p": g.agg(lambda v: min(1.0, float(v.min()) * len(v))),
+                        "rejecting": g.agg(lambda v: int((v < BIAS_TEST_ALPHA).sum())),
+                        "cells": g.size()})
+    out["biased"] = out["rejecting"] > out["cells"] / 2
+    return out
+
+
+def biased_set(pc: pd.DataFrame) -> set:
+    """The (task, estimator) pairs whose bias test verdict is *biased*."""
+    b = estimator_bias(pc)
+    return set(b.index[b["biased"].astype(bool)]) if not b.empty else set()
 
 
 def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame]:
@@ -172,11 +189,14 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
         for c in COLUMNS:
             has_data |= t[f"{c.name}_mean"].notna().to_numpy()
         t = t[has_data].reset_index(drop=True)
-        bias_p = estimator_bias_p(df)
-        t["bias_p"] = [bias_p.get((task, e), np.nan) for e in t.estimator]
-        # the lowest variance is only "best" among estimators the bias test does not reject: a
-        # deterministic biased estimator (spigot) has zero variance
-        biased = (t["bias_p"] < BIAS_TEST_ALPHA).to_numpy()
+        verdict = estimator_bias(df)
+        t["bias_p"] = [verdict["p"].get((task, e), np.nan) for e in t.estimator]
+        t["bias_rejecting"] = [f"{int(verdict['rejecting'][(task, e)])}/{int(verdict['cells'][(task, e)])}"
+                               if (task, e) in verdict.index else "" for e in t.estimator]
+        # the lowest variance is only "best" among estimators the bias test does not find biased:
+        # a deterministic biased estimator (spigot) has zero variance
+        biased = np.array([(task, e) in verdict.index and bool(verdict["biased"][(task, e)])
+                           for e in t.estimator], dtype=bool)
         for c in COLUMNS:
             means = t[f"{c.name}_mean"]
             if c.name == "log10_variance":
@@ -190,7 +210,7 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
         keep = ["estimator", "seeds", "cells", "diverged"]
         for c in COLUMNS:
             keep += [f"{c.name}_mean", f"{c.name}_ci", f"{c.name}_best"]
-        keep.append("bias_p")
+        keep += ["bias_p", "bias_rejecting"]
         out[task] = t[keep]
     return out
 
@@ -280,7 +300,10 @@ def display_rows(t: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]
                 text = cell_text(mean, ci)
             row.append((text, bool(r[f"{c.name}_best"])))
         if with_test:
-            row.append((p_text(r["bias_p"]), False))
+            text = p_text(r["bias_p"])
+            if r.get("bias_rejecting"):
+                text += f" ({r['bias_rejecting']} cells reject)"
+            row.append((text, False))
         seeds = f"{int(r.seeds)}"
         if r.diverged:
             seeds += f" ({int(r.diverged)} diverged)"
