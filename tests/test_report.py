@@ -73,6 +73,9 @@ def test_report_end_to_end(tiny_run, tmp_path, capsys):
     sizes = board[board.task == "overall"].groupby("criterion").size()
     assert (sizes.drop("variance") == 3).all() and sizes["variance"] <= 3
     assert "## At a glance" in md and "## Bias test" in md and "Rank stability" in md
+    # a table of contents whose links work in the markdown and the HTML alike; wide tables scroll
+    assert "- [At a glance](#at-a-glance)" in md and "- [Bias test](#bias-test)" in md
+    assert 'id="at-a-glance"' in html and 'href="#bias-test"' in html and '<div class="scroll">' in html
     st = pd.read_csv(out / "stability.csv")
     assert set(st.criterion) >= {"final_elbo", "grad_error"} and set(st.task) == {"toy_binary", "toy_gaussian"}
     assert "log10_grad_error_mean" in csv and "bias_p" in csv
@@ -343,3 +346,25 @@ def test_an_estimator_is_found_biased_only_when_most_of_its_cells_reject():
     assert dict(v["rejecting"]) == {"lone": 1, "none": 0, "real": 3}
     assert dict(v["biased"]) == {"lone": False, "none": False, "real": True}
     assert v.loc["lone", "p"] == pytest.approx(5e-9)
+
+
+def test_every_estimator_has_its_own_look_and_neighbours_differ_in_hue():
+    """20+ estimators are told apart by colour, marker and line style; names next to each other
+    (arm / disarm, gumbel_rao / gumbel_softmax) never get the two shades of one hue."""
+    import estimators
+    from estbench.report.plots import Style
+
+    names = estimators.available()
+    st = Style(names)
+    looks = {(st.colour[e], st.marker[e], st.linestyle[e]) for e in names}
+    assert len(looks) == len(names)
+    import colorsys
+
+    def hue(e):
+        return colorsys.rgb_to_hsv(*st.colour[e][:3])[0]
+
+    for a, b in [("arm", "disarm"), ("gumbel_rao", "gumbel_softmax"), ("reinforce", "reinforce_ema")]:
+        gap = abs(hue(a) - hue(b))
+        assert min(gap, 1 - gap) > 0.03, (a, b)  # another hue, not a shade of the same one
+        assert st.marker[a] != st.marker[b] and st.linestyle[a] != st.linestyle[b]
+    assert st.line_kw("arm")["linestyle"] in ("-", "--", "-.", ":")

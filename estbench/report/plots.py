@@ -20,6 +20,7 @@ import seaborn as sns  # noqa: E402
 from estbench.report.tables import mean_ci, slug  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # 7: co-prime with palette sizes 10 and 20
+LINESTYLES = ["-", "--", "-.", ":"]  # 4: with the 7 markers, 28 distinct (marker, line) pairs
 #: colours distinct from tab20's hues, for runs with more than 20 estimators
 EXTRA_COLOURS = ["#000000", "#e6c700", "#000080", "#ff00ff", "#00d000", "#800000", "#008080",
                  "#4a6b8a"]
@@ -44,14 +45,22 @@ class Style:
         if n <= 10:
             colours = sns.color_palette("tab10", 10)
         elif n <= 20 + len(EXTRA_COLOURS):  # tab20's 10 hue pairs, then hues tab20 lacks
-            colours = sns.color_palette("tab20", 20) + sns.color_palette(EXTRA_COLOURS)
+            # dark shades first, then the light ones: names next to each other in sorted order
+            # (arm / disarm, gumbel_rao / gumbel_softmax) get different hues, not one hue's pair
+            tab20 = sns.color_palette("tab20", 20)
+            colours = tab20[0::2] + tab20[1::2] + sns.color_palette(EXTRA_COLOURS)
         else:
             colours = sns.color_palette("husl", n)
         self.colour = {e: colours[i] for i, e in enumerate(self.names)}
         self.marker = {e: MARKERS[i % len(MARKERS)] for i, e in enumerate(self.names)}
+        self.linestyle = {e: LINESTYLES[i % len(LINESTYLES)] for i, e in enumerate(self.names)}
 
     def kw(self, est: str) -> dict:
         return {"color": self.colour[est], "marker": self.marker[est]}
+
+    def line_kw(self, est: str) -> dict:
+        """For curves: colour, marker and line style (20+ estimators stay apart in print)."""
+        return {**self.kw(est), "linestyle": self.linestyle[est]}
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -114,7 +123,7 @@ def _curve_panel(ax, band: pd.DataFrame, style: Style, handles: dict):
     alpha = 0.15 if band.estimator.nunique() <= 10 else 0.08
     for est, b in band.groupby("estimator", sort=True):
         b = b.sort_values("x")
-        (line,) = ax.plot(b.x, b["mean"], lw=1.5, ms=4, **style.kw(est))
+        (line,) = ax.plot(b.x, b["mean"], lw=1.5, ms=4, **style.line_kw(est))
         ax.fill_between(b.x, b.lo, b.hi, color=style.colour[est], alpha=alpha, lw=0)
         handles.setdefault(est, line)
 

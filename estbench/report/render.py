@@ -76,7 +76,27 @@ class H:
         return "#" * self.level + " " + self.text
 
     def html(self, ctx):
-        return f"<h{self.level}>{html.escape(self.text)}</h{self.level}>"
+        ident = f' id="{anchor(self.text)}"' if self.level == 2 else ""
+        return f"<h{self.level}{ident}>{html.escape(self.text)}</h{self.level}>"
+
+
+def anchor(text: str) -> str:
+    """A heading's anchor as GitHub's markdown makes it (lower case, spaces to hyphens, other
+    punctuation dropped), used for the HTML ids too so that one link works in both."""
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+@dataclass
+class TOC:
+    """Links to the document's second-level headings (filled in when the document is rendered)."""
+
+    def md(self, ctx):
+        return "\n".join(f"- [{_md_text(h)}](#{anchor(h)})" for h in ctx.get("headings", []))
+
+    def html(self, ctx):
+        items = "".join(f'<li><a href="#{anchor(h)}">{html.escape(h)}</a></li>'
+                        for h in ctx.get("headings", []))
+        return f'<nav class="toc"><ul>{items}</ul></nav>'
 
 
 @dataclass
@@ -140,7 +160,8 @@ class Table:
                 cells.append(f'<td class="{"l" if a == "l" else "r"}">{s}</td>')
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</tbody></table>")
-        return "\n".join(out)
+        # wide tables (a column per task) scroll inside their box; the estimator column stays
+        return '<div class="scroll">' + "\n".join(out) + "</div>"
 
 
 @dataclass
@@ -193,12 +214,16 @@ class Document:
     def add(self, *blocks):
         self.blocks.extend(blocks)
 
+    def _ctx(self, root: Path) -> dict:
+        return {"root": root,
+                "headings": [b.text for b in self.blocks if isinstance(b, H) and b.level == 2]}
+
     def markdown(self, root: Path) -> str:
-        ctx = {"root": root}
+        ctx = self._ctx(root)
         return "# " + self.title + "\n\n" + "\n\n".join(b.md(ctx) for b in self.blocks) + "\n"
 
     def html(self, root: Path) -> str:
-        ctx = {"root": root}
+        ctx = self._ctx(root)
         body = "\n".join(b.html(ctx) for b in self.blocks)
         return (
             "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -218,6 +243,9 @@ figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:0.85em;color:
 code{font-size:0.92em}pre{background:#f4f4f4;padding:0.6em;overflow-x:auto}
 blockquote.rationale{border-left:3px solid #bbb;margin:0.6em 0;padding:0.2em 0.8em}
 mark{background:#ffe066;padding:0 0.1em}
+div.scroll{overflow-x:auto;max-width:100%}
+div.scroll td:first-child,div.scroll th:first-child{position:sticky;left:0;background:#fff}
+nav.toc{font-size:0.92em}nav.toc ul{columns:2}
 """
 
 
@@ -529,6 +557,7 @@ def build_report(run_dir, out_dir=None) -> Path:
                ("link", "leaderboard.md", "leaderboard.md"), ", ",
                ("link", "all tables (CSV)", "tables/all_tasks.csv"), "."]))
 
+    doc.add(P(["Contents:"]), TOC())
     glance = _glance_table(board, st, pc)
     if glance is not None:
         doc.add(H(2, "At a glance"),
