@@ -69,9 +69,11 @@ def test_report_end_to_end(tiny_run, tmp_path, capsys):
     tex = (out / "tables" / "toy_binary.tex").read_text()
     assert r"\toprule" in tex and r"\pm" in tex and r"gumbel\_softmax" in tex
     board = pd.read_csv(out / "leaderboard.csv")
-    assert set(board.criterion) == {"final_elbo", "grad_error", "variance", "step_time"}
+    assert set(board.criterion) == {"final_elbo", "grad_error", "variance", "error_x_time",
+                                    "error_x_evals", "step_time"}
     sizes = board[board.task == "overall"].groupby("criterion").size()
-    assert (sizes.drop("variance") == 3).all() and sizes["variance"] <= 3
+    unbiased_only = ["variance", "error_x_time", "error_x_evals"]
+    assert (sizes.drop(unbiased_only) == 3).all() and (sizes[unbiased_only] <= 3).all()
     assert "## At a glance" in md and "## Bias test" in md and "Rank stability" in md
     # a table of contents whose links work in the markdown and the HTML alike; wide tables scroll
     assert "- [At a glance](#at-a-glance)" in md and "- [Bias test](#bias-test)" in md
@@ -161,6 +163,28 @@ def test_variance_ranking_leaves_out_what_the_bias_test_rejects():
     pc["device"] = "cpu"
     t = task_tables(pc)["T"].set_index("estimator")
     assert not t.loc["B", "log10_variance_best"] and t.loc["A", "log10_variance_best"]
+
+
+def test_work_normalised_error_is_error_times_cost():
+    """Glynn & Whitt: an estimator twice as accurate at four times the cost is worse at equal
+    compute."""
+    records = []
+    for est, err, ms, evals in [("cheap", 4.0, 1.0, 2), ("dear", 2.0, 4.0, 8)]:
+        for seed in (0, 1):
+            base = {"task": "T", "estimator": est, "seed": seed, "device": "cpu", "n_samples": 8,
+                    "steps": 10}
+            records += [{**base, "step": 0, "metric": "grad_error", "value": err},
+                        {**base, "step": 0, "metric": "variance", "value": err},
+                        {**base, "step": 10, "metric": "step_time", "value": ms / 1e3},
+                        {**base, "step": 10, "metric": "n_evals", "value": evals},
+                        {**base, "step": 10, "metric": "final_elbo", "value": -1.0}]
+    pc = per_cell(pd.DataFrame(records)).set_index("estimator")
+    assert pc.loc["cheap", "log10_error_x_ms"].iloc[0] == pytest.approx(math.log10(4.0))
+    assert pc.loc["dear", "log10_error_x_ms"].iloc[0] == pytest.approx(math.log10(8.0))
+    assert pc.loc["dear", "log10_error_x_evals"].iloc[0] == pytest.approx(math.log10(16.0))
+    board = leaderboard(pc.reset_index())
+    r = board[(board.criterion == "error_x_time") & (board.task == "T")]
+    assert dict(zip(r.estimator, r["rank"])) == {"cheap": 1, "dear": 2}
 
 
 def test_rank_stability_marks_a_clear_order_stable_and_noise_inconclusive():

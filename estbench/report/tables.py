@@ -88,6 +88,14 @@ def per_cell(records: pd.DataFrame) -> pd.DataFrame:
             out[f"log10_{metric}"] = np.where(v > 0, np.log10(v.where(v > 0, 1.0)),
                                               np.where(v == 0, -np.inf, np.nan))
     out["step_ms"] = out["step_time"].astype(float) * 1e3
+    # work-normalised error (Glynn & Whitt 1992): the error of one estimate times its cost, i.e.
+    # the error of an average of estimates at equal compute -- for unbiased estimators exactly
+    # (averaging k estimates divides the variance by k), for biased ones only its variance part
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name, cost in (("ms", out["step_ms"]), ("evals", out["n_evals"])):
+            v = out["grad_error"].astype(float) * cost.astype(float)
+            out[f"log10_error_x_{name}"] = np.where(v > 0, np.log10(v.where(v > 0, 1.0)),
+                                                    np.where(v == 0, -np.inf, np.nan))
     out["bias_p"] = _cell_bias_p(records, out)
     return out.sort_values(CELL_KEYS, ignore_index=True)
 
