@@ -38,6 +38,19 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def bare_step(task, est, opt, batch, n: int) -> None:
+    """One estimator step against the task and estimator APIs and nothing else: problem,
+    estimate, backward of minus (surrogate + analytic), optimiser step, estimator update.  The
+    baseline of this benchmark and of benchmarks/test_step_bench.py."""
+    prob = task.problem(batch)
+    e = est.estimate(prob.dist, prob.f, n, prob.context)
+    obj = e.surrogate if prob.analytic is None else e.surrogate + prob.analytic
+    opt.zero_grad(set_to_none=True)
+    (-obj).backward()
+    opt.step()
+    est.update()
+
+
 def bare_steps(task_name: str, est_name: str, device: torch.device, n: int, steps: int, seed: int):
     """Per-step seconds of the bare estimator step on a freshly set-up model."""
     ts, es = parse(task_name), parse(est_name)
@@ -53,13 +66,7 @@ def bare_steps(task_name: str, est_name: str, device: torch.device, n: int, step
         batch = next(batches)
         _sync(device)
         t0 = time.perf_counter()
-        prob = task.problem(batch)
-        e = est.estimate(prob.dist, prob.f, n, prob.context)
-        obj = e.surrogate if prob.analytic is None else e.surrogate + prob.analytic
-        opt.zero_grad(set_to_none=True)
-        (-obj).backward()
-        opt.step()
-        est.update()
+        bare_step(task, est, opt, batch, n)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times

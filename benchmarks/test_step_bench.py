@@ -17,6 +17,7 @@ import torch
 
 import estimators
 import tasks
+from benchmarks.harness_step import bare_step
 from estbench.budget import Budget
 
 TOYS = ["toy_binary", "toy_categorical", "toy_gaussian"]
@@ -37,13 +38,7 @@ def _step_fn(task_name: str, est_name: str):
         pytest.skip(reason)
 
     def step():
-        prob = task.problem(next(batches))
-        e = est.estimate(prob.dist, prob.f, n, prob.context)
-        obj = e.surrogate if prob.analytic is None else e.surrogate + prob.analytic
-        opt.zero_grad(set_to_none=True)
-        (-obj).backward()
-        opt.step()
-        est.update()
+        bare_step(task, est, opt, next(batches), n)
 
     step()  # warm-up
     return step

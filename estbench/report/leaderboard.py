@@ -24,6 +24,7 @@ estimates divides an unbiased estimator's error by k), among the same; step time
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -123,31 +124,40 @@ def rank_with_ties(values: pd.DataFrame, higher: bool, alpha: float = ALPHA) -> 
                          "seeds": [int(wide[e].notna().sum()) for e in order]})
 
 
-def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
-    """Long frame: criterion, task, estimator, rank, mean (of the criterion over seeds), seeds for
-    every task and criterion, plus rows with task ``"overall"``: ``mean`` the mean rank over the
-    ``tasks`` an estimator ran on and ``rank`` the position by mean rank (ties shared)."""
-    rows = []
+def _criterion_values(pc: pd.DataFrame):
+    """``(criterion, task, values)`` for every criterion the frame has and every task, criterion
+    by criterion: values in long form (estimator, seed, value), restricted to the estimators the
+    bias test does not find biased where the criterion asks for it, log10 columns clipped at
+    _LOG10_FLOOR (an exactly zero variance stays comparable).  What the leaderboard ranks and the
+    stability check resamples."""
     from estbench.report.tables import biased_set
 
     biased_pairs = biased_set(pc)
     for crit in CRITERIA:
         if crit.column not in pc:
             continue
-        per_task = []
         for task, df in pc.groupby("task", sort=True):
             vals = df[["estimator", "seed", crit.column]].rename(columns={crit.column: "value"})
             vals = vals.astype({"value": float})
             if crit.unbiased_only:
-                biased = {e for e in vals.estimator.unique() if (task, e) in biased_pairs}
-                vals = vals[~vals.estimator.isin(biased)]
-                if vals.empty:
-                    continue
-            log = crit.column.startswith("log10_")
-            if log:
+                vals = vals[[(task, e) not in biased_pairs for e in vals.estimator]]
+            if crit.column.startswith("log10_"):
                 vals["value"] = vals["value"].clip(lower=_LOG10_FLOOR)
+            yield crit, task, vals
+
+
+def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """Long frame: criterion, task, estimator, rank, mean (of the criterion over seeds), seeds for
+    every task and criterion, plus rows with task ``"overall"``: ``mean`` the mean rank over the
+    ``tasks`` an estimator ran on and ``rank`` the position by mean rank (ties shared)."""
+    rows = []
+    for crit, group in itertools.groupby(_criterion_values(pc), key=lambda cv: cv[0]):
+        per_task = []
+        for _, task, vals in group:
+            if vals.empty:
+                continue
             r = rank_with_ties(vals, crit.higher, alpha)
-            if log:
+            if crit.column.startswith("log10_"):
                 r["mean"] = r["mean"].where(r["mean"] > _LOG10_FLOOR + 1, -math.inf)
             r.insert(0, "task", task)
             per_task.append(r)
@@ -190,41 +200,30 @@ def stability(pc: pd.DataFrame, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.Da
     """
     rng = np.random.default_rng(seed)
     rows = []
-    biased_pairs = None
-    for crit in CRITERIA:
-        if crit.column not in pc:
-            continue
-        for task, df in pc.groupby("task", sort=True):
-            wide = df.pivot_table(index="seed", columns="estimator", values=crit.column,
-                                  aggfunc="mean").astype(float)
-            if crit.unbiased_only:
-                if biased_pairs is None:
-                    from estbench.report.tables import biased_set
-
-                    biased_pairs = biased_set(pc)
-                wide = wide[[e for e in wide.columns if (task, e) not in biased_pairs]]
-            wide = wide.clip(lower=_LOG10_FLOOR) if crit.column.startswith("log10_") else wide
-            wide = wide.dropna(axis=1)
-            sign = -1.0 if crit.higher else 1.0  # lower is better after the sign
-            n_s, n_e = wide.shape
-            row = {"criterion": crit.name, "task": task, "estimators": n_e, "seeds": n_s,
-                   "leader": None, "median_tau": math.nan, "leader_kept": math.nan,
-                   "stable": False}
-            if n_s >= 2 and n_e >= 2:
-                vals = sign * wide.to_numpy()
-                full = vals.mean(0)
-                leader = int(np.argmin(full))
-                taus, kept = [], 0
-                for _ in range(n_boot):
-                    m = vals[rng.integers(0, n_s, n_s)].mean(0)
-                    tau = stats.kendalltau(full, m).statistic
-                    taus.append(1.0 if np.isnan(tau) else tau)  # all equal: no disagreement
-                    kept += int(np.argmin(m) == leader)
-                row.update(leader=wide.columns[leader], median_tau=float(np.median(taus)),
-                           leader_kept=kept / n_boot)
-                row["stable"] = bool(row["median_tau"] >= STABLE_TAU
-                                     and row["leader_kept"] >= STABLE_LEADER)
-            rows.append(row)
+    for crit, task, vals in _criterion_values(pc):
+        # one row per (criterion, task), even where no estimator is left
+        wide = (vals.pivot_table(index="seed", columns="estimator", values="value", aggfunc="mean")
+                .astype(float).dropna(axis=1))
+        sign = -1.0 if crit.higher else 1.0  # lower is better after the sign
+        n_s, n_e = wide.shape
+        row = {"criterion": crit.name, "task": task, "estimators": n_e, "seeds": n_s,
+               "leader": None, "median_tau": math.nan, "leader_kept": math.nan,
+               "stable": False}
+        if n_s >= 2 and n_e >= 2:
+            x = sign * wide.to_numpy()
+            full = x.mean(0)
+            leader = int(np.argmin(full))
+            taus, kept = [], 0
+            for _ in range(n_boot):
+                m = x[rng.integers(0, n_s, n_s)].mean(0)
+                tau = stats.kendalltau(full, m).statistic
+                taus.append(1.0 if np.isnan(tau) else tau)  # all equal: no disagreement
+                kept += int(np.argmin(m) == leader)
+            row.update(leader=wide.columns[leader], median_tau=float(np.median(taus)),
+                       leader_kept=kept / n_boot)
+            row["stable"] = bool(row["median_tau"] >= STABLE_TAU
+                                 and row["leader_kept"] >= STABLE_LEADER)
+        rows.append(row)
     return pd.DataFrame(rows, columns=["criterion", "task", "estimators", "seeds", "leader",
                                        "median_tau", "leader_kept", "stable"])
 
