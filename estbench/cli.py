@@ -177,7 +177,9 @@ class Progress:
     def describe(beat: dict, now: float) -> str:
         """One running cell as a person reads it: label, time so far, step and phase."""
         return (f"{beat.get('label', beat.get('key', '?'))} {_fmt_duration(now - beat['started'])}: "
-                f"step {beat.get('step', '?')} of {beat.get('steps', '?')}, {beat.get('phase', '?')}")
+                f"step {beat.get('step', '?')}"
+                + (f" of {beat['steps']}" if beat.get("steps") else "")
+                + f", {beat.get('phase', '?')}")
 
     def _running(self) -> list[dict]:
         return [b for b in store.running(self.where) if b.get("started", 0) >= self._since - 1]
@@ -257,11 +259,26 @@ def _common(args):
     overrides = {}
     for key, flag, minimum in [("steps", "--steps", 0), ("n_samples", "--n-samples", 1),
                                ("checkpoints", "--checkpoints", 0),
-                               ("measure_samples", "--measure-samples", 2)]:
+                               ("measure_samples", "--measure-samples", 2),
+                               ("eval_points", "--eval-points", 0)]:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = _positive(value, flag, minimum)
+    if args.seconds is not None:
+        overrides["train_seconds"] = _seconds(args.seconds, "--seconds")
+        # a time budget trains until the time is spent: no step cap unless one is given
+        overrides.setdefault("steps", 0)
     return seeds, devices, executor, overrides
+
+
+def _seconds(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a number of seconds, got {text!r}") from None
+    if not (0 < v < float("inf")):
+        raise UsageError(f"{what} must be a positive, finite number of seconds, got {text!r}")
+    return v
 
 
 def _selection(text: str, flag: str):
@@ -437,7 +454,10 @@ def cmd_run(args) -> int:
               + "".join(f", {k}={v}" for k, v in overrides.items()) + f") -> {out}", file=sys.stderr)
     status, keep, cells = _execute(args, plan, out, executor, {
         "budget": args.budget, "tasks": [str(t) for t in task_specs],
-        "estimators": [str(e) for e in est_specs], "seeds": seeds, "devices": devices})
+        "estimators": [str(e) for e in est_specs], "seeds": seeds, "devices": devices,
+        # the command line names the sweep file only: what it held is kept beside it
+        **({"config": {"path": args.config, "options": args.config_options}}
+           if getattr(args, "config", None) else {})})
     if status is not None:
         return status
     summ = table.summary(keep)
@@ -587,6 +607,13 @@ def _budget_arguments(r) -> None:
                    help=f"measurement points incl. start and end (default {DEFAULTS.checkpoints})")
     r.add_argument("--measure-samples", dest="measure_samples",
                    help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
+    r.add_argument("--eval-points", dest="eval_points",
+                   help=f"points of the held-out ELBO curve incl. start and end; every checkpoint is "
+                        f"one too (default {DEFAULTS.eval_points})")
+    r.add_argument("--seconds", metavar="S",
+                   help="a time budget: train each cell for S seconds of training time (measurements "
+                        "and evaluations not counted) instead of a number of steps; --steps then caps "
+                        "the steps (default: no cap); checkpoints are spaced in training time")
     r.add_argument("--threads", help="intra-op CPU threads per cell (default 1; parallelise with -j)")
     r.add_argument("--cell-timeout", dest="cell_timeout", metavar="SECONDS",
                    help="stop a cell after this long and record it as failed (0: no limit; default "
@@ -605,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train and measure estimators on tasks; print a summary table")
+    r.add_argument("--config", metavar="SWEEP.yml",
+                   help="a whole sweep in a YAML file: its keys are the long options of this "
+                        "command (tasks, estimators, seeds, steps, out, ...; see examples/sweep.yml); "
+                        "flags given on the command line override it")
     r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks)")
     r.add_argument("--estimators", help="comma-separated estimators with options (default: all)")
     r.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
@@ -641,8 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            from estbench import cli_config
+
+            args = cli_config.apply(parser, argv, args, args.command)
         return args.func(args)
     except UsageError as e:
         print(f"estbench: error: {e}", file=sys.stderr)

@@ -31,21 +31,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from estbench import store, table
+from estbench import metrics, store, table
 
 ALPHA = 0.05
-#: metric -> (per-cell column, higher is better, test on log10)
-METRICS = {
-    "final_elbo": ("final_elbo", True, False),
-    "variance": ("variance", False, True),
-    "grad_error": ("grad_error", False, True),
-    "bias": ("bias", False, True),
-    "step_ms": ("step_ms", False, False),  # time per training step, milliseconds
-}
-COLUMNS = ["task", "estimator", "device", "metric", "a", "b", "change", "rel_change", "p_value",
+#: metric -> (per-cell column, higher is better, test on log10): ``metrics.COMPARED``, as declared
+METRICS = {q.name: (q.name, q.higher, q.scale == metrics.LOG10)
+           for q in map(metrics.get, metrics.COMPARED)}
+#: what one compared row is about: a setting (table.SETTING_KEYS) and one of its metrics
+KEYS = list(table.SETTING_KEYS)
+COLUMNS = [*KEYS, "metric", "a", "b", "change", "rel_change", "p_value",
            "seeds_a", "seeds_b", "outside_noise", "worse", "regressed", "note"]
-#: metrics whose regression is one of speed (exit bit 4); every other one is of quality (bit 1)
-SPEED_METRICS = frozenset({"step_ms"})
+#: metrics whose regression is one of speed (exit bit 4): the measured times, which depend on the
+#: machine; every other one is of quality (bit 1)
+SPEED_METRICS = frozenset(name for name in METRICS if metrics.get(name).timing)
 #: the fields of a cell's timing environment (``env`` in its status row), as named in notes
 ENV_FIELDS = {"cpu": "CPU", "cuda_device": "CUDA device", "threads": "threads", "jobs": "jobs"}
 NOT_RECORDED = "timing environment not recorded"
@@ -66,7 +64,7 @@ def _load(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise ValueError(f"no results in {run_dir} (no cell records under {run_dir / 'cells'})")
     records = table.finished(records, cells)  # failed / diverged cells count in 'status' only
     budgets = {key: sorted(set(zip(d.steps, d.n_samples)))
-               for key, d in records.groupby(["task", "estimator", "device"])}
+               for key, d in records.groupby(KEYS)}
     return per_cell(records), cells, budgets
 
 
@@ -78,7 +76,7 @@ def _envs(cells: pd.DataFrame) -> dict:
     ok = cells[cells.status == "ok"]
     env = ok["env"] if "env" in ok else pd.Series([None] * len(ok), index=ok.index)
     out: dict = {}
-    for key, e in zip(zip(ok.task, ok.estimator, ok.device), env):
+    for key, e in zip(ok[KEYS].itertuples(index=False, name=None), env):
         out.setdefault(key, []).append(e if isinstance(e, dict) else None)
     return out
 
@@ -101,7 +99,7 @@ def _bad_cells(cells: pd.DataFrame) -> dict:
     if cells is None or cells.empty or "status" not in cells:
         return {}
     bad = cells[cells.status.isin(["failed", "diverged"])]
-    return bad.groupby(["task", "estimator", "device"]).size().to_dict()
+    return bad.groupby(KEYS).size().to_dict()
 
 
 def noise_test(a, b, log: bool = False) -> float:
@@ -135,14 +133,13 @@ def compare(run_a, run_b, threshold: float = 0.1, alpha: float = ALPHA, atol: fl
     pb, cells_b, budgets_b = _load(run_b)
     bad_a, bad_b = _bad_cells(cells_a), _bad_cells(cells_b)
     env_a, env_b = _envs(cells_a), _envs(cells_b)
-    keys = ["task", "estimator", "device"]
-    ga = dict(list(pa.groupby(keys, sort=True)))
-    gb = dict(list(pb.groupby(keys, sort=True)))
+    ga = dict(list(pa.groupby(KEYS, sort=True)))
+    gb = dict(list(pb.groupby(KEYS, sort=True)))
     # in a run: some cell finished, failed or diverged there (infeasible ones never ran)
     in_a, in_b = set(ga) | set(bad_a), set(gb) | set(bad_b)
     rows = []
     for key in sorted(in_a | in_b):
-        base = dict(zip(keys, key))
+        base = dict(zip(KEYS, key))
         if key not in in_a or key not in in_b:
             rows.append({**base, "metric": "", "note": "only in A" if key in in_a else "only in B",
                          "outside_noise": False, "worse": False, "regressed": False})

@@ -13,6 +13,7 @@ a half-written record, and a cell whose file exists is not recomputed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from estbench import __version__
+from estbench.budget import Budget
 
 #: the columns of a record that identify its cell (those a cell's status row shares with it)
 RECORD_IDENTITY = ["task", "estimator", "seed", "device", "n_samples", "steps"]
@@ -77,6 +79,10 @@ def git_commit(root=None) -> str:
 _COMMON_CODE = ["estbench/train.py", "estbench/measure.py", "estbench/budget.py", "estbench/spec.py",
                 "estbench/plugins.py", "estbench/errors.py"]
 _ROOT = Path(__file__).resolve().parent.parent
+#: harness files that describe results without computing them, kept out of every cell's code even
+#: if cell code comes to import them: relabelling a metric or changing its declared direction
+#: (estbench/metrics.py) changes how results are read, never a record, and must not recompute them
+_NOT_CELL_CODE = ("estbench/metrics.py",)
 _RELATIVE_IMPORT = re.compile(r"^from \.(\w*) import (\([^)]*\)|[\w, ]+)", re.M)
 
 
@@ -131,6 +137,19 @@ def code_version(task: str = "", estimator: str = "") -> str:
     cell valid, and fixing one estimator invalidates that estimator's cells only.  Without a task and
     estimator it covers every estimator and task module (the version of the code as a whole).
     """
+    h = hashlib.sha256()
+    for path in code_files(task, estimator):
+        try:
+            h.update(str(path.relative_to(_ROOT)).encode())
+        except ValueError:  # a user's estimator file outside the project
+            h.update(str(path).encode())
+        h.update(path.read_bytes())
+    return f"{__version__}+torch{torch.__version__}+{h.hexdigest()[:16]}"
+
+
+def code_files(task: str = "", estimator: str = "") -> list[Path]:
+    """The source files ``code_version`` hashes, sorted: the harness's cell code, and the modules
+    of the task and the estimator (of every task and estimator without them)."""
     files: set = set()
     for rel in _COMMON_CODE:
         _module_files(_ROOT / rel, files)
@@ -142,14 +161,7 @@ def code_version(task: str = "", estimator: str = "") -> str:
         for pkg in ("estimators", "tasks"):
             for path in (_ROOT / pkg).glob("**/*.py"):
                 _module_files(path, files)
-    h = hashlib.sha256()
-    for path in sorted(files):
-        try:
-            h.update(str(path.relative_to(_ROOT)).encode())
-        except ValueError:  # a user's estimator file outside the project
-            h.update(str(path).encode())
-        h.update(path.read_bytes())
-    return f"{__version__}+torch{torch.__version__}+{h.hexdigest()[:16]}"
+    return sorted(files - {_ROOT / rel for rel in _NOT_CELL_CODE})
 
 
 def cell_code_version(cell) -> str:
@@ -460,8 +472,8 @@ def write_meta(run_dir: Path, meta: dict) -> None:
 
 
 #: what identifies a cell apart from the code that computed it
-CELL_IDENTITY = ["task", "estimator", "seed", "device", "steps", "n_samples", "checkpoints",
-                 "measure_samples", "evaluation"]
+CELL_IDENTITY = ["task", "estimator", "seed", "device",
+                 *(f.name for f in dataclasses.fields(Budget))]
 
 
 def load(run_dir, latest_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:

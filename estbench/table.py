@@ -7,15 +7,25 @@ ELBO is the task's held-out figure at the end (higher is better).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
 
+from estbench import metrics
+from estbench.budget import Budget
 from estbench.store import RECORD_IDENTITY
 
-SUMMARY_METRICS = ["final_elbo", "bias", "variance", "grad_error", "cosine", "step_time", "n_evals",
-                   "diverged"]
+#: the per-cell columns of the summary, declared in estbench.metrics (``metrics.SUMMARY``)
+SUMMARY_METRICS = list(metrics.SUMMARY)
 
+#: one cell of a setting: a record's identity less its budget (where a folder holds a task under
+#: several budgets, the task's label names the budget: report.tables.label_settings)
+CELL_KEYS = [c for c in RECORD_IDENTITY if c not in {f.name for f in dataclasses.fields(Budget)}]
+#: what the seeds of a setting are averaged over: a cell's keys less its seed
+SETTING_KEYS = [c for c in CELL_KEYS if c != "seed"]
+#: the budget columns of a record's identity
+RECORD_BUDGET = [c for c in RECORD_IDENTITY if c not in CELL_KEYS]
 
 
 def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
@@ -38,16 +48,15 @@ def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
 def per_cell(records: pd.DataFrame) -> pd.DataFrame:
     """One row per cell (index task, estimator, seed, device), a column per summary metric: the
     mean over the cell's checkpoints for checkpoint metrics, the value for end-of-cell ones."""
-    keys = ["task", "estimator", "seed", "device"]
     wide = (records[records.metric.isin(SUMMARY_METRICS)]
-            .groupby(keys + ["metric"])["value"].mean().unstack("metric"))
+            .groupby(CELL_KEYS + ["metric"])["value"].mean().unstack("metric"))
     return wide.reindex(columns=SUMMARY_METRICS)
 
 
 def summary(records: pd.DataFrame) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS])
-    grouped = per_cell(records).groupby(["task", "estimator", "device"])
+    grouped = per_cell(records).groupby(SETTING_KEYS)
     out = grouped.mean()
     # one uncertainty convention everywhere (CLI table, report, leaderboard): the half-width of
     # the Student-t 95% confidence interval of the mean over seeds

@@ -232,6 +232,14 @@ def _record(res: "CellResult", step: int, metric: str, value: float) -> None:
                         "value": float(value)})
 
 
+def _end_step(res: "CellResult") -> int:
+    """The step a cell's end-of-cell records carry: the step budget's last step, or where a time
+    budget's training stopped (the last step recorded)."""
+    if not res.cell.budget.timed:
+        return res.cell.budget.steps
+    return max((r["step"] for r in res.records), default=0)
+
+
 def _check_spent(held: bool, spent: int, budget: Budget, where: str, reported) -> None:
     """The counted budget: an estimator held to it that spent more fails the cell."""
     if held and spent > budget.n_samples:
@@ -240,6 +248,53 @@ def _check_spent(held: bool, spent: int, budget: Budget, where: str, reported) -
 
 def _no_report(step: int, steps: int, phase: str) -> None:
     pass
+
+
+class Schedule:
+    """When a cell measures, evaluates and stops: at evenly spaced steps for a step budget, at
+    evenly spaced training times for a time budget (``Budget.train_seconds``; ``steps`` then caps the
+    steps, 0: no cap).  A point is due at the first step at or past it (a slow step may pass
+    several time points at once: they are one measurement), and the last point is taken when the
+    cell stops, wherever that is."""
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
+        if budget.timed:
+            self._measure, self._eval = budget.checkpoint_times(), budget.eval_times()
+        else:
+            self._measure, self._eval = budget.checkpoint_steps(), budget.eval_steps()
+        self.measured = self._evaluated = 0  # points taken so far
+
+    def done(self, step: int, train_time: float) -> bool:
+        b = self.budget
+        if b.timed:
+            return train_time >= b.train_seconds or (b.steps > 0 and step >= b.steps)
+        return step >= b.steps
+
+    def _due(self, points: list, taken: int, position: float, done: bool) -> int:
+        """How many of ``points`` are taken once this position is (``taken`` if none is due)."""
+        if taken >= len(points) or not (done or position >= points[taken]):
+            return taken
+        if done:
+            return len(points)
+        while taken < len(points) and position >= points[taken]:
+            taken += 1
+        return taken
+
+    def measure_due(self, step: int, train_time: float, done: bool) -> bool:
+        pos = train_time if self.budget.timed else step
+        before, self.measured = self.measured, self._due(self._measure, self.measured, pos, done)
+        return self.measured > before
+
+    def eval_due(self, step: int, train_time: float, done: bool) -> bool:
+        pos = train_time if self.budget.timed else step
+        before, self._evaluated = self._evaluated, self._due(self._eval, self._evaluated, pos, done)
+        return self._evaluated > before
+
+    def phase(self, train_time: float) -> str:
+        if self.budget.timed:
+            return f"training ({train_time:.0f} of {self.budget.train_seconds:g} s)"
+        return "training"
 
 
 def run_cell(cell: Cell, report=None) -> CellResult:
@@ -255,7 +310,7 @@ def run_cell(cell: Cell, report=None) -> CellResult:
             return _run_cell(cell, t_start, report or _no_report)
     except CellTimeout:
         res = CellResult(cell, "failed", error=f"timed out after {cell.timeout:g} s (--cell-timeout)")
-        _record(res, cell.budget.steps, "diverged", 0.0)
+        _record(res, _end_step(res), "diverged", 0.0)
         res.seconds = time.perf_counter() - t_start
         return res
     finally:
@@ -290,7 +345,7 @@ def _run_cell(cell: Cell, t_start: float, report) -> CellResult:
     except Exception as exc:  # recorded, not raised: one bad cell never stops a sweep
         res.status = "failed"
         res.error = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
-    rec(cell.budget.steps, "diverged", 1.0 if res.status == "diverged" else 0.0)
+    rec(_end_step(res), "diverged", 1.0 if res.status == "diverged" else 0.0)
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -314,10 +369,9 @@ def _train(cell: Cell, rec, artifacts: dict, state: dict, report) -> None:
     optimizer = task.make_optimizer()
     params = task.parameters()
     batches = task.train_batches(data_gen)
-    checkpoint_list = budget.checkpoint_steps()
-    checkpoints = set(checkpoint_list)
+    schedule = Schedule(budget)
     report(0, budget.steps, "setting up")
-    if checkpoints:
+    if budget.checkpoints:
         # the feasibility rule before the step-0 measurement, whose reference gradient is the
         # costliest part of a measurement (11 s of a text_vae cell spent only to find the
         # estimator cannot run); on the measurement batch, on its own RNG stream
@@ -332,29 +386,34 @@ def _train(cell: Cell, rec, artifacts: dict, state: dict, report) -> None:
                                device_type="cuda" if device.type == "cuda" else "cpu"):
         torch.manual_seed(cell.seed)
         train_time = 0.0
-        since_ckpt_steps = 0
-        since_ckpt_obj = torch.zeros((), dtype=torch.float64, device=device)  # read at checkpoints
+        since_eval_steps = 0
+        since_eval_obj = torch.zeros((), dtype=torch.float64, device=device)  # read at evaluations
         n_evals = 0
         watch = state["watch"] = DivergenceWatch(device, params)
-        for step in range(budget.steps + 1):
-            if step in checkpoints or step == budget.steps or step % DIVERGENCE_CHECK_EVERY == 0:
+        step = 0
+        while True:
+            done = schedule.done(step, train_time)
+            measuring = schedule.measure_due(step, train_time, done)
+            evaluating = schedule.eval_due(step, train_time, done) or measuring
+            if evaluating or done or step % DIVERGENCE_CHECK_EVERY == 0:
                 watch.check(step)
-            if step in checkpoints:
-                report(step, budget.steps, f"measuring (checkpoint {checkpoint_list.index(step) + 1}"
-                                           f" of {len(checkpoint_list)})")
+            if measuring:
+                report(step, budget.steps, f"measuring (checkpoint {schedule.measured} of "
+                                           f"{budget.checkpoints})")
                 m = measure(task, est, budget.n_samples, budget.measure_samples,
                             seed=cell.seed * 7919 + step, counter=counter)
                 spent, reported = int(m.pop("n_evals")), m.pop("n_evals_reported")
                 _check_spent(held, spent, budget, f"in the measurement at step {step}", reported)
                 for k, v in m.items():
                     rec(step, k, v)
+            if evaluating:
                 rec(step, "elbo", task.evaluate(final=False))
                 rec(step, "wall_time", train_time)
-                if since_ckpt_steps:
-                    rec(step, "train_objective", float(since_ckpt_obj) / since_ckpt_steps)
-                since_ckpt_steps = 0
-                since_ckpt_obj = torch.zeros_like(since_ckpt_obj)
-            if step == budget.steps:
+                if since_eval_steps:
+                    rec(step, "train_objective", float(since_eval_obj) / since_eval_steps)
+                since_eval_steps = 0
+                since_eval_obj = torch.zeros_like(since_eval_obj)
+            if done:
                 break
             batch = next(batches)
             _sync(device)
@@ -377,17 +436,19 @@ def _train(cell: Cell, rec, artifacts: dict, state: dict, report) -> None:
             _check_spent(held, spent, budget, f"at training step {step}", e.n_evals)
             n_evals = max(n_evals, spent)
             train_time += dt
-            report(step + 1, budget.steps, "training")
-            since_ckpt_steps += 1
+            step += 1
+            report(step, budget.steps, schedule.phase(train_time))
+            since_eval_steps += 1
             value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
-            since_ckpt_obj = since_ckpt_obj + value.double()
-        report(budget.steps, budget.steps, "final evaluation")
+            since_eval_obj = since_eval_obj + value.double()
+        report(step, budget.steps, "final evaluation")
         final = task.evaluate(final=True)
         if not math.isfinite(final):
             raise Diverged("non-finite final evaluation")
-        rec(budget.steps, "final_elbo", final)
+        rec(step, "final_elbo", final)
         for k, v in task.final_metrics().items():
-            rec(budget.steps, k, v)
+            rec(step, k, v)
         artifacts.update(task.artifacts())
-        rec(budget.steps, "n_evals", n_evals if budget.steps else float("nan"))
-        rec(budget.steps, "step_time", train_time / max(budget.steps, 1))
+        rec(step, "n_evals", n_evals if step else float("nan"))
+        rec(step, "step_time", train_time / max(step, 1))
+        rec(step, "train_steps", step)

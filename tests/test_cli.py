@@ -322,3 +322,124 @@ def test_python_api_and_version(tmp_path, capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"estbench {estbench.__version__}"
+
+
+# ---- estbench run --config sweep.yml --------------------------------------------------------------
+EXAMPLE_SWEEP = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "sweep.yml")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_run_config_runs_the_sweep_in_the_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    config = _write(tmp_path / "sweep.yml", f"""
+tasks: [toy_binary, toy_gaussian]
+estimators: rloo,reparam        # a list option as one string
+seeds: [0, 1]
+steps: 4
+checkpoints: 2
+measure-samples: 8              # '-' or '_'
+n_samples: 4
+out: {out}
+quiet: true
+json: true
+""")
+    assert main(["run", "--config", config]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == ""  # quiet: true
+    rows = json.loads(cap.out)  # json: true
+    assert {(r["task"], r["estimator"]) for r in rows} == \
+        {("toy_binary", "rloo"), ("toy_gaussian", "rloo"), ("toy_gaussian", "reparam")}
+    records = pd.read_parquet(out / "results.parquet")
+    assert set(records.seed) == {0, 1} and set(records.steps) == {4} and set(records.n_samples) == {4}
+    assert sorted(records[records.metric == "bias"].step.unique()) == [0, 4]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["path"] == config and meta["config"]["options"]["seeds"] == [0, 1]
+
+
+def test_flags_on_the_command_line_override_the_file(tmp_path):
+    """The shipped example, through the console script, with the budget and seeds cut down on the
+    command line: the flags win, the file's other keys (tasks, estimators) stay."""
+    out = tmp_path / "run"
+    p = run_cli("run", "--config", EXAMPLE_SWEEP, "--seeds", "1", "--steps", "2", "--checkpoints",
+                "2", "--measure-samples", "4", "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    records = pd.read_parquet(out / "results.parquet")
+    assert set(records.seed) == {1} and set(records.steps) == {2}
+    assert set(records.n_samples) == {12}  # from the file
+    assert set(records.task) == {"toy_binary", "toy_binary[t=0.499]", "toy_gaussian"}
+    assert set(records.estimator) == {"rloo", "disarm", "gumbel_softmax[temperature=0.5]", "reparam"}
+    assert not (tmp_path / "results").exists()  # the file's out was overridden
+
+
+def test_every_long_option_of_run_is_a_key_of_the_file():
+    """Keys come from the parser: a flag added to ``run`` is accepted in a file at once."""
+    import argparse
+
+    from estbench import cli_config
+    from estbench.cli import build_parser
+
+    parser = build_parser()
+    run = cli_config._subcommand_parser(parser, "run")
+    longs = {s[2:].replace("-", "_") for a in run._actions for s in a.option_strings
+             if s.startswith("--")} - {"help", "config"}
+    assert set(cli_config.config_keys(run)) == longs
+    assert set(cli_config.LIST_OPTIONS) <= longs
+    run.add_argument("--made-up-flag")
+    assert cli_config.config_arguments({"made_up_flag": 3, "force": True, "seeds": [0, 2]}, run,
+                                       "x.yml") == ["--made-up-flag=3", "--force", "--seeds=0,2"]
+    assert isinstance(run, argparse.ArgumentParser)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("estimator: rloo\n", "unknown key 'estimator' (did you mean estimators?)"),
+    ("tasks: toy_binary\nconfig: other.yml\n", "unknown key 'config'"),
+    ("seeds: {first: 0}\n", "seeds must be a string or a number, got a mapping"),
+    ("steps: [10, 20]\n", "steps takes one value, got a list"),
+    ("estimators: []\n", "estimators is an empty list"),
+    ("estimators: [rloo, [disarm]]\n", "each item of estimators must be a string or a number"),
+    ("steps:\n", "steps must be a string or a number, got an empty value (leave the key out"),
+    ("force: yes please\n", "force is a switch: true or false"),
+    ("device: yes\n", "device must be a string or a number, got true (YAML reads yes/no"),
+    ("[tasks]: toy_binary\n", "not valid YAML"),
+    ("device: tpu\n", "device must be one of cpu, cuda, all, got 'tpu'"),
+    ("jobs: two\n", "jobs must be an integer, got 'two'"),
+    ("jobs: 1.5\n", "jobs must be an integer, got 1.5"),
+    ("steps: 10\nsteps: 20\n", "steps is given twice (lines 1 and 2)"),  # PyYAML keeps the last
+    ("n_samples: 4\nn-samples: 8\n", "n_samples is given twice"),
+    ("tasks: [toy_binary\n", "not valid YAML: expected ',' or ']'"),
+    ("", "is empty"),
+    ("- tasks: toy_binary\n", "must be a mapping of run options"),
+    ("steps: abc\n", "--steps must be an integer, got 'abc'"),  # checked where the flag is
+])
+def test_a_bad_sweep_file_gets_one_clear_line(text, message, tmp_path, capsys):
+    config = _write(tmp_path / "sweep.yml", text)
+    code = main(["run", "--config", config, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("estbench: error: ") and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("where,message", [
+    ("missing.yml", "cannot read sweep config"),
+    (".", "cannot read sweep config"),  # a folder
+])
+def test_an_unreadable_sweep_file_gets_one_clear_line(where, message, tmp_path, capsys):
+    code = main(["run", "--config", str(tmp_path / where), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("estbench: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sweep_file_without_pyyaml_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml raises ImportError
+    config = _write(tmp_path / "sweep.yml", "steps: 2\n")
+    assert main(["run", "--config", config, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("estbench: error: --config needs PyYAML") and "pip install" in err, err
+    assert len(err.strip().splitlines()) == 1

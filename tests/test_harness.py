@@ -289,7 +289,7 @@ def test_no_host_sync_in_the_training_step(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     steps = 200
     res = run_cell(Cell("toy_gaussian", "reparam", 0, "cpu", Budget(steps=steps, n_samples=4,
-                                                                     checkpoints=0)))
+                                                                     checkpoints=0, eval_points=0)))
     assert res.status == "ok", res.error
     # a few reads per DIVERGENCE_CHECK_EVERY steps and at the end, not one or more per step
     assert reads["n"] <= 2 * (steps // train.DIVERGENCE_CHECK_EVERY + 1) + 10, reads["n"]

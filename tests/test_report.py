@@ -69,8 +69,8 @@ def test_report_end_to_end(tiny_run, tmp_path, capsys):
     tex = (out / "tables" / "toy_binary.tex").read_text()
     assert r"\toprule" in tex and r"\pm" in tex and r"gumbel\_softmax" in tex
     board = pd.read_csv(out / "leaderboard.csv")
-    assert set(board.criterion) == {"final_elbo", "grad_error", "variance", "error_x_time",
-                                    "error_x_evals", "step_time"}
+    assert set(board.criterion) == {"final_elbo", "elbo_at_time", "grad_error", "variance",
+                                    "error_x_time", "error_x_evals", "step_time"}
     sizes = board[board.task == "overall"].groupby("criterion").size()
     unbiased_only = ["variance", "error_x_time", "error_x_evals"]
     assert (sizes.drop(unbiased_only) == 3).all() and (sizes[unbiased_only] <= 3).all()
@@ -81,6 +81,14 @@ def test_report_end_to_end(tiny_run, tmp_path, capsys):
     st = pd.read_csv(out / "stability.csv")
     assert set(st.criterion) >= {"final_elbo", "grad_error"} and set(st.task) == {"toy_binary", "toy_gaussian"}
     assert "log10_grad_error_mean" in csv and "bias_p" in csv
+    # across tasks: two tasks cannot make a Friedman test reach p < 0.05, and the report says so;
+    # the performance profiles need no complete design
+    assert "## Across tasks: Friedman test and critical differences" in md and "untestable" in md
+    fr = pd.read_csv(out / "friedman.csv")
+    assert set(fr.status.str.split(":").str[0]) == {"untestable"} and set(fr.tasks) <= {2}
+    assert "## Performance profiles" in md and (out / "figures/performance_profiles.png").is_file()
+    prof = pd.read_csv(out / "performance_profiles.csv")
+    assert set(prof.criterion) >= {"grad_error", "step_time"} and prof.rho.between(0, 1).all()
 
 
 # ---- statistics on known numbers -------------------------------------------------------------------
@@ -343,6 +351,39 @@ def test_report_rationales_and_problem_cells(tmp_path):
     assert "bad" not in set(t.estimator)
     best = t[t.final_elbo_best].estimator.tolist()
     assert best == ["e1"]
+
+
+def test_report_shows_the_friedman_test_and_critical_differences_across_tasks(tmp_path):
+    """Four tasks on which e1 > e2 > e3 every time: the Friedman statistic takes its largest value,
+    N(k - 1) = 8 on 2 df (p = 0.018), and the report's section shows the test and its diagram
+    (the section alone: the whole report is built by test_report_end_to_end)."""
+    from estbench.report import leaderboard as lb
+    from estbench.report import plots, render
+
+    rows = [{"task": task, "estimator": est, "seed": s, "final_elbo": elbo + n,
+             "log10_grad_error": -elbo / 10 + n, "step_ms": 1.0}  # every step time ties
+            for task in ["ta", "tb", "tc", "td"] for s, n in enumerate(NOISE[:2])
+            for est, elbo in [("e1", -10.0), ("e2", -20.0), ("e3", -30.0)]]
+    pc = pd.DataFrame(rows)
+    friedman = lb.friedman_tests(pc)
+    fr = friedman[0]
+    elbo = fr[(fr.criterion == "final_elbo") & (fr.comparison == "all tasks")]
+    assert elbo.estimator.tolist() == ["e1", "e2", "e3"] and elbo.conclusive.all()
+    assert elbo.chi2.iloc[0] == pytest.approx(8.0)
+    assert elbo.p.iloc[0] == pytest.approx(0.0183, abs=1e-4)
+    step = fr[fr.criterion == "step_time"]
+    assert step.status.tolist() == ["untestable: the estimators tie on every task"]
+    doc = render.Document("t")
+    doc.add(*render._across_tasks_blocks(friedman, lb.performance_profiles(pc),
+                                         plots.Style(pc.estimator), tmp_path / "figures"))
+    md, html = doc.markdown(tmp_path), doc.html(tmp_path)
+    section = md[md.index("## Across tasks"):md.index("## Performance profiles")]
+    assert "| final elbo | all tasks | 4 x 3 | 8.0 | 0.018 | **conclusive** |" in section
+    assert "| step time | all tasks | 4 x 3 | - |" in section
+    assert "](figures/critical_difference_final_elbo.png)" in section
+    assert (tmp_path / "figures/critical_difference_final_elbo.svg").is_file()
+    assert "](figures/performance_profiles.png)" in md
+    assert html.count('src="data:image/png;base64,') == len(re.findall(r"!\[[^\]]*\]\(", md)) == 3
 
 
 def test_compare_ignores_float_noise_on_zero_bias_and_variance(tmp_path):

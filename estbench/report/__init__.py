@@ -1,7 +1,7 @@
 """Reports of a run folder: per-task tables with confidence intervals, the leaderboard, figures,
 example rationales, report.md and a self-contained report.html (``estbench report RUN_DIR``).
 
-Needs the ``report`` extra (matplotlib, seaborn, scipy); imported lazily so that ``estbench run``
+Needs the ``report`` extra (matplotlib, seaborn, scipy, scikit-posthocs); imported lazily so that ``estbench run``
 works without it.
 """
 from __future__ import annotations

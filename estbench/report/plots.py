@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib on the Agg backend, seaborn styling), saved as PNG and SVG.
+"""The report's figures (matplotlib on the Agg backend, seaborn styling; scikit-posthocs for the
+critical-difference diagrams), saved as PNG and SVG.
 
 One colour (and marker) per estimator, fixed for the whole report: the sorted list of every
 estimator in the run is mapped onto a palette with enough distinct colours.  Confidence bands are
@@ -15,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import scikit_posthocs as sp  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from estbench.report.tables import mean_ci, slug  # noqa: E402
@@ -305,3 +307,91 @@ def rank_heatmap(ranks: pd.DataFrame, relative: pd.DataFrame, out_dir: Path,
         ax.set_facecolor("#eeeeee")
         fig.tight_layout()
         return _save(fig, out_dir, "rank_heatmap")
+
+
+def critical_difference(ranks: pd.DataFrame, pairs: pd.DataFrame, criterion: str, style: Style,
+                        out_dir: Path, title: str) -> list[Path]:
+    """Critical-difference diagrams (Demšar 2006, sec. 3.2.2) of one criterion, one panel per
+    tested comparison set: the estimators' mean ranks over the set's tasks (1 = best, on the
+    left), a bar of the Nemenyi critical difference CD, and crossbars joining estimators the
+    Nemenyi test does not tell apart -- all of them where the Friedman test did not reject.
+    ``ranks`` and ``pairs`` are leaderboard.friedman_tests' frames; drawn by scikit-posthocs'
+    critical_difference_diagram.
+    """
+    r = ranks[(ranks.criterion == criterion) & (ranks.status == "tested")]
+    sets = list(dict.fromkeys(r.comparison))
+    if not sets:
+        return []
+    sizes = [int((r.comparison == c).sum()) for c in sets]
+    heights = [0.24 * k + 1.6 for k in sizes]
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(len(sets), 1, figsize=(10, sum(heights)), squeeze=False,
+                                 gridspec_kw={"height_ratios": heights})
+        for ax, comparison in zip(axes[:, 0], sets):
+            d = r[r.comparison == comparison]
+            names = [plain(e) for e in d.estimator]
+            mean_rank = pd.Series(d.mean_rank.to_numpy(), index=names)
+            first = d.iloc[0]
+            sig = pd.DataFrame(1.0, index=names, columns=names)
+            if first.conclusive:  # post-hoc verdicts only after the omnibus test rejects
+                pr = pairs[(pairs.criterion == criterion) & (pairs.comparison == comparison)]
+                for a, b, p in zip(pr.estimator_a, pr.estimator_b, pr.p_nemenyi):
+                    sig.loc[plain(a), plain(b)] = sig.loc[plain(b), plain(a)] = p
+            drawn = sp.critical_difference_diagram(
+                mean_rank, sig, ax=ax, label_props={"fontsize": 8},
+                color_palette={plain(e): style.colour[e] for e in d.estimator},
+                label_fmt_left="{label} ({rank:.1f})", label_fmt_right="({rank:.1f}) {label}")
+            for label in drawn["labels"]:  # the palette's light shades are unreadable as text
+                label.set_color("black")
+            # the CD scale bar, drawn here one row above the rank axis: the library's sits half a
+            # row above it, on its tick labels; clipped to the scale where CD exceeds it
+            k = int(first.estimators)
+            ax.set_xlim(0.75, k + 0.25)  # the ranks 1 and k keep their whole markers
+            ax.set_ylim(top=1.6)
+            cd = float(first.cd)
+            ax.plot([1, 1 + min(cd, k - 1)], [1.1, 1.1], color="black", lw=2, clip_on=False)
+            ax.text(1 + min(cd, k - 1) / 2, 1.25, "CD" if cd <= k - 1 else "CD (beyond the scale)",
+                    ha="center", va="bottom", fontsize=8)
+            verdict = (f"p = {first.p:.2g} < 0.05: mean ranks differ" if first.conclusive else
+                       f"p = {first.p:.2g}: no difference shown")
+            ax.set_title(f"{plain(comparison)}: {int(first.tasks)} tasks, {int(first.estimators)} "
+                         f"estimators; Friedman χ² = {first.chi2:.1f}, {verdict}; "
+                         f"CD = {first.cd:.2f}", fontsize=9, pad=22)
+        fig.suptitle(title, fontsize=11)
+        fig.tight_layout()
+        return _save(fig, out_dir, f"critical_difference_{slug(criterion)}")
+
+
+def performance_profiles(profiles: pd.DataFrame, style: Style, out_dir: Path,
+                         titles: dict) -> list[Path]:
+    """Performance profiles (Dolan & Moré 2002), one panel per criterion: rho_s(tau), the fraction
+    of tasks on which estimator s is within a factor tau of the best, against log2(tau); a curve's
+    height at 0 is the share of tasks it is best on, its final height the share it ran on.
+    ``profiles`` is leaderboard.performance_profiles' frame; ``titles`` {criterion: panel title}.
+    """
+    crits = list(dict.fromkeys(profiles.criterion))
+    if not crits:
+        return []
+    nrows, ncols = _grid(len(crits), 2)
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows), squeeze=False)
+        handles: dict = {}
+        for ax, crit in zip(axes.flat, crits):
+            p = profiles[profiles.criterion == crit]
+            right = max(1.0, 1.05 * float(p.log2_tau.max()))
+            for est, e in p.groupby("estimator", sort=True):
+                x = np.append(e.log2_tau.to_numpy(), right)  # the last step holds to the edge
+                y = np.append(e.rho.to_numpy(), e.rho.iloc[-1])
+                (line,) = ax.plot(x, y, drawstyle="steps-post", lw=1.3, ms=4, markevery=list(
+                    range(len(x) - 1)), **style.line_kw(est))
+                handles.setdefault(est, line)
+            ax.set_xlim(0, right)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("log2(τ): within a factor τ of the task's best")
+            ax.set_ylabel(f"fraction of the {int(p.tasks.iloc[0])} tasks")
+            ax.set_title(plain(titles.get(crit, crit)))
+        for ax in axes.flat[len(crits):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        _legend(fig, handles)
+        return _save(fig, out_dir, "performance_profiles")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,16 @@ nav.toc{font-size:0.92em}nav.toc ul{columns:2}
 
 
 # ---- content ------------------------------------------------------------------------------------
+def _common_time_note(common, median_train) -> list:
+    """The common training time of a task's ELBO-at-equal-time column, beside the median cell's."""
+    if common is None or not math.isfinite(common):
+        return []
+    text = f" · ELBO at equal time read at T = {common:.3g} s of training"
+    if median_train is not None and math.isfinite(median_train) and median_train > 0:
+        text += f" ({100 * common / median_train:.0f}% of the median cell's {median_train:.3g} s)"
+    return [text]
+
+
 def _rank_table(board: pd.DataFrame, criterion: str) -> Table | None:
     m = lb.rank_matrix(board, criterion)
     if m.empty:
@@ -353,13 +364,87 @@ def _problem_cells(cells: pd.DataFrame) -> Table | None:
 
 _RANK_RULE = (
     "Per task, estimators are sorted by their mean over seeds; one shares the rank of the group "
-    "above it when it is not significantly worse than that group's best (paired t-test across the "
-    f"seeds both ran, alpha {lb.ALPHA}; with one seed, ties only on equal values), else it gets "
-    "its position (competition ranking: 1, 1, 3). Latent families differ, so not every estimator "
-    "runs on every task and fields differ in size (rank 3 of 7 is not rank 3 of 21): each rank is "
-    "also read as a relative rank (rank - 1) / (field - 1), 0 = best, 1 = last, and estimators are "
-    "ordered by their mean relative rank over the tasks they ran on (mean rank and number of "
-    "tasks beside it).")
+    "above it when it is not significantly worse than that group's best, else it gets its position "
+    "(competition ranking: 1, 1, 3). Significance: a paired t-test across the seeds both ran for "
+    "every pair of the task's estimators, Holm-corrected over those pairs (Holm 1979; the "
+    f"familywise error of one task and criterion stays at {lb.ALPHA}), so that a large field "
+    "does not split on chance differences; with one seed, ties only on equal values. "
+    "Latent families differ, so not every estimator runs on every task and fields differ in size "
+    "(rank 3 of 7 is not rank 3 of 21): each rank is also read as a relative rank "
+    "(rank - 1) / (field - 1), 0 = best, 1 = last, and estimators are ordered by their mean "
+    "relative rank over the tasks they ran on (mean rank and number of tasks beside it).")
+
+FRIEDMAN_TEXT = (
+    "Does an order hold across tasks? The Friedman test (Demšar 2006) ranks the estimators within "
+    "each task by their mean over seeds (1 = best; the values the leaderboard ranks) and asks "
+    "whether their mean ranks over the tasks differ more than chance would make them; where they "
+    "do, the Nemenyi test tells two estimators apart when their mean ranks differ by more than the "
+    "critical difference CD. It needs every estimator on every task, so it runs on the estimators "
+    "common to a set of tasks: all tasks of the run, and each latent family with several tasks "
+    "(nearly every estimator that fits a family runs on all its tasks). Conclusive where Friedman "
+    f"p < {lb.ALPHA}, and then only about the N tasks x k estimators of that row; with p >= "
+    f"{lb.ALPHA} the order across those tasks is inconclusive and no pair is told apart. The "
+    "p-value is the chi-squared approximation, conservative with few tasks; where the CD exceeds "
+    "the spread ranks can have (2 tasks) the test can find that the ranks differ but not which. "
+    "In the diagrams a bar joins estimators the Nemenyi test does not tell apart; in friedman.csv "
+    "estimators sharing a letter are not told apart.")
+
+#: the criteria whose critical-difference diagrams the report shows (the others are linked)
+CD_SHOWN = ["final_elbo", "grad_error"]
+
+PROFILE_TEXT = (
+    "Performance profiles (Dolan & Moré 2002): for each task, an estimator's figure divided by "
+    "the best estimator's on that task, a factor tau >= 1; the curve of an estimator is the "
+    "fraction of the run's tasks on which it is within a factor tau of the best, against "
+    "log2(tau). "
+    "Its height at 0 is the share of tasks it is best on; the height where it levels off is the "
+    "share it ran on (a task it did not run on, or was not admitted to because the bias test "
+    "finds it biased there, counts as failed), and a curve to the upper left beats one to the "
+    "lower right at every tolerance. Per-task means over seeds of the raw figures, not of their "
+    "logarithms. Unlike the Friedman test it needs no common set of estimators, and unlike the "
+    "leaderboard it shows by how much an estimator trails, not only where; it tests nothing (no "
+    "seed-to-seed noise enters it). Where an estimator's error is only float rounding (exact "
+    "enumeration), every other estimator's factor on that task is enormous.")
+
+#: short panel titles of the performance profiles
+PROFILE_TITLES = {"grad_error": "gradient error E‖g − ∇‖²",
+                  "error_x_time": "gradient error x ms a step (not found biased)",
+                  "error_x_evals": "gradient error x f-evaluations (not found biased)",
+                  "step_time": "step time"}
+
+
+def _friedman_table(ranks: pd.DataFrame, pairs: pd.DataFrame) -> Table | None:
+    """One row per criterion x comparison set: the design, the test and its verdict, the best mean
+    rank and the estimators the Nemenyi test finds worse than it."""
+    if ranks.empty:
+        return None
+    titles = {c.name: c.name.replace("_", " ") for c in lb.CRITERIA}
+    rows = []
+    for (crit, comparison), d in ranks.groupby(["criterion", "comparison"], sort=False):
+        first = d.iloc[0]
+        design = f"{int(first.tasks)} x {int(first.estimators)}"
+        if first.status != "tested":
+            rows.append([(titles.get(crit, crit), False), (comparison, False), (design, False),
+                         ("-", False), ("-", False), (first.status, False), ("-", False),
+                         ("-", False), ("-", False)])
+            continue
+        best = d.iloc[0]
+        worse = "-"
+        if first.conclusive:
+            with_best = ((pairs.estimator_a == best.estimator)
+                         | (pairs.estimator_b == best.estimator))
+            pr = pairs[(pairs.criterion == crit) & (pairs.comparison == comparison) & with_best
+                       & (pairs.p_nemenyi < lb.ALPHA)]
+            names = sorted((set(pr.estimator_a) | set(pr.estimator_b)) - {best.estimator})
+            worse = ", ".join(names) if names else "none"
+        rows.append([(titles.get(crit, crit), False), (comparison, False), (design, False),
+                     (f"{first.chi2:.1f}", False), (tb.p_text(first.p), False),
+                     ("conclusive" if first.conclusive else "inconclusive", bool(first.conclusive)),
+                     (f"{first.cd:.2f}", False),
+                     (f"{best.estimator} ({best.mean_rank:.2f})", False), (worse, False)])
+    return Table(["criterion", "over", "tasks x estimators", "Friedman χ²", "p", "order across "
+                  "tasks", "CD", "best mean rank", "worse than it (Nemenyi)"], rows,
+                 code_first=False, align="lllrrlrll")
 
 
 def _declared_unbiased(name: str):
@@ -482,7 +567,8 @@ def _glance_table(board: pd.DataFrame, st: pd.DataFrame, pc: pd.DataFrame) -> Ta
                   "log10 error", "", "ms a step (ELBO best)"], rows, align="llrllrlr")
 
 
-def _leaderboard_doc(board: pd.DataFrame, run_dir: Path, st: pd.DataFrame | None = None) -> Document:
+def _leaderboard_doc(board: pd.DataFrame, run_dir: Path, st: pd.DataFrame | None = None,
+                     friedman: tuple | None = None) -> Document:
     doc = Document(f"estbench leaderboard: {run_dir.name}")
     doc.add(P([_RANK_RULE + " Bold: rank 1."]))
     for crit in lb.CRITERIA:
@@ -492,7 +578,52 @@ def _leaderboard_doc(board: pd.DataFrame, run_dir: Path, st: pd.DataFrame | None
             s = _stability_table(st, crit.name) if st is not None else None
             if s is not None:
                 doc.add(P(["Rank stability: " + STABILITY_TEXT]), s)
+    t = _friedman_table(*friedman) if friedman is not None else None
+    if t is not None:
+        doc.add(H(2, "Across tasks: Friedman test"), P([FRIEDMAN_TEXT, " (",
+                ("link", "friedman.csv", "friedman.csv"), ")"]), t)
     return doc
+
+
+def _across_tasks_blocks(friedman: tuple, profiles: pd.DataFrame, style, fdir: Path) -> list:
+    """The Friedman tests with their critical-difference diagrams, and the performance profiles."""
+    ranks, pairs = friedman
+    out = [H(2, "Across tasks: Friedman test and critical differences"), P([FRIEDMAN_TEXT])]
+    table = _friedman_table(ranks, pairs)
+    if table is None:
+        out.append(P(["No criterion has values on several tasks: nothing to test across tasks."]))
+    else:
+        out.append(table)
+    titles = {c.name: c.title for c in lb.CRITERIA}
+    linked = []
+    for crit in lb.CRITERIA:
+        fig = [] if ranks.empty else plots.critical_difference(
+            ranks, pairs, crit.name, style, fdir, f"mean rank by {titles[crit.name]}")
+        if not fig:
+            continue
+        if crit.name in CD_SHOWN:
+            out.append(Img(fig[0], f"Critical differences by {titles[crit.name]}: mean ranks over "
+                                   "tasks (1 = best); a bar joins estimators the Nemenyi test does "
+                                   "not tell apart"))
+        else:
+            linked.append(("link", crit.name.replace("_", " "),
+                           fig[0].relative_to(fdir.parent).as_posix()))
+    files = [("link", "friedman.csv", "friedman.csv"), ", ",
+             ("link", "friedman_pairs.csv", "friedman_pairs.csv"), " (Nemenyi p-values)"]
+    if linked:
+        files += ["; critical-difference diagrams by "]
+        for i, link in enumerate(linked):
+            files += ([", "] if i else []) + [link]
+    out.append(P(["Files: ", *files, "."]))
+
+    fig = [] if profiles.empty else plots.performance_profiles(profiles, style, fdir,
+                                                               PROFILE_TITLES)
+    if fig:
+        out += [H(2, "Performance profiles"), P([PROFILE_TEXT, " (",
+                ("link", "performance_profiles.csv", "performance_profiles.csv"), ")"]),
+                Img(fig[0], "Performance profiles: fraction of tasks within a factor tau of the "
+                            "best estimator, against log2(tau)")]
+    return out
 
 
 def build_report(run_dir, out_dir=None) -> Path:
@@ -543,7 +674,13 @@ def build_report(run_dir, out_dir=None) -> Path:
     board.to_csv(out / "leaderboard.csv", index=False)
     st = lb.stability(pc)
     st.to_csv(out / "stability.csv", index=False)
-    (out / "leaderboard.md").write_text(_leaderboard_doc(board, run_dir, st).markdown(out))
+    friedman = lb.friedman_tests(pc)
+    friedman[0].to_csv(out / "friedman.csv", index=False)
+    friedman[1].to_csv(out / "friedman_pairs.csv", index=False)
+    profiles = lb.performance_profiles(pc)
+    profiles.to_csv(out / "performance_profiles.csv", index=False)
+    (out / "leaderboard.md").write_text(
+        _leaderboard_doc(board, run_dir, st, friedman).markdown(out))
 
     doc = Document(f"estbench report: {run_dir.name}")
     n_cells = len(cells) if cells is not None else 0
@@ -585,19 +722,26 @@ def build_report(run_dir, out_dir=None) -> Path:
         if crit.name == "final_elbo" and heat:
             doc.add(Img(heat[0], "Rank by final ELBO, estimators x tasks"))
     doc.add(P(["Rank stability: " + STABILITY_TEXT]))
+    doc.add(*_across_tasks_blocks(friedman, profiles, style, fdir))
 
     doc.add(H(2, "Results per task"),
             P(["Mean ± 95% confidence half-width over seeds (Student t). bias and variance are "
                "averaged over the checkpoints along each cell's training trajectory; variance is the "
                "trace of the covariance of one gradient estimate, bias ‖E[g] − ∇‖ against the "
                "task's reference gradient. final ELBO: held-out, higher is better; step time: "
-               "training only; f-evals: f-evaluations per data point per step. Bold: best in "
+               "training only; f-evals: f-evaluations per data point per step. ELBO at equal "
+               "time: each cell's held-out ELBO curve read at the task's common training time T "
+               "(the shortest training of any cell there), by linear interpolation between its "
+               "evaluation points. Bold: best in "
                "column (not marked where all are equal). Curves: checkpoint means with 95% bands."]))
+    common = pc.groupby("task")["common_time"].first()
+    median_train = pc.groupby("task")["median_time"].first()
     for task, t in tables.items():
         header, rows = tb.display_rows(t)
         s = tb.slug(task)
         doc.add(H(3, task), Table(header, rows),
-                P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]))
+                P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]
+                  + _common_time_note(common.get(task), median_train.get(task))))
         if task in figures:
             fh, frows = tb.figure_rows(figures[task], list(t.estimator))
             doc.add(P(["The task's own final figures, mean ± 95% CI over seeds (",

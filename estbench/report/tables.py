@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from estbench import table
+from estbench import metrics, table
+from estbench.report import curves
 
-CELL_KEYS = ["task", "estimator", "device", "seed"]
+CELL_KEYS = list(table.CELL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,8 @@ class Column:
     higher: bool     # True: higher is better
 
 
-#: the columns of the per-task tables, in order
-COLUMNS = [
-    Column("final_elbo", "final ELBO", True),
-    Column("bias", "bias", False),
-    Column("log10_grad_error", "log10 gradient error", False),
-    Column("log10_variance", "log10 variance", False),
-    Column("step_ms", "step time (ms)", False),
-    Column("n_evals", "f-evals", False),
-]
+#: the columns of the per-task tables, in order: ``metrics.REPORT_TABLE``, as declared there
+COLUMNS = [Column(q.name, q.title, q.higher) for q in map(metrics.get, metrics.REPORT_TABLE)]
 
 
 # ---- settings: one label per (task, budget, device) ---------------------------------------------
@@ -48,7 +42,7 @@ def label_settings(records: pd.DataFrame, cells: pd.DataFrame | None = None):
     """
     if records.empty:
         return records.copy(), (cells.copy() if cells is not None else None)
-    budgets = records[["task", "n_samples", "steps"]].drop_duplicates()
+    budgets = records[["task", *table.RECORD_BUDGET]].drop_duplicates()
     multi_budget = set(budgets.task[budgets.task.duplicated()])
     multi_device = records.device.nunique() > 1
 
@@ -97,6 +91,14 @@ def per_cell(records: pd.DataFrame) -> pd.DataFrame:
             out[f"log10_error_x_{name}"] = np.where(v > 0, np.log10(v.where(v > 0, 1.0)),
                                                     np.where(v == 0, -np.inf, np.nan))
     out["bias_p"] = _cell_bias_p(records, out)
+    # the held-out ELBO at equal training time: each curve read at its task's common time
+    at_time = curves.elbo_at_common_time(records) if not records.empty else None
+    if at_time is not None and not at_time.empty:
+        out = out.drop(columns=["elbo_at_time", "common_time", "median_time"], errors="ignore").merge(
+            at_time[[*curves.CELL, "elbo_at_time", "common_time", "median_time"]], on=curves.CELL,
+            how="left")
+    else:
+        out["elbo_at_time"] = out["common_time"] = out["median_time"] = np.nan
     return out.sort_values(CELL_KEYS, ignore_index=True)
 
 
@@ -105,10 +107,9 @@ def _cell_bias_p(records: pd.DataFrame, out: pd.DataFrame) -> pd.Series:
     checkpoints' p-values (NaN for records made before the test existed)."""
     if records.empty or "bias_p" not in set(records.metric):
         return pd.Series(np.nan, index=out.index)
-    keys = ["task", "estimator", "device", "seed"]
-    p = (records[records.metric == "bias_p"].groupby(keys)["value"]
+    p = (records[records.metric == "bias_p"].groupby(CELL_KEYS)["value"]
          .agg(lambda v: min(1.0, float(v.min()) * len(v))))
-    return pd.Series([p.get(tuple(k), np.nan) for k in out[keys].itertuples(index=False)],
+    return pd.Series([p.get(tuple(k), np.nan) for k in out[CELL_KEYS].itertuples(index=False)],
                      index=out.index, dtype=float)
 
 
@@ -186,6 +187,7 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
     (rounding noise); a column where every estimator is best (f-evals, typically) marks none.
     """
     names = [c.name for c in COLUMNS]
+    pc = pc.assign(**{n: np.nan for n in names if n not in pc})  # a frame made without one
     out = {}
     for task, df in pc.groupby("task", sort=True):
         t = ci_frame(df, names, ["estimator"], level)
@@ -223,10 +225,9 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
     return out
 
 
-#: metrics the harness records for every task; any other metric is a task's own final figure
-HARNESS_METRICS = frozenset({"bias", "bias_noise", "variance", "grad_error", "bias_z", "bias_p",
-                             "cosine", "snr", "ref_norm", "elbo", "wall_time", "train_objective",
-                             *table.SUMMARY_METRICS})
+#: metrics the harness records for every task (declared in estbench.metrics); any other metric is
+#: a task's own final figure, declared or not (a plug-in task's)
+HARNESS_METRICS = frozenset(metrics.names(source=metrics.HARNESS))
 
 
 def task_figures(records: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame]:

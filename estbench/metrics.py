@@ -1,0 +1,274 @@
+"""Every metric a cell records, declared once: what it is and how it is read.
+
+A *metric* is a value of the records' ``metric`` column (``store.RECORD_COLUMNS``): recorded along
+training at the measurement checkpoints, or once at the end of the cell; by the harness for every
+cell, or by one task (``Task.final_metrics``).  A *figure* is a per-cell column derived from
+metrics (``report.tables.per_cell``: the log10 of a variance, a step time in ms, an error times a
+cost), which tables, rankings and comparisons read beside the per-cell metrics themselves.
+
+Each declaration says how the values are read -- which way is better, on which scale differences
+mean something, the label and unit a table shows -- and the views below say which of them each
+table shows, in its order.  The summary table (``table.SUMMARY_METRICS``), the report's per-task
+tables (``report.tables.COLUMNS``), the harness/task split of the report
+(``report.tables.HARNESS_METRICS``) and ``compare.METRICS`` are all derived from here, so a metric
+is added in this file alone.
+
+This module is a description, not part of the computation: no cell's records depend on it, and
+``store.code_version`` leaves it out of every cell's cache key (a relabelled metric must not
+recompute a sweep).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+#: when a metric is recorded
+CHECKPOINT = "checkpoint"  # along training: at each measurement checkpoint (the held-out curve's
+#                            metrics at its evaluation points too); a per-cell figure averages them
+END = "end"                # once, at the end of the cell
+#: which way is better
+HIGHER, LOWER, NONE = "higher", "lower", "none"
+#: the scale on which differences are read (tests, axes): log10 for figures spread over decades
+LINEAR, LOG10 = "linear", "log10"
+#: who records a metric
+HARNESS = "harness"  # the harness, for every cell
+TASK = "task"        # a task's own final figures (``Task.final_metrics``)
+
+#: a placeholder in a declared name for an integer set by the task's options (``test_iwae{K}``)
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantity:
+    """What metrics and figures share: how their values are read."""
+
+    name: str
+    direction: str           # HIGHER, LOWER or NONE (a diagnostic, a count, a time axis)
+    scale: str               # LINEAR or LOG10
+    label: str               # what a table header or an axis calls it
+    unit: str = ""           # "" where the unit is the task's own (an ELBO's nats per data point)
+    #: a measured time: it depends on the machine and its load as much as on the code, so it is
+    #: compared only between cells timed alike (``compare``)
+    timing: bool = False
+    doc: str = ""
+
+    def __post_init__(self):
+        for what, value, allowed in (("direction", self.direction, (HIGHER, LOWER, NONE)),
+                                     ("scale", self.scale, (LINEAR, LOG10))):
+            if value not in allowed:
+                raise ValueError(f"{self.name}: {what} must be one of {allowed}, got {value!r}")
+
+    @property
+    def higher(self) -> Optional[bool]:
+        """True when higher is better, False when lower is, None when neither."""
+        return {HIGHER: True, LOWER: False, NONE: None}[self.direction]
+
+    @property
+    def title(self) -> str:
+        """The label with its unit, as a table header shows it: ``step time (ms)``."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+
+@dataclass(frozen=True, kw_only=True)
+class Metric(Quantity):
+    """A recorded metric."""
+
+    recorded: str            # CHECKPOINT or END
+    source: str = HARNESS    # HARNESS or TASK
+    #: the tasks (registry names) that record a task's own metric
+    tasks: tuple = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.recorded not in (CHECKPOINT, END):
+            raise ValueError(f"{self.name}: recorded must be {CHECKPOINT!r} or {END!r}")
+        if self.source not in (HARNESS, TASK):
+            raise ValueError(f"{self.name}: source must be {HARNESS!r} or {TASK!r}")
+        if (self.source == TASK) != bool(self.tasks):
+            raise ValueError(f"{self.name}: a task's own metric names its tasks, and only it")
+
+    @property
+    def pattern(self) -> re.Pattern:
+        """The recorded names this declaration covers: its name, a placeholder standing for an
+        integer."""
+        parts = _PLACEHOLDER.split(self.name)
+        regex = "".join(re.escape(p) if i % 2 == 0 else rf"(?P<{p}>\d+)"
+                        for i, p in enumerate(parts))
+        return re.compile(regex)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Figure(Quantity):
+    """A per-cell figure derived from metrics (a column of ``report.tables.per_cell``)."""
+
+    of: tuple  # the metrics it is computed from
+
+
+METRICS: tuple[Metric, ...] = (
+    # ---- at the end of a cell -------------------------------------------------------------------
+    Metric(name="final_elbo", recorded=END, direction=HIGHER, scale=LINEAR, label="final ELBO",
+           doc="the task's held-out figure at the end of training (exact E[f] for the toys, the "
+               "test ELBO for models)"),
+    # ---- at the checkpoints: the gradient measurement (measure.summarise) ------------------------
+    Metric(name="bias", recorded=CHECKPOINT, direction=LOWER, scale=LOG10, label="bias",
+           doc="||mean of M estimates - reference gradient||_2"),
+    Metric(name="bias_noise", recorded=CHECKPOINT, direction=NONE, scale=LOG10,
+           label="bias noise floor",
+           doc="the bias Monte Carlo noise alone produces, sqrt(tr Cov / M + sum ref_se^2): a bias "
+               "well above it is real"),
+    Metric(name="variance", recorded=CHECKPOINT, direction=LOWER, scale=LOG10, label="variance",
+           doc="trace of the covariance of one estimate (sum of per-coordinate variances)"),
+    Metric(name="grad_error", recorded=CHECKPOINT, direction=LOWER, scale=LOG10,
+           label="gradient error",
+           doc="mean squared error of one estimate, E||g - grad||^2 = squared bias + variance, "
+               "the measurement's own Monte Carlo noise subtracted"),
+    Metric(name="bias_z", recorded=CHECKPOINT, direction=NONE, scale=LINEAR,
+           label="bias test statistic",
+           doc="the bias test's largest |t| over its directions"),
+    Metric(name="bias_p", recorded=CHECKPOINT, direction=NONE, scale=LOG10, label="bias test p",
+           doc="p-value of 'unbiased' at a checkpoint; per cell, Bonferroni's min(1, k min p) over "
+               "its k checkpoints (report.tables.per_cell)"),
+    Metric(name="cosine", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR, label="cosine",
+           doc="mean cosine between one estimate and the reference gradient"),
+    Metric(name="snr", recorded=CHECKPOINT, direction=HIGHER, scale=LOG10,
+           label="signal-to-noise ratio", doc="||mean estimate|| / sqrt(variance)"),
+    Metric(name="ref_norm", recorded=CHECKPOINT, direction=NONE, scale=LOG10,
+           label="reference gradient norm", doc="||reference gradient||_2, the scale of the others"),
+    # ---- at the checkpoints: the held-out curve ---------------------------------------------------
+    Metric(name="elbo", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR, label="held-out ELBO",
+           doc="the task's held-out figure during training (evaluate(final=False))"),
+    Metric(name="wall_time", recorded=CHECKPOINT, direction=NONE, scale=LINEAR, unit="s",
+           label="training time", timing=True,
+           doc="training time so far: the timed steps only, not measurements nor evaluations"),
+    Metric(name="train_objective", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR,
+           label="training objective",
+           doc="mean training objective over the steps since the previous point"),
+    # ---- at the end of a cell (cost and status) --------------------------------------------------
+    Metric(name="step_time", recorded=END, direction=LOWER, scale=LINEAR, unit="s",
+           label="step time", timing=True,
+           doc="seconds per training step (estimate + backward + optimiser step)"),
+    Metric(name="n_evals", recorded=END, direction=LOWER, scale=LINEAR, label="f-evals",
+           doc="evaluations of f per data point per step the estimator made (counted by the "
+               "harness)"),
+    Metric(name="train_steps", recorded=END, direction=NONE, scale=LINEAR,
+           label="training steps", doc="optimiser steps taken (a time budget's count)"),
+    Metric(name="diverged", recorded=END, direction=LOWER, scale=LINEAR, label="diverged",
+           doc="1 for a cell that diverged, else 0 (recorded for every cell, finished or not)"),
+    # ---- a task's own final figures (Task.final_metrics) -----------------------------------------
+    Metric(name="test_iwae{K}", recorded=END, direction=HIGHER, scale=LINEAR, source=TASK,
+           tasks=("binary_vae",), label="test IWAE bound", unit="nats per image",
+           doc="the K-sample importance-weighted bound (Burda et al. 2016) on the test images"),
+    *(Metric(name=name, recorded=END, direction=direction, scale=LINEAR, source=TASK,
+             tasks=("text_vae",), label=label, unit=unit, doc=doc)
+      for name, direction, label, unit, doc in (
+          ("test_kl", NONE, "test KL", "nats per sentence", "mean KL(q(z|x) || p(z))"),
+          ("test_nll", LOWER, "test NLL", "nats per sentence",
+           "reconstruction NLL, -E_q log p(x|z)"),
+          ("test_ppl_is", LOWER, "test perplexity", "",
+           "exp(-sum log p_IS(x) / #tokens), p(x) importance-sampled"),
+          ("test_ppl_elbo", LOWER, "test perplexity bound", "",
+           "the same with the ELBO: an upper bound on the perplexity"))),
+    *(Metric(name=name, recorded=END, direction=direction, scale=LINEAR, source=TASK,
+             tasks=("sst_rationales", "sst_rationales_categorical", "sst_rationales_structured"),
+             label=label, doc=doc)
+      for name, direction, label, doc in (
+          ("dev_accuracy", HIGHER, "dev accuracy", "argmax_y E_q[p(y|x,z)] on the dev set"),
+          ("test_accuracy", HIGHER, "test accuracy", "the same on the test set"),
+          ("dev_accuracy_map", HIGHER, "dev accuracy (MAP rationale)",
+           "the prediction from the most probable rationale, dev set"),
+          ("test_accuracy_map", HIGHER, "test accuracy (MAP rationale)",
+           "the prediction from the most probable rationale, test set"),
+          ("selection_rate", NONE, "selection rate",
+           "fraction of real dev tokens the most probable rationale selects"),
+          ("expected_selection_rate", NONE, "expected selection rate",
+           "fraction of real dev tokens a sample of q selects"))),
+)
+
+FIGURES: tuple[Figure, ...] = (
+    Figure(name="elbo_at_time", of=("elbo", "wall_time"), direction=HIGHER, scale=LINEAR,
+           label="ELBO at equal time",
+           doc="the held-out ELBO curve read at the task's common training time, the shortest of "
+               "any cell there (report.curves): equal wall-clock instead of equal steps"),
+    Figure(name="log10_variance", of=("variance",), direction=LOWER, scale=LINEAR,
+           label="log10 variance", doc="-inf for an exactly zero variance"),
+    Figure(name="log10_grad_error", of=("grad_error",), direction=LOWER, scale=LINEAR,
+           label="log10 gradient error", doc="-inf for an exactly zero error"),
+    Figure(name="step_ms", of=("step_time",), direction=LOWER, scale=LINEAR, unit="ms",
+           label="step time", timing=True, doc="milliseconds per training step"),
+    Figure(name="log10_error_x_ms", of=("grad_error", "step_time"), direction=LOWER, scale=LINEAR,
+           label="log10 gradient error x ms a step", timing=True,
+           doc="work-normalised error (Glynn & Whitt 1992): the error at equal compute time"),
+    Figure(name="log10_error_x_evals", of=("grad_error", "n_evals"), direction=LOWER,
+           scale=LINEAR, label="log10 gradient error x f-evals",
+           doc="work-normalised error: the error at equal f-evaluations"),
+)
+
+# ---- the views: which metrics and figures each table shows, in its order -----------------------
+#: the summary table (``table.summary``, ``estbench run``): per cell, a checkpoint metric's mean
+#: over the checkpoints and an end metric's value
+SUMMARY = ("final_elbo", "bias", "variance", "grad_error", "cosine", "step_time", "n_evals",
+           "diverged")
+#: the columns of the report's per-task tables
+REPORT_TABLE = ("final_elbo", "elbo_at_time", "bias", "log10_grad_error", "log10_variance", "step_ms", "n_evals")
+#: what ``estbench compare`` compares between two runs (a LOG10 one is tested on log10)
+COMPARED = ("final_elbo", "variance", "grad_error", "bias", "step_ms")
+
+
+def get(name: str) -> Union[Metric, Figure]:
+    """The declaration of a recorded metric (``test_iwae100`` is ``test_iwae{K}``'s) or of a
+    per-cell figure; KeyError naming it if there is none."""
+    found = lookup(name)
+    if found is None:
+        raise KeyError(f"metric {name!r} is not declared in estbench/metrics.py")
+    return found
+
+
+def lookup(name: str) -> Optional[Union[Metric, Figure]]:
+    """``get``, or None for an undeclared name."""
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    for m in METRICS:
+        if m.pattern.fullmatch(name):
+            return m
+    return None
+
+
+def undeclared(recorded_names) -> list[str]:
+    """The names among ``recorded_names`` (a records frame's ``metric`` values) that no metric
+    declaration covers, sorted."""
+    return sorted({n for n in recorded_names if not isinstance(lookup(n), Metric)})
+
+
+def names(source: Optional[str] = None, recorded: Optional[str] = None) -> list[str]:
+    """The declared metric names (placeholders as declared), in declaration order, of one
+    ``source`` and/or ``recorded`` if given."""
+    return [m.name for m in METRICS
+            if (source is None or m.source == source) and (recorded is None or m.recorded == recorded)]
+
+
+def _index() -> dict:
+    by_name: dict = {}
+    for q in (*METRICS, *FIGURES):
+        if q.name in by_name:
+            raise ValueError(f"metric {q.name!r} is declared twice")
+        by_name[q.name] = q
+    for f in FIGURES:
+        missing = [m for m in f.of if m not in by_name or not isinstance(by_name[m], Metric)]
+        if not f.of or missing:
+            raise ValueError(f"figure {f.name!r} is derived from undeclared metrics {missing}")
+    for view, members in (("SUMMARY", SUMMARY), ("REPORT_TABLE", REPORT_TABLE),
+                          ("COMPARED", COMPARED)):
+        missing = [n for n in members if n not in by_name]
+        if missing:
+            raise ValueError(f"{view} names undeclared metrics {missing}")
+    if any(not isinstance(by_name[n], Metric) for n in SUMMARY):
+        raise ValueError("SUMMARY holds recorded metrics only (the per-cell figures derive from it)")
+    judged = [n for n in (*REPORT_TABLE, *COMPARED) if by_name[n].higher is None]
+    if judged:
+        raise ValueError(f"{judged}: a table that marks the best, or a comparison that finds a "
+                         "regression, needs a direction")
+    return by_name
+
+
+_BY_NAME = _index()

@@ -1,0 +1,151 @@
+"""The metric schema (estbench/metrics.py): every metric a run records is declared, as it is
+recorded; the tables read it; it is no part of any cell's code."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import tasks
+from estbench import metrics, store
+from estbench.budget import Budget
+from estbench.cli import main
+from estbench.spec import parse
+from estbench.train import Cell, run_cell
+
+#: options that make the data tasks' cells take a second or two (the toys are tiny as they are)
+TINY_OPTIONS = {
+    "binary_vae": "latents=10,val_size=20,eval_samples=1,iwae_images=10,iwae_samples=2",
+    "text_vae": "emb=8,hidden=16,latent_dim=4,batch_size=8,max_len=12,val_sentences=16,"
+                "test_sentences=16,is_samples=2,measure_sentences=2,ref_chunks=2,ref_chunk_samples=2",
+    "sst_rationales": "emb=16,hidden=16,max_train=64,eval_dev=20,measure_size=4,ref_chunks=2,"
+                      "ref_samples=2,final_samples=2",
+}
+#: three checkpoints over two steps: a checkpoint metric is recorded more than once, an end one once
+TINY = ["--steps", "2", "--checkpoints", "3", "--measure-samples", "4", "--n-samples", "2",
+        "--seeds", "0"]
+
+
+def misdeclared(records: pd.DataFrame) -> list[str]:
+    """What the records contradict in the schema: undeclared metrics, a metric recorded other than
+    declared (at checkpoints vs once at the end; by a task other than its declared ones), a declared
+    metric a cell does not record.  [] when the schema tells the truth about the records."""
+    problems = [f"{m}: recorded but not declared in estbench/metrics.py"
+                for m in metrics.undeclared(records.metric)]
+    for (task, estimator, seed), cell in records.groupby(["task", "estimator", "seed"]):
+        base = parse(task).name
+        counts = cell.groupby("metric").size()
+        for name, n in counts.items():
+            m = metrics.lookup(name)
+            if not isinstance(m, metrics.Metric):
+                continue
+            if m.recorded == metrics.END and n != 1:
+                problems.append(f"{name}: declared {metrics.END}, recorded {n} times by {task}")
+            if m.recorded == metrics.CHECKPOINT and n < 2:
+                problems.append(f"{name}: declared {metrics.CHECKPOINT}, recorded once by {task}")
+            if m.source == metrics.TASK and base not in m.tasks:
+                problems.append(f"{name}: declared for {m.tasks}, recorded by {task}")
+        expected = [m for m in metrics.METRICS if m.source == metrics.HARNESS or base in m.tasks]
+        for m in expected:
+            if not any(m.pattern.fullmatch(name) for name in counts.index):
+                problems.append(f"{m.name}: declared, not recorded by {task}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def every_task_run(tmp_path_factory):
+    """A tiny sweep of every registered task (rloo fits every latent family) through the CLI; the
+    records as the store returns them."""
+    specs = [f"{t}[{TINY_OPTIONS[t]}]" if t in TINY_OPTIONS else t for t in tasks.available()]
+    out = tmp_path_factory.mktemp("every_task") / "run"
+    assert main(["run", "--tasks", ",".join(specs), "--estimators", "rloo", *TINY,
+                 "--out", str(out), "--quiet", "--json"]) == 0
+    records, cells = store.load(out)
+    assert (cells.status == "ok").all(), cells[cells.status != "ok"][["task", "error"]]
+    return records
+
+
+def test_every_metric_a_run_records_is_declared_as_it_is_recorded(every_task_run):
+    assert set(every_task_run.task.map(lambda t: parse(t).name)) == set(tasks.available())
+    assert misdeclared(every_task_run) == []
+
+
+def test_an_undeclared_or_misdeclared_metric_fails_the_check(every_task_run, monkeypatch):
+    toy = tasks.get_class("toy_binary")
+    monkeypatch.setattr(toy, "final_metrics", lambda self: {"made_up_figure": 1.0})
+    res = run_cell(Cell("toy_binary", "rloo", 0, "cpu",
+                        Budget(steps=2, n_samples=2, checkpoints=3, measure_samples=4)))
+    assert res.status == "ok", res.error
+    problems = misdeclared(pd.DataFrame(res.records))
+    assert problems == ["made_up_figure: recorded but not declared in estbench/metrics.py"]
+    # an end metric recorded at a checkpoint too, and a task's metric recorded by another task
+    final = every_task_run[every_task_run.metric == "final_elbo"].iloc[[0]]
+    twice = pd.concat([every_task_run, final.assign(step=0)])
+    assert any("final_elbo: declared end, recorded 2 times" in p for p in misdeclared(twice))
+    iwae = every_task_run[every_task_run.metric.str.startswith("test_iwae")].iloc[[0]]
+    elsewhere = pd.concat([every_task_run, iwae.assign(task="toy_binary")])
+    assert any(p.startswith("test_iwae2: declared for ('binary_vae',)") for p in misdeclared(elsewhere))
+    # a declared metric no cell records any more
+    dropped = every_task_run[every_task_run.metric != "snr"]
+    assert any(p.startswith("snr: declared, not recorded") for p in misdeclared(dropped))
+
+
+def test_a_recorded_name_resolves_to_its_declaration():
+    assert metrics.get("test_iwae100").name == "test_iwae{K}"
+    assert metrics.get("step_ms").of == ("step_time",)
+    assert metrics.lookup("test_iwae") is None and metrics.lookup("test_iwae10x") is None
+    with pytest.raises(KeyError, match="not declared"):
+        metrics.get("no_such_metric")
+    assert metrics.undeclared(["bias", "test_iwae5", "step_ms", "no_such_metric"]) == \
+        ["no_such_metric", "step_ms"]  # a per-cell figure is never a recorded metric
+
+
+def test_a_malformed_declaration_is_refused():
+    with pytest.raises(ValueError, match="direction"):
+        metrics.Metric(name="x", recorded=metrics.END, direction="up", scale=metrics.LINEAR, label="x")
+    with pytest.raises(ValueError, match="recorded"):
+        metrics.Metric(name="x", recorded="sometimes", direction=metrics.NONE,
+                       scale=metrics.LINEAR, label="x")
+    with pytest.raises(ValueError, match="names its tasks"):
+        metrics.Metric(name="x", recorded=metrics.END, direction=metrics.NONE, scale=metrics.LINEAR,
+                       label="x", source=metrics.TASK)
+
+
+def test_the_tables_read_the_schema(every_task_run):
+    """Each view's columns exist with the declared label and direction; every declared per-cell
+    figure is computed; the leaderboard's criteria are declared figures with their direction."""
+    pytest.importorskip("scipy")
+    from estbench import compare, table
+    from estbench.report import leaderboard, tables
+
+    assert table.SUMMARY_METRICS == list(metrics.SUMMARY)
+    assert [(c.name, c.title, c.higher) for c in tables.COLUMNS] == \
+        [(n, metrics.get(n).title, metrics.get(n).higher) for n in metrics.REPORT_TABLE]
+    assert [c.title for c in tables.COLUMNS if c.name == "step_ms"] == ["step time (ms)"]
+    assert list(compare.METRICS) == list(metrics.COMPARED)
+    assert compare.METRICS["variance"] == ("variance", False, True)  # tested on log10
+    assert compare.SPEED_METRICS == {"step_ms"}
+    assert set(metrics.names(source=metrics.HARNESS)) == tables.HARNESS_METRICS
+    pc = tables.per_cell(every_task_run)
+    missing = [q.name for q in (*metrics.FIGURES, *map(metrics.get, metrics.SUMMARY))
+               if q.name not in pc.columns]
+    assert missing == []
+    for c in leaderboard.CRITERIA:
+        assert metrics.get(c.column).higher == c.higher, c
+
+
+def test_the_schema_is_no_part_of_any_cells_code(monkeypatch):
+    """Relabelling a metric must not recompute a sweep: estbench/metrics.py is left out of the
+    code a cell's key covers, even where cell code would list or import it."""
+    schema = store._ROOT / "estbench" / "metrics.py"
+    assert schema.is_file()
+    whole = store.code_files()
+    assert schema not in whole and store._ROOT / "estbench" / "train.py" in whole
+    assert schema not in store.code_files("toy_binary", "rloo")
+    before = store.code_version("toy_binary", "rloo")
+    monkeypatch.setattr(store, "_COMMON_CODE", [*store._COMMON_CODE, "estbench/metrics.py"])
+    store.code_version.cache_clear()
+    try:
+        assert schema not in store.code_files("toy_binary", "rloo")
+        assert store.code_version("toy_binary", "rloo") == before
+    finally:
+        store.code_version.cache_clear()
