@@ -53,6 +53,13 @@ def test_report_end_to_end(tiny_run, tmp_path, capsys):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert images and all((out / p).is_file() for p in images)
     assert "### toy_binary" in md and "`gumbel_softmax`" in md and "**" in md  # best marked
+    # what each ranking measures: a section, one entry per criterion, linked from the contents
+    from estbench.report import leaderboard as lb
+
+    section = md.split("## What each ranking measures, and when to trust it", 1)[1].split("\n## ", 1)[0]
+    assert "(#what-each-ranking-measures-and-when-to-trust-it)" in md
+    for crit in lb.CRITERIA:
+        assert crit.meaning and f"**By {crit.title}**: {crit.meaning}" in section, crit.name
     # the HTML is self-contained: every image is a data URI
     html = (out / "report.html").read_text()
     srcs = re.findall(r'src="([^"]*)"', html)

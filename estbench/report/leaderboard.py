@@ -34,8 +34,8 @@ untestable.  Performance profiles (``performance_profile``, Dolan & Moré 2002) 
 design: an estimator that did not run on a task fails it.
 
 Criteria: final ELBO (higher is better); the held-out ELBO at equal training time (higher;
-report.curves: each curve read at its task's common time); log10 gradient error E||g - grad||^2 (lower; every
-estimator); log10 gradient variance (lower; an exactly zero variance ranks first) among the
+report.curves: each curve read at its task's common time); log10 gradient error
+E||g - grad||^2 (lower; every estimator); log10 gradient variance (lower; an exactly zero variance ranks first) among the
 estimators the bias test does not find biased on that task (tables.estimator_bias: more than
 half of its cells reject at tables.BIAS_TEST_ALPHA); the work-normalised error, gradient error x
 ms a step and x f-evaluations (Glynn & Whitt 1992: the error at equal compute, as averaging k
@@ -64,6 +64,8 @@ class Criterion:
     #: rank only the estimators the bias test does not reject (variance means nothing for a
     #: biased estimator: spigot's is zero)
     unbiased_only: bool = False
+    #: what the ranking measures and when to trust it, for the report's reader
+    meaning: str = ""
 
     @property
     def higher(self) -> bool:
@@ -72,22 +74,45 @@ class Criterion:
 
 
 CRITERIA = [
-    Criterion("final_elbo", "final_elbo", "final ELBO (higher is better)"),
+    Criterion("final_elbo", "final_elbo", "final ELBO (higher is better)",
+              meaning=("How far an estimator took the model in the budget's steps of the task's "
+                       'optimiser. At a quick budget that is early training, not gradient quality: a '
+                       'biased relaxation can beat the exact gradient. Read it at the standard budget '
+                       'for verdicts about models.')),
     Criterion("elbo_at_time", "elbo_at_time",
               "held-out ELBO at equal training time, each curve read at the task's common time "
-              "(higher is better)"),
+              "(higher is better)",
+              meaning=('The same held-out curve read at a common training time T (the shortest training '
+                       'of any cell on the task, so every curve reaches it), by linear interpolation '
+                       'between evaluation points: an estimator three times as slow is judged after a '
+                       'third of its steps. About early training when T is a small fraction of the '
+                       "median cell's training (stated under each task's table); under a time budget "
+                       '(--seconds) it is the final ELBO.')),
     Criterion("grad_error", "log10_grad_error",
-              "gradient error E‖g − ∇‖², squared bias plus variance (lower is better)"),
+              "gradient error E‖g − ∇‖², squared bias plus variance (lower is better)",
+              meaning=("The mean squared error of one gradient estimate against the task's reference, "
+                       "squared bias plus variance with the measurement's own noise removed: which "
+                       'estimator gives the best single gradient, biased or not, on one scale.')),
     Criterion("variance", "log10_variance",
               "gradient variance, among estimators the bias test does not find biased (lower is better)",
-              unbiased_only=True),
+              unbiased_only=True,
+              meaning=('Among estimators the bias test does not find biased on the task only (a '
+                       'deterministic biased estimator has zero variance and is not best). With few '
+                       'estimates a small bias goes unseen.')),
     Criterion("error_x_time", "log10_error_x_ms",
               "work-normalised error, gradient error x ms a step (Glynn & Whitt 1992), among "
-              "estimators the bias test does not find biased (lower is better)", unbiased_only=True),
+              "estimators the bias test does not find biased (lower is better)", unbiased_only=True,
+              meaning=('Gradient error times ms a step (Glynn & Whitt 1992): the error at equal compute '
+                       "time, since averaging k estimates divides an unbiased estimator's error by k. "
+                       'Timings compare within one run.')),
     Criterion("error_x_evals", "log10_error_x_evals",
               "gradient error x f-evaluations a step, among estimators the bias test does not find "
-              "biased (lower is better)", unbiased_only=True),
-    Criterion("step_time", "step_ms", "step time (lower is better)"),
+              "biased (lower is better)", unbiased_only=True,
+              meaning=('Gradient error times f-evaluations a step: the error at equal evaluations of f, '
+                       'the machine-independent cost.')),
+    Criterion("step_time", "step_ms", "step time (lower is better)",
+              meaning=('Training seconds a step on the recorded machine (CUDA-synchronised), comparable '
+                       'only between cells timed alike.')),
 ]
 
 #: an exactly zero variance is clipped to this log10 value so that paired tests stay finite

@@ -252,6 +252,18 @@ nav.toc{font-size:0.92em}nav.toc ul{columns:2}
 
 
 # ---- content ------------------------------------------------------------------------------------
+def _meanings_blocks() -> list:
+    """The section a reader checks before quoting a ranking: what each criterion measures and
+    when it is conclusive (each criterion's ``meaning``, declared with it in the leaderboard)."""
+    items = [[("b", f"By {c.title}"), ": " + c.meaning] for c in lb.CRITERIA if c.meaning]
+    return [H(2, "What each ranking measures, and when to trust it"),
+            UL(items),
+            P(["A ranking is conclusive at its budget where its ties are resolved (Holm-corrected "
+               "paired tests within a task), its order survives resampling the seeds (rank "
+               "stability: stable), and, across tasks, where the Friedman test rejects (below). "
+               "The bias test's verdicts are in the section Bias test."])]
+
+
 def _common_time_note(common, median_train) -> list:
     """The common training time of a task's ELBO-at-equal-time column, beside the median cell's."""
     if common is None or not math.isfinite(common):
@@ -705,7 +717,7 @@ def build_report(run_dir, out_dir=None) -> Path:
                 P(["Per task, the estimators ranked first (with their ties) by final ELBO and by "
                    "gradient error E‖g − ∇‖², the figure (mean over seeds) and whether the "
                    "ranking survives resampling the seeds; ms a step of the ELBO leaders. What "
-                   "each ranking measures: see the README, \"What each ranking measures\"."]),
+                   "each ranking measures and when to trust it: the section of that name below."]),
                 glance)
 
     doc.add(H(2, "Leaderboard"),
@@ -726,6 +738,7 @@ def build_report(run_dir, out_dir=None) -> Path:
         if crit.name == "final_elbo" and heat:
             doc.add(Img(heat[0], "Rank by final ELBO, estimators x tasks"))
     doc.add(P(["Rank stability: " + STABILITY_TEXT]))
+    doc.add(*_meanings_blocks())
     doc.add(*_across_tasks_blocks(friedman, profiles, style, fdir))
 
     doc.add(H(2, "Results per task"),
