@@ -161,7 +161,7 @@ METRICS: tuple[Metric, ...] = (
            doc="1 for a cell that diverged, else 0 (recorded for every cell, finished or not)"),
     # ---- a task's own final figures (Task.final_metrics) -----------------------------------------
     Metric(name="test_iwae{K}", recorded=END, direction=HIGHER, scale=LINEAR, source=TASK,
-           tasks=("binary_vae",), label="test IWAE bound", unit="nats per image",
+           tasks=("binary_vae", "categorical_vae"), label="test IWAE bound", unit="nats per image",
            doc="the K-sample importance-weighted bound (Burda et al. 2016) on the test images"),
     *(Metric(name=name, recorded=END, direction=direction, scale=LINEAR, source=TASK,
              tasks=("text_vae",), label=label, unit=unit, doc=doc)

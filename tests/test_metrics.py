@@ -15,6 +15,7 @@ from estbench.train import Cell, run_cell
 #: options that make the data tasks' cells take a second or two (the toys are tiny as they are)
 TINY_OPTIONS = {
     "binary_vae": "latents=10,val_size=20,eval_samples=1,iwae_images=10,iwae_samples=2",
+    "categorical_vae": "batch_size=4,val_size=20,eval_samples=1,iwae_samples=2,measure_size=2",
     "text_vae": "emb=8,hidden=16,latent_dim=4,batch_size=8,max_len=12,val_sentences=16,"
                 "test_sentences=16,is_samples=2,measure_sentences=2,ref_chunks=2,ref_chunk_samples=2",
     "sst_rationales": "emb=16,hidden=16,max_train=64,eval_dev=20,measure_size=4,ref_chunks=2,"
@@ -83,7 +84,8 @@ def test_an_undeclared_or_misdeclared_metric_fails_the_check(every_task_run, mon
     assert any("final_elbo: declared end, recorded 2 times" in p for p in misdeclared(twice))
     iwae = every_task_run[every_task_run.metric.str.startswith("test_iwae")].iloc[[0]]
     elsewhere = pd.concat([every_task_run, iwae.assign(task="toy_binary")])
-    assert any(p.startswith("test_iwae2: declared for ('binary_vae',)") for p in misdeclared(elsewhere))
+    assert any(p.startswith("test_iwae2: declared for ('binary_vae', 'categorical_vae')")
+               for p in misdeclared(elsewhere))
     # a declared metric no cell records any more
     dropped = every_task_run[every_task_run.metric != "snr"]
     assert any(p.startswith("snr: declared, not recorded") for p in misdeclared(dropped))
