@@ -27,6 +27,9 @@ class PolyToy(ClosedFormToy):
 
     name = "poly_toy"
     family = "categorical"
+    #: not in ``estbench run``'s default toys: with 128 latents gumbel_rao's cells take 2 minutes
+    #: each (its conditional draws per latent), which would triple the default run
+    in_default_run = False
     description = "ReinMax's polynomial programming: L two-class latents, f = -mean |z - t|^p"
     options = {
         "latents": Option(128, "number of two-class latents L (the ReinMax code's default)",

@@ -113,3 +113,15 @@ def test_poly_toy_expectation_and_gradient_are_exact():
     logq = t.dist().log_prob(z)
     (g,) = torch.autograd.grad((logq * (fz - fz.mean()).detach()).mean(), logits)
     assert float(torch.nn.functional.cosine_similarity(g.reshape(-1), ref, dim=0)) > 0.95
+
+
+def test_poly_toy_closed_form_equals_enumeration():
+    import estimators
+
+    t = tasks.get("poly_toy", latents=8, p=1.5)
+    t.setup("cpu", torch.Generator().manual_seed(1))
+    prob = t.problem(None)
+    e = estimators.get("exact").estimate(prob.dist, prob.f, 1)
+    g = tasks.flat_grad(e.surrogate, t.estimated_parameters())
+    torch.testing.assert_close(g, t.reference_gradient(None).grad, rtol=1e-4, atol=1e-7)
+    assert t.evaluate() == pytest.approx(float(e.value), rel=1e-6)
