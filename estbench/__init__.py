@@ -40,8 +40,9 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out="results/runs/python",
         device="cpu", jobs=None, force=False, progress=False, **overrides):
     """Run a sweep as ``estbench run`` does and return its ``(records, cells)`` (finished cells'
     records only).  ``tasks`` / ``estimators``: comma-separated names with options, or lists of
-    them (default: the toys, every estimator); ``overrides``: budget fields (``steps``,
-    ``n_samples``, ``checkpoints``, ``measure_samples``)."""
+    them (default: the toys, every estimator); ``overrides``: any ``Budget`` field (``steps``,
+    ``n_samples``, ``checkpoints``, ``measure_samples``, ``eval_points``; ``train_seconds`` for a
+    time budget, with ``steps=0`` for no step cap)."""
     import sys
     from pathlib import Path
 
