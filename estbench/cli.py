@@ -271,12 +271,17 @@ def _common(args):
     return seeds, devices, executor, overrides
 
 
-def _seconds(text: str, what: str) -> float:
+def _seconds(text: str, what: str, zero: str = "") -> float:
+    """A number of seconds given as ``what``: positive and finite, or also 0 where ``zero`` says
+    what 0 means (``--cell-timeout``: no limit)."""
     try:
         v = float(text)
     except ValueError:
         raise UsageError(f"{what} must be a number of seconds, got {text!r}") from None
-    if not (0 < v < float("inf")):
+    if zero:
+        if not (v >= 0 and v != float("inf")):
+            raise UsageError(f"{what} must be >= 0 seconds (0: {zero}), got {text!r}")
+    elif not (0 < v < float("inf")):
         raise UsageError(f"{what} must be a positive, finite number of seconds, got {text!r}")
     return v
 
@@ -291,15 +296,7 @@ def _selection(text: str, flag: str):
 
 def _cell_timeout(text: Optional[str]) -> Optional[float]:
     """``--cell-timeout SECONDS`` (0: no limit); None: the budget's default."""
-    if text is None:
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise UsageError(f"--cell-timeout must be a number of seconds, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise UsageError(f"--cell-timeout must be >= 0 seconds (0: no limit), got {text!r}")
-    return v
+    return None if text is None else _seconds(text, "--cell-timeout", zero="no limit")
 
 
 def _results_folder(out: Path) -> Path:
