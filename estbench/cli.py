@@ -23,7 +23,7 @@ from typing import Optional
 
 import estimators
 import tasks
-from estbench import executors, store, sweep, table
+from estbench import executors, protocols, store, sweep, table
 from estbench.budget import Budget
 from estbench.cli_report import add_parsers
 from estbench.errors import ConfigError, RankError, SpecError, UsageError, WorkerError
@@ -434,11 +434,15 @@ def _execute(args, plan, out: Path, executor, meta: dict):
 
 def cmd_run(args) -> int:
     try:
-        task_specs = (_selection(args.tasks, "--tasks") if args.tasks is not None
-                      else parse_list(",".join(default_tasks())))
+        if args.tasks is not None:
+            task_specs = _selection(args.tasks, "--tasks")
+        elif args.budget == protocols.PAPER:  # every task that follows a published protocol
+            task_specs = parse_list(",".join(protocols.available()))
+        else:
+            task_specs = parse_list(",".join(default_tasks()))
         est_specs = _selection(args.estimators, "--estimators") if args.estimators is not None else parse_list(
             ",".join(estimators.available()))
-    except SpecError as e:
+    except SpecError as e:  # ProtocolError too: a protocol file that does not load
         raise UsageError(str(e)) from None
     seeds, devices, executor, overrides = _common(args)
     out = _results_folder(Path(args.out) if args.out else
@@ -571,6 +575,15 @@ def cmd_list(args) -> int:
         if c.exceeds_budget:
             out.append(f"      (not held to the budget: {c.exceeds_budget})")
         out.extend(_option_lines(c))
+    try:
+        published = protocols.available()
+    except protocols.ProtocolError as e:
+        raise UsageError(str(e)) from None
+    if published:
+        out.append("")
+        out.append("published protocols (estbench run --tasks TASK --budget paper):")
+        for p in published.values():
+            out.extend(p.lines("  "))
     skipped = {**tasks.skipped(), **estimators.skipped()}
     if skipped:
         out.append("")
@@ -587,6 +600,7 @@ def cmd_list(args) -> int:
                                "exceeds_budget": estimators.get_class(n).exceeds_budget,
                                "options": {k: o.default for k, o in estimators.get_class(n).options.items()}}
                            for n in estimators.available()},
+            "protocols": {n: p.as_dict() for n, p in published.items()},
             "skipped": skipped,
         }, indent=2))
     else:
@@ -614,7 +628,7 @@ def _budget_arguments(r) -> None:
     r.add_argument("--threads", help="intra-op CPU threads per cell (default 1; parallelise with -j)")
     r.add_argument("--cell-timeout", dest="cell_timeout", metavar="SECONDS",
                    help="stop a cell after this long and record it as failed (0: no limit; default "
-                        + ", ".join(f"{int(v)} s for the {k} budget"
+                        + ", ".join(f"{int(v)} s for the {k} budget" if v else f"none for the {k} budget"
                                     for k, v in sweep.DEFAULT_CELL_TIMEOUT.items()) + ")")
     r.add_argument("--force", action="store_true", help="recompute cells already in --out")
     r.add_argument("--quiet", action="store_true", help="no progress output")
@@ -633,11 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a whole sweep in a YAML file: its keys are the long options of this "
                         "command (tasks, estimators, seeds, steps, out, ...; see examples/sweep.yml); "
                         "flags given on the command line override it")
-    r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks)")
+    r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks; with --budget paper every task with a published protocol)")
     r.add_argument("--estimators", help="comma-separated estimators with options (default: all)")
     r.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
-    r.add_argument("--budget", default="quick", choices=["quick", "standard"],
-                   help="each task's named budget (default quick); the flags below override it")
+    r.add_argument("--budget", default="quick", choices=["quick", "standard", "paper"],
+                   help="each task's named budget (default quick); paper: the task's published "
+                        "protocol, its options and budget (estbench list shows them); the flags "
+                        "below override it")
     _budget_arguments(r)
     r.add_argument("--out", help="results folder (default results/runs/<timestamp>)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")

@@ -9,7 +9,7 @@ import torch
 
 import estimators
 import tasks
-from estbench import store
+from estbench import protocols, store
 from estbench.budget import Budget
 from estbench.errors import SpecError
 from estbench.spec import Spec
@@ -55,18 +55,24 @@ def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> 
 
 #: default time limit of one cell per named budget, in seconds (``--cell-timeout`` overrides it):
 #: the slowest quick cell takes about 12 minutes here, a standard one hours on a CPU
-DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0}
+DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0, "paper": 0.0}
 
 
 def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterable[int],
            devices: Iterable[str], budget: "Budget | str" = "quick",
            overrides: Optional[dict] = None, timeout: Optional[float] = None) -> Plan:
     """All cells of a selection.  ``budget`` is a Budget used for every task, or the name of each
-    task's own budget ("quick", "standard") with ``overrides`` (e.g. steps from the command line).
+    task's own budget ("quick", "standard"; "paper": the task's published protocol, its task
+    options and budget, see :mod:`estbench.protocols`) with ``overrides`` (e.g. steps from the command line).
     ``timeout``: seconds a cell may run (0: no limit); default ``DEFAULT_CELL_TIMEOUT`` of the named
     budget (no limit for an explicit Budget)."""
     if timeout is None:
         timeout = 0.0 if isinstance(budget, Budget) else DEFAULT_CELL_TIMEOUT.get(budget, 0.0)
+    paper = budget == protocols.PAPER
+    task_specs, est_specs = list(task_specs), list(est_specs)
+    if paper:  # each task under its published protocol: its options first, the given ones win
+        task_specs = [Spec(s.name, protocols.task_options(s.name, s.options), s.text)
+                      for s in task_specs]
     task_objs = _canonical("task", task_specs)
     est_objs = _canonical("estimator", est_specs)
     plan = Plan([])
@@ -77,8 +83,16 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
         else:
             usable.append(d)
     for t, task in task_objs.items():
-        b = budget if isinstance(budget, Budget) else task_budget(task, budget, overrides)
-        for e, est in est_objs.items():
+        if paper:
+            b = protocols.get(task.name).make_budget(overrides)
+            # the estimator settings the source tuned, for estimators named without options
+            per_task = _canonical("estimator", [
+                Spec(s.name, protocols.estimator_options(task.name, s.name, s.options), s.text)
+                for s in est_specs])
+        else:
+            b = budget if isinstance(budget, Budget) else task_budget(task, budget, overrides)
+            per_task = est_objs
+        for e, est in per_task.items():
             if task.family not in est.families:
                 plan.skipped.append((t, e, f"supports {sorted(est.families)}, task is {task.family}"))
                 continue

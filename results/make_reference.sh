@@ -13,6 +13,6 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
         exit 2
     fi
 fi
-estbench run --tasks toy_binary,liu_toy,toy_categorical,toy_gaussian,binary_vae,sst_rationales_categorical,sst_rationales,text_vae,sst_rationales_structured \
+estbench run --tasks toy_binary,liu_toy,toy_categorical,toy_gaussian,poly_toy,binary_vae,categorical_vae,sst_rationales_categorical,sst_rationales,text_vae,sst_rationales_structured \
     --seeds 0,1,2,3,4 -j 2 --out results/reference --quiet
 estbench report results/reference

@@ -52,7 +52,11 @@ class Style:
             tab20 = sns.color_palette("tab20", 20)
             colours = tab20[0::2] + tab20[1::2] + sns.color_palette(EXTRA_COLOURS)
         else:
-            colours = sns.color_palette("husl", n)
+            # evenly spaced hues, dealt out by a stride of about 0.38 of the circle (coprime with
+            # n) so that names next to each other in sorted order are far apart in hue
+            hues = sns.color_palette("husl", n)
+            stride = next(k for k in range(round(0.382 * n), n) if math.gcd(k, n) == 1)
+            colours = [hues[(i * stride) % n] for i in range(n)]
         self.colour = {e: colours[i] for i, e in enumerate(self.names)}
         self.marker = {e: MARKERS[i % len(MARKERS)] for i, e in enumerate(self.names)}
         self.linestyle = {e: LINESTYLES[i % len(LINESTYLES)] for i, e in enumerate(self.names)}

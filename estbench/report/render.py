@@ -307,6 +307,44 @@ def _meta_items(meta: dict, run_dir: Path) -> list:
     return items
 
 
+def _protocol_blocks(task_names, meta: dict) -> list:
+    """The published protocol each task of the run follows (tasks/protocols/*.yml), and whether
+    this run ran it (``--budget paper``) or the suite's own budget."""
+    from estbench import protocols
+
+    try:
+        found = protocols.available()
+    except protocols.ProtocolError as e:
+        return [H(2, "Published protocols"), P([f"The protocol files could not be read: {e}"])]
+    bases = sorted({t.split("[")[0] for t in task_names} & set(found))
+    if not bases:
+        return []
+    ran = meta.get("budget")
+    if ran == protocols.PAPER:
+        this_run = "This run ran each task's protocol (--budget paper): its options and budget."
+    else:
+        this_run = (f"This run's budget is {ran!r}, the suite's own; the protocol is what "
+                    "estbench run --budget paper runs." if ran else
+                    "This run's budget is not recorded.")
+    blocks = [H(2, "Published protocols"),
+              P(["The experiment each real task follows, as its source runs it, and where this "
+                 "suite departs from it (", ("code", "tasks/protocols/TASK.yml"), "). " + this_run])]
+    for name in bases:
+        p = found[name]
+        rows = [["source", p.citation()], *[[k, str(v)] for k, v in p.settings.items()],
+                ["--budget paper", ", ".join(f"{k}={v}" for k, v in
+                                             {**p.task_options, **p.budget}.items())]]
+        rows += [[f"{est} (tuned)", ", ".join(f"{k}={v}" for k, v in o.items())]
+                 for est, o in p.estimator_options.items()]
+        rows += [["differs", d] for d in p.differences]
+        if p.cost:
+            rows.append(["cost", p.cost])
+        blocks += [H(3, f"{name}: {p.name}"),
+                   Table(["", "protocol"], [[(a, False), (b, False)] for a, b in rows],
+                         code_first=False, align="ll")]
+    return blocks
+
+
 def _rationale_mask(tokens: list, selected: list) -> list[bool]:
     """``selected`` as a per-token mask (bools / 0-1 / gate values > 1/2) or a list of indices."""
     if len(selected) == len(tokens) and all(isinstance(s, (bool, int, float)) and 0 <= s <= 1
@@ -769,6 +807,7 @@ def build_report(run_dir, out_dir=None) -> Path:
             doc.add(Img(curves[0], f"{task}: held-out ELBO vs steps and wall-clock; gradient "
                                    f"variance along training"))
 
+    doc.add(*_protocol_blocks(list(tables), meta))
     doc.add(*_bias_test_blocks(pc))
 
     bv = plots.bias_variance(pc, style, fdir)

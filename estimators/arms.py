@@ -1,0 +1,341 @@
+"""Copula-coupled multi-sample estimators: ARMS (binary) and CARMS (categorical).
+
+Both draw the n samples of every latent cell through an n-dimensional *copula* -- n uniforms with
+exactly uniform marginals but negative pairwise dependence -- so that each sample is an exact draw
+of q while the n of them are mutually antithetic (spread over the support, fewer duplicates).  The
+leave-one-out REINFORCE estimator built on such samples is biased, because the leave-one-out
+baseline of sample i is no longer independent of sample i; the bias involves only the *pairwise*
+joint law of two coupled samples, which the copula gives in closed form, so it can be corrected
+exactly:
+
+* ARMS multiplies the per-coordinate LOO estimate by the constant p(1-p) / P(b_i = 1, b_j = 0);
+* CARMS importance-weights every pair of samples by q(a) q(b) / P(z_i = a, z_j = b).
+
+Copulas (one per latent cell, over the n samples; cells are independent):
+
+* Dirichlet: D ~ Dirichlet(1, ..., 1) of dimension n, u_i = F(D_i) with F(x) = 1 - (1 - x)^(n-1) the
+  CDF of its Beta(1, n-1) marginal.  Two u's cannot both exceed F(1/2), since two D's cannot both
+  exceed 1/2: the top of the unit interval is hit by at most one sample.
+* Gaussian: equicorrelated normals with correlation -1/(n-1) (the most negative an exchangeable
+  n-vector allows), u_i = Phi(x_i).
+
+With n = 2 both copulas are the antithetic pair (u, 1 - u).
+
+Every estimator here spends exactly n evaluations of f, in one call, and returns the surrogate of
+:func:`estimators.antithetic.logit_surrogate`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import families as fam
+from .antithetic import logit_surrogate
+from .base import Estimate, Estimator, Option, check_f_output
+
+# Gauss-Legendre rule on [-1, 1] for the bivariate-normal integral below: for n >= 3, |rho| <= 1/2
+# keeps the integrand smooth, far from its singularity at |r| = 1, and 12 nodes already agree with
+# scipy's CDF to 4e-16 (tests/test_arms.py); 20 leave a margin
+_GL_X, _GL_W = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(20))
+
+
+# ---- copulas ----------------------------------------------------------------------------------
+class DirichletCopula:
+    """The Dirichlet copula (Dimitriev & Zhou 2021, ARMS, Sec. 3): u_i = F(D_i), D ~ Dir(1_n),
+    F(x) = 1 - (1-x)^(n-1) the Beta(1, n-1) CDF."""
+
+    @staticmethod
+    def sample(n, shape, dtype, device):
+        e = torch.empty((n, *shape), dtype=dtype, device=device).exponential_()
+        d = e / e.sum(0, keepdim=True)  # flat Dirichlet over the sample axis
+        return -torch.expm1((n - 1) * torch.log1p(-d))  # 1 - (1-d)^(n-1) without cancellation
+
+    @staticmethod
+    def cdf(p, q, n):
+        """C(p, q) = P(u_i <= p, u_j <= q).  From P(D_i > s, D_j > t) = (1 - s - t)_+^(n-1) for a
+        flat Dirichlet and inclusion-exclusion: p + q - 1 + ((1-p)^a + (1-q)^a - 1)_+^(n-1),
+        a = 1/(n-1)."""
+        a = 1.0 / (n - 1)
+        return p + q - 1 + ((1 - p) ** a + (1 - q) ** a - 1).clamp_min(0) ** (n - 1)
+
+    @staticmethod
+    def upper_tail(q, n):
+        """P(u_i > 1-q, u_j > 1-q) = (2 q^(1/(n-1)) - 1)_+^(n-1), computed directly (no
+        cancellation for small q): zero for q <= 2^-(n-1)."""
+        return (2 * q ** (1.0 / (n - 1)) - 1).clamp_min(0) ** (n - 1)
+
+
+def _bvn_cdf(h, k, rho):
+    """Phi_2(h, k; rho), standard bivariate normal CDF, for |rho| <= 1/2, from
+    Phi_2 = Phi(h) Phi(k) + 1/(2 pi) int_0^rho exp(-(h^2 - 2 r h k + k^2) / (2 (1 - r^2))) / sqrt(1 - r^2) dr
+    (Plackett's identity d Phi_2 / d rho = phi_2, integrated; Drezner & Wesolowsky 1990) by
+    Gauss-Legendre quadrature.  h, k are clipped to +-40, where Phi is 0 or 1 in float64."""
+    h, k = h.clamp(-40, 40).unsqueeze(-1), k.clamp(-40, 40).unsqueeze(-1)
+    x, w = _GL_X.to(h), _GL_W.to(h)
+    r = rho * (x + 1) / 2
+    one = 1 - r * r
+    integrand = torch.exp(-(h * h - 2 * r * h * k + k * k) / (2 * one)) / one.sqrt()
+    integral = (rho / 2) * (integrand * w).sum(-1)
+    nd = torch.special.ndtr
+    return nd(h.squeeze(-1)) * nd(k.squeeze(-1)) + integral / (2 * math.pi)
+
+
+class GaussianCopula:
+    """The Gaussian copula with equicorrelation -1/(n-1) (Dimitriev & Zhou 2021, ARMS, Sec. 3):
+    x_i = sqrt(n/(n-1)) (e_i - mean(e)), e iid N(0, 1), has unit variances and correlations
+    -1/(n-1); u_i = Phi(x_i)."""
+
+    @staticmethod
+    def sample(n, shape, dtype, device):
+        e = torch.randn((n, *shape), dtype=dtype, device=device)
+        x = (e - e.mean(0, keepdim=True)) * math.sqrt(n / (n - 1))
+        return torch.special.ndtr(x)
+
+    @staticmethod
+    def cdf(p, q, n):
+        """C(p, q) = Phi_2(Phi^-1(p), Phi^-1(q); -1/(n-1)); for n = 2 the countermonotone
+        max(p + q - 1, 0).  (The authors call scipy's multivariate-normal CDF on a jittered
+        covariance; the quadrature of :func:`_bvn_cdf` is exact to float64 rounding.)"""
+        if n == 2:
+            return (p + q - 1).clamp_min(0)
+        ndtri = torch.special.ndtri
+        return _bvn_cdf(ndtri(p), ndtri(q), -1.0 / (n - 1)).clamp(min=0)
+
+    @classmethod
+    def upper_tail(cls, q, n):
+        """P(u_i > 1-q, u_j > 1-q) = C(q, q): the Gaussian copula is radially symmetric."""
+        return cls.cdf(q, q, n)
+
+
+COPULAS = {"dirichlet": DirichletCopula, "gaussian": GaussianCopula}
+
+
+# ---- ARMS -------------------------------------------------------------------------------------
+def arms_samples(u, logits):
+    """The binary samples of ARMS from copula uniforms ``u`` (n, *logits.shape):
+    b = 1[u > 1 - p] where p < 1/2, b = 1[u < p] otherwise.  Each is Bernoulli(p) whatever the
+    copula; the orientation puts the *rarer* outcome in the copula's top tail, where the Dirichlet
+    copula's samples exclude each other (the choice the authors' code makes at p = 1/2)."""
+    p = torch.sigmoid(logits.detach())
+    return torch.where(p < 0.5, u > 1 - p, u < p).to(logits.dtype)
+
+
+def arms_pair_prob(p, n, copula):
+    """P(b_i = 1, b_j = 1) for two of the n coupled ARMS samples of a Bernoulli(p),
+    = p - P(b_i = 1, b_j = 0) with P(b_i = 1, b_j = 0) = m - T(m), m = min(p, 1-p), T the copula's
+    upper tail (:func:`arms_discordance`)."""
+    return p - arms_discordance(p, n, copula)
+
+
+def arms_discordance(p, n, copula):
+    """P(b_i = 1, b_j = 0) = P(b_i = 0, b_j = 1) for two coupled ARMS samples: with m = min(p, 1-p)
+    the rarer outcome's probability, it is m - P(both rare) = m - T(m), T(m) = P(u_i > 1-m,
+    u_j > 1-m) (both orientations of :func:`arms_samples` put the rare outcome in the top tail)."""
+    m = torch.minimum(p, 1 - p)
+    return m - copula.upper_tail(m, n)
+
+
+def arms_weight(fz, b, logits, copula):
+    """ARMS (Dimitriev & Zhou 2021, ICML, the ARMS theorem of Sec. 3): per coordinate d,
+
+        g_d = 1/(n-1) sum_i (f(b_i) - mean_j f(b_j)) (b_id - p_d) * p_d (1 - p_d) / (p_d - P(b_id = 1, b_jd = 1)).
+
+    The first factor is the LOO REINFORCE estimate (Kool et al. 2019) for d/dphi_d.  Why the
+    factor: for i != j, E[f(b_j)(b_id - p_d)] = (P11 - p^2) Delta_d rather than 0 (the coupled b_jd
+    informs b_id), while E[f(b_i)(b_id - p_d)] = p(1-p) Delta_d, Delta_d = E[f | b_d = 1] -
+    E[f | b_d = 0], because the other coordinates are coupled independently of coordinate d; so the
+    LOO estimate has mean (p - P11) Delta_d and the true gradient is p(1-p) Delta_d.  Exactly
+    unbiased for any copula; it is LOO REINFORCE for an independent one (P11 = p^2).
+
+    ``fz`` (n, *batch, 1...) detached and broadcast over the event dims; ``b`` (n, *logits.shape).
+    The debias factor is computed in float64."""
+    n = b.shape[0]
+    lg = logits.detach()
+    p = torch.sigmoid(lg)
+    l64 = lg.double()  # from the logits: sigmoid(30) is 1 in float32 and the factor would be 0/0
+    disc = arms_discordance(torch.sigmoid(l64), n, copula)
+    pq = torch.sigmoid(l64) * torch.sigmoid(-l64)
+    # where even float64 rounds the rare outcome's probability m to 0, the factor's limit
+    # p(1-p)/m -> sigma(|phi|) (the copula's tail T(m) vanishes faster than m)
+    debias = torch.where(disc > 0, pq / disc.clamp_min(1e-300), torch.sigmoid(l64.abs())).to(lg.dtype)
+    loo = ((fz - fz.mean(0, keepdim=True)) * (b - p)).sum(0) / (n - 1)
+    return loo * debias
+
+
+class ARMS(Estimator):
+    """ARMS, Antithetic-REINFORCE-Multi-Sample (Dimitriev & Zhou 2021, "ARMS: Antithetic-REINFORCE-
+    Multi-Sample gradient for binary variables", ICML, arXiv:2105.14141, the ARMS theorem of
+    Sec. 3 with the Dirichlet and Gaussian copulas defined there):
+
+        g_d = 1/(n-1) sum_i (f(b_i) - mean_j f(b_j)) (b_id - sigma(phi_d))
+              * sigma(phi_d) sigma(-phi_d) / (sigma(phi_d) - P(b_id = 1, b_jd = 1)),
+
+    where b_1..b_n are Bernoulli(sigma(phi)) samples coupled through an n-dimensional copula,
+    independently per coordinate, and P(b_id = 1, b_jd = 1) is the copula's bivariate CDF at
+    (p, p) (closed form for the Dirichlet copula, a bivariate normal CDF for the Gaussian one).
+
+    Why it helps: the coupled samples are mutually antithetic -- for p < 2^-(n-1) the Dirichlet
+    copula never draws two 1s in a coordinate -- so the n evaluations cover the support better
+    than independent ones; the debias factor (see :func:`arms_weight`) keeps it exactly unbiased.
+    It reduces to LOO REINFORCE with independent samples and to DisARM with n = 2 (the copula is
+    then the antithetic pair (u, 1-u) and the factor is sigma(|phi|)).  f is the joint function of
+    the whole latent vector; the weights are per coordinate.  n evaluations in one call of f;
+    needs n >= 2."""
+
+    name = "arms"
+    families = frozenset({"bernoulli"})
+    unbiased = True
+    paper = ("Dimitriev & Zhou (2021), ARMS: Antithetic-REINFORCE-Multi-Sample gradient for binary "
+             "variables, ICML, arXiv:2105.14141, Sec. 3 (ARMS theorem; Dirichlet and Gaussian copulas)")
+    options = {"copula": Option("dirichlet", "the copula coupling the n samples",
+                                choices=tuple(COPULAS))}
+    min_samples = 2
+
+    def _estimate(self, dist, f, n, context, family):
+        logits = fam.params(dist)["logits"]
+        lg = logits.detach()
+        copula = COPULAS[self.config["copula"]]
+        u = copula.sample(n, lg.shape, lg.dtype, lg.device)
+        b = arms_samples(u, lg)
+        fz = check_f_output(f(b), n, dist.batch_shape, self.name)
+        fd = fz.detach().reshape(n, *dist.batch_shape, *([1] * len(dist.event_shape)))
+        g = arms_weight(fd, b, lg, copula)
+        return Estimate(logit_surrogate(logits, g, fz), fz.detach().mean(0), n)
+
+
+# ---- CARMS ------------------------------------------------------------------------------------
+def end_orderings(K, device=None):
+    """The K(K-1)/2 orderings of the K categories that CARMS lays out on [0, 1]: one per pair
+    s < t, with s first, t last and the others in natural order between them.  Returned as two long
+    tensors (s, t) of length K(K-1)/2.  Every pair of categories sits at the two ends of one of them,
+    which is what keeps every off-diagonal joint probability positive (see :func:`carms_joint`)."""
+    return tuple(torch.triu_indices(K, K, 1, device=device))
+
+
+def interval(c, pc, before, s, ps, t, pt):
+    """[L, R): the interval of category c on [0, 1] in the ordering (s first, t last, the rest in
+    natural order).  ``pc`` = q(c), ``before`` = sum of q over the categories before c in natural
+    order, ``ps``, ``pt`` = q(s), q(t); all broadcast.  The categories between s and t start after
+    s and after those of the rest that precede them."""
+    mid = ps + before - ps * (s < c) - pt * (t < c)
+    L = torch.where(c == s, torch.zeros_like(mid), torch.where(c == t, 1 - pt, mid))
+    R = torch.where(c == t, torch.ones_like(mid), L + pc)
+    return L, R
+
+
+def carms_categories(u, probs, s, t):
+    """Categorical samples (n, *cells) by the inverse CDF of copula uniforms ``u`` (n, *cells)
+    with the categories of each cell laid out in that cell's ordering (s, t) (long, (*cells,)).
+    Each sample is exactly Categorical(probs) whatever the ordering and the copula."""
+    K = probs.shape[-1]
+    c = torch.arange(K, device=probs.device)
+    key = torch.where(c == s.unsqueeze(-1), -1, torch.where(c == t.unsqueeze(-1), K, c))
+    order = key.argsort(-1)  # category at each position
+    cum = torch.cumsum(torch.gather(probs, -1, order), -1)
+    pos = (cum[..., :-1] <= u.unsqueeze(-1)).sum(-1)  # (n, *cells): intervals left of u
+    return torch.gather(order.expand(*u.shape, K), -1, pos.unsqueeze(-1)).squeeze(-1)
+
+
+def carms_joint(a, b, probs, n, copula):
+    """Q(a, b) = P(z_i = a, z_j = b) for two of the n coupled CARMS samples of one cell, at the
+    observed categories a, b (long, (m, *cells)); ``probs`` (*cells, K).
+
+    The cell's ordering is uniform over :func:`end_orderings`, so Q is the mean over orderings of
+    the copula's mass on the rectangle [L_a, R_a) x [L_b, R_b):
+    C(R_a, R_b) - C(L_a, R_b) - C(R_a, L_b) + C(L_a, L_b).  Positive for every a != b: in the
+    ordering with a first and b last (or b first and a last) the rectangle is
+    [0, q_a) x [1 - q_b, 1), which both copulas charge for every n >= 2."""
+    K = probs.shape[-1]
+    s, t = end_orderings(K, probs.device)
+    ncell = probs.dim() - 1
+    cum = torch.cumsum(probs, -1) - probs
+    pick = lambda x, c: torch.gather(x.expand(*c.shape, K), -1, c.unsqueeze(-1)).squeeze(-1)
+    # orderings on a leading axis: (P, 1, *cells) against the observed categories' (1, m, *cells)
+    ps = probs[..., s].movedim(-1, 0).unsqueeze(1)
+    pt = probs[..., t].movedim(-1, 0).unsqueeze(1)
+    s, t = (x.reshape(-1, 1, *([1] * ncell)) for x in (s, t))
+    La, Ra = interval(a, pick(probs, a), pick(cum, a), s, ps, t, pt)
+    Lb, Rb = interval(b, pick(probs, b), pick(cum, b), s, ps, t, pt)
+    C = lambda x, y: copula.cdf(x.clamp(0, 1), y.clamp(0, 1), n)
+    mass = C(Ra, Rb) - C(La, Rb) - C(Ra, Lb) + C(La, Lb)
+    return mass.clamp_min(0).mean(0)
+
+
+def carms_weight(fz, z, probs, copula):
+    """CARMS (Dimitriev & Zhou 2021, NeurIPS, the CARMS estimator of Sec. 3): per cell d,
+
+        g_d = 1/(n(n-1)) sum_{i != j} (f(z_i) - f(z_j)) (e_{z_id} - q_d) q_d(z_id) q_d(z_jd) / Q_d(z_id, z_jd)
+            = 1/(n(n-1)) sum_{i < j} (f(z_i) - f(z_j)) (e_{z_id} - e_{z_jd}) r_d(z_id, z_jd),
+
+    r = q(a) q(b) / Q(a, b), Q the coupled pair's joint pmf (:func:`carms_joint`).  Why it is
+    unbiased: the pair term of LOO REINFORCE (f(z_i) - f(z_j)) (e_{z_i} - q) has the true gradient
+    as its mean when z_id, z_jd are independent; r reweights the coupled pair of cell d to that
+    independent law (importance sampling; the other cells are coupled independently of cell d, so
+    only its pair needs reweighting).  Pairs with z_id = z_jd cancel between (i, j) and (j, i), so
+    Q is needed only off the diagonal, where it is positive.  With K = 2 this is ARMS; with
+    independent samples (r = 1) LOO REINFORCE.
+
+    ``fz`` (n, *batch, 1...) detached, broadcast over the cells; ``z`` (n, *cells) long;
+    ``probs`` (*cells, K).  The weights are computed in float64."""
+    n, K = z.shape[0], probs.shape[-1]
+    i, j = torch.triu_indices(n, n, 1, device=z.device)
+    a, b = z[i], z[j]
+    p64 = probs.double()
+    pick = lambda c: torch.gather(p64.expand(*c.shape, K), -1, c.unsqueeze(-1)).squeeze(-1)
+    Q = carms_joint(a, b, p64, n, copula)
+    differ = a != b
+    r = torch.where(differ, pick(a) * pick(b) / torch.where(differ, Q, 1.0).clamp_min(1e-300), 0.0)
+    signal = ((fz[i] - fz[j]) * r.to(fz.dtype)).unsqueeze(-1)
+    onehot = lambda c: torch.nn.functional.one_hot(c, K).to(fz.dtype)
+    return (signal * (onehot(a) - onehot(b))).sum(0) / (n * (n - 1))
+
+
+class CARMS(Estimator):
+    """CARMS, Categorical-Antithetic-REINFORCE-Multi-Sample (Dimitriev & Zhou 2021, "CARMS:
+    Categorical-Antithetic-REINFORCE Multi-Sample gradient estimator", NeurIPS, arXiv:2110.14002,
+    the CARMS estimator of Sec. 3 with the inverse-CDF copula sampling of its categorical samples):
+
+        g = 1/(n(n-1)) sum_{i != j} (f(z_i) - f(z_j)) (e_{z_i} - q) q(z_i) q(z_j) / P(z_i, z_j),
+
+    per categorical cell.  The n samples of a cell are the inverse CDFs of n copula uniforms
+    (Dirichlet by default, or Gaussian), with the K categories laid out on [0, 1] in an ordering
+    drawn uniformly, per cell, from the K(K-1)/2 orderings that put one pair of categories at the
+    two ends (as the authors' code does; it is what makes P(z_i = a, z_j = b) > 0 for every a != b,
+    without which no importance weight could undo the coupling).  P(z_i, z_j) is the mean over the
+    orderings of the copula's mass on the product of the two categories' intervals, in closed form
+    (:func:`carms_joint`).
+
+    Why it helps: the Dirichlet copula's samples exclude each other at the top of [0, 1], so
+    duplicate samples of the category laid out there are rarer than with independent draws; the
+    importance weight q(a) q(b) / P(a, b) keeps it exactly unbiased.  With two categories it is
+    ARMS, with independent samples LOO REINFORCE.  The weights cost O(K^2 n^2) per cell (the
+    orderings times the sample pairs).  n evaluations in one call of f; needs n >= 2."""
+
+    name = "carms"
+    families = frozenset({"categorical"})
+    unbiased = True
+    paper = ("Dimitriev & Zhou (2021), CARMS: Categorical-Antithetic-REINFORCE Multi-Sample gradient "
+             "estimator, NeurIPS, arXiv:2110.14002, Sec. 3 (CARMS estimator, copula sampling)")
+    options = {"copula": Option("dirichlet", "the copula coupling the n samples",
+                                choices=tuple(COPULAS))}
+    min_samples = 2
+
+    def _estimate(self, dist, f, n, context, family):
+        logits = fam.params(dist)["logits"]
+        lg = logits.detach()
+        # sampling and weights in float64: the intervals must tile [0, 1] and Q(a, b) must be the
+        # law the samples follow, to well below the float32 rounding of a softmax
+        probs = torch.softmax(lg.double(), -1)
+        K, cells = lg.shape[-1], lg.shape[:-1]
+        copula = COPULAS[self.config["copula"]]
+        u = copula.sample(n, cells, probs.dtype, lg.device)
+        s, t = end_orderings(K, lg.device)
+        pick = torch.randint(len(s), cells, device=lg.device)
+        z = carms_categories(u, probs, s[pick], t[pick])
+        zh = torch.nn.functional.one_hot(z, K).to(lg.dtype)
+        fz = check_f_output(f(zh), n, dist.batch_shape, self.name)
+        fd = fz.detach().reshape(n, *dist.batch_shape, *([1] * (len(dist.event_shape) - 1)))
+        g = carms_weight(fd, z, probs, copula).to(lg.dtype)
+        return Estimate(logit_surrogate(logits, g, fz), fz.detach().mean(0), n)
