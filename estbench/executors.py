@@ -130,7 +130,8 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: 
         os.environ["ESTBENCH_THREADS"] = str(int(threads))
     heartbeat = store.Heartbeat(run_dir, cell.key(), cell.label())
     try:
-        with gpu_slot(cell.device, cells_per_gpu), warnings.catch_warnings(record=True) as caught:
+        with gpu_slot(cell.device, cells_per_gpu), memory_limit(cell.device), \
+                warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = run_cell(cell, report=heartbeat)
     finally:
@@ -138,6 +139,62 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: 
     _summarise_warnings(cell, caught)
     store.write_cell(Path(run_dir), cell.key(), res)
     return cell, res
+
+
+#: share of the machine's memory the cells running at once may take between them
+MEMORY_SHARE = 0.8
+
+
+def cell_memory_limit() -> int:
+    """Bytes of memory one CPU cell may allocate: ``ESTBENCH_CELL_MEMORY`` (bytes, or with a
+    K/M/G suffix; 0: no limit), else ``MEMORY_SHARE`` of the machine's memory divided among the
+    ``ESTBENCH_JOBS`` cells that run at once (the CLI sets it from ``-j``)."""
+    text = os.environ.get("ESTBENCH_CELL_MEMORY", "").strip().upper()
+    if text:
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+        try:
+            return int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            raise ConfigError(f"ESTBENCH_CELL_MEMORY must be a number of bytes (or 4G, 512M), "
+                              f"got {text!r}") from None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    jobs = max(1, int(os.environ.get("ESTBENCH_JOBS", "1") or 1))
+    return int(MEMORY_SHARE * total / jobs)
+
+
+@contextlib.contextmanager
+def memory_limit(device: str):
+    """Hold a CPU cell to :func:`cell_memory_limit` (the data-segment limit, ``RLIMIT_DATA``,
+    which covers every heap and anonymous mapping of the process): an allocation past it fails
+    inside the cell, which is then recorded as failed with the allocator's message, instead of the
+    operating system killing the worker and the cells running beside it (a sparsemax cell on
+    categorical_vae asked for 14 GB at its first measurement, and the kernel's OOM killer took the
+    whole sweep down).  CUDA cells are not limited (the driver maps device memory into the address
+    space).  The previous limit is restored afterwards."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    limit = cell_memory_limit() if device == "cpu" else 0
+    if limit <= 0:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    except (ValueError, OSError):  # a limit below what the process already uses: leave it
+        yield
+        return
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def _summarise_warnings(cell: Cell, caught: list, stream=None) -> None:
@@ -206,6 +263,11 @@ class SerialExecutor(Executor):
     name = "serial"
 
 
+#: fresh pools a cell that never started is handed to after its pool broke (a cell that kills its
+#: worker before its first heartbeat would otherwise break every pool it is given)
+MAX_POOL_RESTARTS = 2
+
+
 class LokyExecutor(Executor):
     """A local process pool: ``joblib.Parallel(backend="loky", n_jobs=N)``, results as they finish.
 
@@ -216,12 +278,47 @@ class LokyExecutor(Executor):
     name = "loky"
 
     def run_cells(self, cells, run_dir, force=False):
-        from joblib import Parallel, delayed
+        """Cells as they finish.  A worker that dies (killed by the operating system) breaks the
+        whole pool: the cells that were running then are reported lost (not stored; a rerun
+        retries them), and the rest go to a fresh pool, so one bad cell costs the cells beside it
+        at most, never the sweep."""
+        from concurrent.futures import FIRST_COMPLETED, wait
 
-        par = Parallel(n_jobs=self.n_jobs, backend="loky", return_as="generator_unordered")
-        yield from par(delayed(run_and_store)(c, str(run_dir), force, self.cells_per_gpu,
-                                              self.threads_per_cell)
-                       for c in _interleave(cells))
+        from joblib.externals.loky import get_reusable_executor
+        from joblib.externals.loky.process_executor import BrokenProcessPool
+
+        todo = list(_interleave(cells))
+        run_dir = Path(run_dir)
+        restarts: dict = {}  # cell -> fresh pools it has been handed to after a break
+        while todo:
+            pool = get_reusable_executor(max_workers=self.n_jobs, reuse=False)
+            futures = {pool.submit(run_and_store, c, str(run_dir), force, self.cells_per_gpu,
+                                   self.threads_per_cell): c for c in todo}
+            todo, broken = [], False
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    c = futures[fut]
+                    try:
+                        yield fut.result()
+                    except BrokenProcessPool as exc:
+                        broken = True
+                        if store.has_cell(run_dir, c.key(), report=False):
+                            yield c, None
+                        elif (run_dir / store.RUNNING / f"{c.key()}.json").exists():
+                            (run_dir / store.RUNNING / f"{c.key()}.json").unlink(missing_ok=True)
+                            yield c, _lost(c, "its worker process was killed (by the operating "
+                                              "system: out of memory?) while it ran: "
+                                              f"{str(exc).splitlines()[0]}")
+                        elif restarts.get(c, 0) >= MAX_POOL_RESTARTS:  # it may be the culprit
+                            yield c, _lost(c, f"its pool broke {MAX_POOL_RESTARTS + 1} times "
+                                              f"around it: {str(exc).splitlines()[0]}")
+                        else:  # never started: a fresh pool runs it
+                            restarts[c] = restarts.get(c, 0) + 1
+                            todo.append(c)
+            if broken:
+                pool.shutdown(wait=True, kill_workers=True)
 
 
 class SubmititExecutor(Executor):

@@ -262,3 +262,99 @@ def test_serial_sweep_summarises_warnings_too(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "UserWarning 30 times, first: did not converge for 0 chain(s)" in err[0]
     assert sweep.run(plan, tmp_path / "run") == []  # stored: not run again
+
+
+# ----------------------------------------------------------------------------- dying workers
+
+class _FakePool:
+    """Stands in for loky's pool in this process: each submitted cell runs at once, except the
+    cell ``kill``, which breaks the pool as a worker killed by the operating system does (with its
+    heartbeat on disk if ``heartbeat``): it and every cell submitted after it fail."""
+
+    def __init__(self, run_dir, kill, heartbeat, pools):
+        self.run_dir, self.kill, self.heartbeat, self.broken = run_dir, kill, heartbeat, False
+        pools.append(self)
+
+    def submit(self, fn, cell, *args):
+        from concurrent.futures import Future
+
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+        fut = Future()
+        if cell == self.kill:
+            self.broken = True
+            if self.heartbeat:
+                store.Heartbeat(self.run_dir, cell.key(), cell.label())(0, 1, "training")
+        if self.broken:
+            fut.set_exception(TerminatedWorkerError("A worker process was terminated (SIGKILL(-9))"))
+        else:
+            fut.set_result(fn(cell, *args))
+        return fut
+
+    def shutdown(self, wait=True, kill_workers=False):
+        pass
+
+
+@pytest.mark.parametrize("heartbeat", [True, False], ids=["running", "before-its-heartbeat"])
+def test_a_killed_loky_worker_costs_its_cell_not_the_sweep(tmp_path, monkeypatch, heartbeat):
+    """A worker killed by the OS (the OOM killer) broke loky's pool and took the whole sweep down
+    with a traceback; now the cell that was running is reported lost, the others finish."""
+    import joblib.externals.loky as loky
+
+    plan = plan4()
+    plan.cells = [c.with_code() for c in plan.cells]
+    culprit = plan.cells[1]
+    pools = []
+    monkeypatch.setattr(loky, "get_reusable_executor",
+                        lambda **kw: _FakePool(tmp_path, culprit, heartbeat, pools))
+    ex = executors.LokyExecutor(n_jobs=2)
+    out = dict((c, r) for c, r in ex.run_cells(plan.cells, tmp_path))
+    assert set(out) == set(plan.cells)
+    assert out[culprit].status == "failed" and out[culprit].error.startswith("worker died")
+    assert ("killed" if heartbeat else "broke") in out[culprit].error
+    for c in plan.cells:
+        stored = store.has_cell(tmp_path, c.key())
+        if heartbeat:  # the culprit is known at the first break: every other cell finishes
+            assert stored == (c != culprit)
+        else:  # a cell that dies before its first heartbeat takes those queued behind it along
+            assert stored != out[c].error.startswith("worker died")
+    # with its heartbeat the culprit is known at the first break; without, it is retried twice
+    assert len(pools) == (2 if heartbeat else 1 + executors.MAX_POOL_RESTARTS)
+    assert not list((tmp_path / store.RUNNING).glob("*.json"))
+
+
+def test_a_cell_past_its_memory_limit_fails_with_the_reason_and_the_limit_is_restored(
+        tmp_path, monkeypatch):
+    """A cell that allocates past ``ESTBENCH_CELL_MEMORY`` is recorded as failed with the
+    allocator's message (the OS would otherwise kill the worker and the cells beside it)."""
+    resource = pytest.importorskip("resource")
+    import estimators
+    import torch
+
+    class Greedy(estimators.Estimator):
+        """Allocates 16 GiB at its first estimate (a test of the harness's memory limit)."""
+
+        name = "greedy_test_only"
+        families = frozenset({"bernoulli"})
+        paper = "none: a test fixture"
+
+        def _estimate(self, dist, f, n, context, family):
+            torch.empty(2**34, dtype=torch.uint8)
+            raise AssertionError("the allocation should have failed")
+
+    try:
+        monkeypatch.setenv("ESTBENCH_CELL_MEMORY", "1G")
+        assert executors.cell_memory_limit() == 2**30
+        before = resource.getrlimit(resource.RLIMIT_DATA)
+        (cell,) = sweep.expand(parse_list("toy_binary"), parse_list("greedy_test_only"), [0], ["cpu"],
+                               TINY).cells
+        _, res = executors.run_and_store(cell.with_code(), str(tmp_path))
+        assert res.status == "failed" and "allocate" in res.error, res.error
+        assert resource.getrlimit(resource.RLIMIT_DATA) == before
+        _, ok = executors.run_and_store(plan4().cells[0].with_code(), str(tmp_path))
+        assert ok.status == "ok"  # an ordinary cell fits
+    finally:
+        estimators.unregister("greedy_test_only")
+    monkeypatch.setenv("ESTBENCH_CELL_MEMORY", "lots")
+    with pytest.raises(executors.ConfigError, match="ESTBENCH_CELL_MEMORY"):
+        executors.cell_memory_limit()
