@@ -287,6 +287,9 @@ class LokyExecutor(Executor):
         from joblib.externals.loky import get_reusable_executor
         from joblib.externals.loky.process_executor import BrokenProcessPool
 
+        # loky replaces a worker whose memory grew between cells (its leak check) and says so
+        # each time: a worker's memory growing over cells of different tasks is not a leak
+        warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given")
         todo = list(_interleave(cells))
         run_dir = Path(run_dir)
         restarts: dict = {}  # cell -> fresh pools it has been handed to after a break
