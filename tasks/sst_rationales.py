@@ -192,6 +192,8 @@ class _SSTRationales(Task):
         "ref_chunks": Option(32, "reference gradient: independent chunks R (MC variants)", constraint=integer_at_least(2)),
         "ref_samples": Option(64, "reference gradient: samples per chunk S (MC variants)", constraint=integer_at_least(2)),
         "prior_p": Option(0.3, "prior selection probability per token", constraint=open_interval(0.0, 1.0)),
+        "lr": Option(1e-3, "Adam learning rate, the same for every estimator (the dgm4nlp notebook: "
+                     "2e-4)", constraint=constraints.positive),
     }
     budgets = {
         # quick: 400 steps of 32 sentences (1.5 epochs), 2.5-3 s a cell (bow, one thread).  The
@@ -205,6 +207,10 @@ class _SSTRationales(Task):
         # the notebook used 300-d GloVe: options emb=300,hidden=200 come closer to it)
         "standard": {"steps": 5340, "n_samples": 6, "checkpoints": 11, "measure_samples": 256},
     }
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.lr = self.config["lr"]
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, device, generator):

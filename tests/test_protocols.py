@@ -142,7 +142,7 @@ def test_run_paper_budget_end_to_end(tmp_path, capsys):
     assert meta["budget"] == "paper"
     (budget,) = meta["budgets"].values()
     assert budget["steps"] == 4 and budget["n_samples"] == 1  # override, protocol
-    assert "sst_rationales[batch_size=25]" in meta["budgets"]
+    assert "sst_rationales[batch_size=25,lr=0.0002]" in meta["budgets"]  # the notebook's rate
     assert main(["report", str(out)]) == 0
     report = (out / "report" / "report.md").read_text()
     assert "## Published protocols" in report and "ran each task's protocol" in report
