@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks; with --budget paper every task with a published protocol)")
     r.add_argument("--estimators", help="comma-separated estimators with options (default: all)")
     r.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
-    r.add_argument("--budget", default="quick", choices=["quick", "standard", "paper"],
+    r.add_argument("--budget", default="quick", choices=["quick", "standard", protocols.PAPER],
                    help="each task's named budget (default quick); paper: the task's published "
                         "protocol, its options and budget (estbench list shows them); the flags "
                         "below override it")

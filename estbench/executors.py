@@ -297,7 +297,7 @@ class LokyExecutor(Executor):
             pool = get_reusable_executor(max_workers=self.n_jobs, reuse=False)
             futures = {pool.submit(run_and_store, c, str(run_dir), force, self.cells_per_gpu,
                                    self.threads_per_cell): c for c in todo}
-            todo, broken = [], False
+            todo, running = [], None  # running: the cells with a heartbeat when it broke
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -306,11 +306,11 @@ class LokyExecutor(Executor):
                     try:
                         yield fut.result()
                     except BrokenProcessPool as exc:
-                        broken = True
+                        if running is None:  # their heartbeats stay: sweep.run clears them
+                            running = {b["key"] for b in store.running(run_dir)}
                         if store.has_cell(run_dir, c.key(), report=False):
                             yield c, None
-                        elif (run_dir / store.RUNNING / f"{c.key()}.json").exists():
-                            (run_dir / store.RUNNING / f"{c.key()}.json").unlink(missing_ok=True)
+                        elif c.key() in running:
                             yield c, _lost(c, "its worker process was killed (by the operating "
                                               "system: out of memory?) while it ran: "
                                               f"{str(exc).splitlines()[0]}")
@@ -320,7 +320,7 @@ class LokyExecutor(Executor):
                         else:  # never started: a fresh pool runs it
                             restarts[c] = restarts.get(c, 0) + 1
                             todo.append(c)
-            if broken:
+            if running is not None:  # the pool broke
                 pool.shutdown(wait=True, kill_workers=True)
 
 

@@ -47,7 +47,10 @@ def _canonical(kind: str, specs: Iterable[Spec]) -> dict:
 
 
 def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> Budget:
-    """The budget of a task: Budget defaults < the task's named budget < explicit overrides."""
+    """The budget of a task: Budget defaults < the task's named budget (``paper``: its published
+    protocol's) < explicit overrides."""
+    if name == protocols.PAPER:
+        return protocols.get(task.name).make_budget(overrides)
     if name not in task.budgets:
         raise ValueError(f"task {task.name!r} has no budget {name!r}; it has {sorted(task.budgets)}")
     return Budget(**{**task.budgets[name], **(overrides or {})})
@@ -55,7 +58,7 @@ def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> 
 
 #: default time limit of one cell per named budget, in seconds (``--cell-timeout`` overrides it):
 #: the slowest quick cell takes about 12 minutes here, a standard one hours on a CPU
-DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0, "paper": 0.0}
+DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0, protocols.PAPER: 0.0}
 
 
 def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterable[int],
@@ -83,15 +86,12 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
         else:
             usable.append(d)
     for t, task in task_objs.items():
-        if paper:
-            b = protocols.get(task.name).make_budget(overrides)
-            # the estimator settings the source tuned, for estimators named without options
+        b = budget if isinstance(budget, Budget) else task_budget(task, budget, overrides)
+        per_task = est_objs
+        if paper:  # the estimator settings the source tuned, for estimators named without options
             per_task = _canonical("estimator", [
                 Spec(s.name, protocols.estimator_options(task.name, s.name, s.options), s.text)
                 for s in est_specs])
-        else:
-            b = budget if isinstance(budget, Budget) else task_budget(task, budget, overrides)
-            per_task = est_objs
         for e, est in per_task.items():
             if task.family not in est.families:
                 plan.skipped.append((t, e, f"supports {sorted(est.families)}, task is {task.family}"))

@@ -308,7 +308,10 @@ def test_a_killed_loky_worker_costs_its_cell_not_the_sweep(tmp_path, monkeypatch
     monkeypatch.setattr(loky, "get_reusable_executor",
                         lambda **kw: _FakePool(tmp_path, culprit, heartbeat, pools))
     ex = executors.LokyExecutor(n_jobs=2)
-    out = dict((c, r) for c, r in ex.run_cells(plan.cells, tmp_path))
+    out = {}
+    with pytest.raises(executors.WorkerError, match=f"{culprit.label()}: worker died"):
+        sweep.run(plan, tmp_path, executor=ex,
+                  progress=lambda i, n, c, res, cached: out.__setitem__(c, res))
     assert set(out) == set(plan.cells)
     assert out[culprit].status == "failed" and out[culprit].error.startswith("worker died")
     assert ("killed" if heartbeat else "broke") in out[culprit].error
