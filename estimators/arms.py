@@ -164,7 +164,21 @@ def arms_weight(fz, b, logits, copula):
     return loo * debias
 
 
-class ARMS(Estimator):
+class _Coupled(Estimator):
+    """What ARMS and CARMS share: n samples coupled through a copula (``copula`` option), one call
+    of f on all of them, exactly unbiased, at least two samples."""
+
+    unbiased = True
+    options = {"copula": Option("dirichlet", "the copula coupling the n samples",
+                                choices=tuple(COPULAS))}
+    min_samples = 2
+
+    @property
+    def copula(self):
+        return COPULAS[self.config["copula"]]
+
+
+class ARMS(_Coupled):
     """ARMS, Antithetic-REINFORCE-Multi-Sample (Dimitriev & Zhou 2021, "ARMS: Antithetic-REINFORCE-
     Multi-Sample gradient for binary variables", ICML, arXiv:2105.14141, the ARMS theorem of
     Sec. 3 with the Dirichlet and Gaussian copulas defined there):
@@ -186,17 +200,13 @@ class ARMS(Estimator):
 
     name = "arms"
     families = frozenset({"bernoulli"})
-    unbiased = True
     paper = ("Dimitriev & Zhou (2021), ARMS: Antithetic-REINFORCE-Multi-Sample gradient for binary "
              "variables, ICML, arXiv:2105.14141, Sec. 3 (ARMS theorem; Dirichlet and Gaussian copulas)")
-    options = {"copula": Option("dirichlet", "the copula coupling the n samples",
-                                choices=tuple(COPULAS))}
-    min_samples = 2
 
     def _estimate(self, dist, f, n, context, family):
         logits = fam.params(dist)["logits"]
         lg = logits.detach()
-        copula = COPULAS[self.config["copula"]]
+        copula = self.copula
         u = copula.sample(n, lg.shape, lg.dtype, lg.device)
         b = arms_samples(u, lg)
         fz = check_f_output(f(b), n, dist.batch_shape, self.name)
@@ -292,7 +302,7 @@ def carms_weight(fz, z, probs, copula):
     return (signal * (onehot(a) - onehot(b))).sum(0) / (n * (n - 1))
 
 
-class CARMS(Estimator):
+class CARMS(_Coupled):
     """CARMS, Categorical-Antithetic-REINFORCE-Multi-Sample (Dimitriev & Zhou 2021, "CARMS:
     Categorical-Antithetic-REINFORCE Multi-Sample gradient estimator", NeurIPS, arXiv:2110.14002,
     the CARMS estimator of Sec. 3 with the inverse-CDF copula sampling of its categorical samples):
@@ -315,12 +325,8 @@ class CARMS(Estimator):
 
     name = "carms"
     families = frozenset({"categorical"})
-    unbiased = True
     paper = ("Dimitriev & Zhou (2021), CARMS: Categorical-Antithetic-REINFORCE Multi-Sample gradient "
              "estimator, NeurIPS, arXiv:2110.14002, Sec. 3 (CARMS estimator, copula sampling)")
-    options = {"copula": Option("dirichlet", "the copula coupling the n samples",
-                                choices=tuple(COPULAS))}
-    min_samples = 2
 
     def _estimate(self, dist, f, n, context, family):
         logits = fam.params(dist)["logits"]
@@ -329,7 +335,7 @@ class CARMS(Estimator):
         # law the samples follow, to well below the float32 rounding of a softmax
         probs = torch.softmax(lg.double(), -1)
         K, cells = lg.shape[-1], lg.shape[:-1]
-        copula = COPULAS[self.config["copula"]]
+        copula = self.copula
         u = copula.sample(n, cells, probs.dtype, lg.device)
         s, t = end_orderings(K, lg.device)
         pick = torch.randint(len(s), cells, device=lg.device)
