@@ -22,7 +22,7 @@ from .families import FAMILIES, FamilyError, family_of
 
 __all__ = [
     "BudgetError", "InfeasibleError", "Estimate", "Estimator", "Option", "FamilyError", "available", "get", "get_class",
-    "skipped", "family_of", "register", "unregister", "FAMILIES",
+    "skipped", "family_of", "register", "unregister", "FAMILIES", "is_oracle",
 ]
 
 ENTRY_POINT_GROUP = _registry.group
@@ -53,6 +53,17 @@ def get_class(name: str) -> type[Estimator]:
 def get(name: str, **options) -> Estimator:
     """A fresh instance of the estimator registered as ``name``; ValueError naming close matches."""
     return get_class(name)(**options)
+
+
+def is_oracle(label: str) -> bool:
+    """Whether the estimator of a result label (``exact``, ``exact[max_configs=4096]``) declares
+    itself an oracle (``Estimator.oracle``): a reference line in every view, never ranked.  False
+    for a name not registered here (a plug-in of another process)."""
+    name = str(label).split("[", 1)[0]
+    try:
+        return bool(get_class(name).oracle)
+    except (ValueError, KeyError):
+        return False
 
 
 def skipped() -> dict[str, str]:

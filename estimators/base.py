@@ -55,6 +55,8 @@ class Estimator(nn.Module):
       exceeds_budget  why the estimator may spend more f-evaluations than the budget (an exact
                    enumeration, a sparse support); '' for every sampling estimator, which the
                    harness holds to the budget by counting its calls of f
+      oracle    True for a reference outside the competition (``exact``): views draw it as a
+                reference line and no leaderboard, profile or test ranks it
 
     Whether the estimator can run on a problem at a budget is one declarative rule, :meth:`skip`
     (benchopt's ``skip``): the default rule reads ``min_samples``, ``sample_unit`` and
@@ -77,6 +79,7 @@ class Estimator(nn.Module):
     sample_unit: ClassVar[int] = 1
     min_samples: ClassVar[int] = 1
     exceeds_budget: ClassVar[str] = ""
+    oracle: ClassVar[bool] = False
     #: learning rate of the estimator's own optimiser (learned baselines / control variates)
     inner_lr: ClassVar[float] = 1e-3
 

@@ -207,7 +207,10 @@ class REBAR(_RelaxedControlVariate):
     options = {
         "temperature": Option(0.5, "initial temperature lambda of the concrete relaxation",
                               constraint=constraints.positive),
-        "eta": Option(1.0, "initial scale eta of the control variate"),
+        "eta": Option(1.0, "initial scale eta of the control variate (|eta| <= 100: eta f(sigma(z)) "
+                           "tracks f near eta = 1, past that the variance it adds grows as eta^2, "
+                           "and a huge eta overflows float32)",
+                      constraint=constraints.interval(-100.0, 100.0)),
         "learn": Option(True, "learn eta and log-temperature by minimising the estimate's variance"),
     }
     inner_lr = 1e-2
@@ -243,7 +246,8 @@ class RELAX(_RelaxedControlVariate):
     options = {
         "temperature": Option(0.5, "initial temperature lambda of the concrete relaxation",
                               constraint=constraints.positive),
-        "eta": Option(1.0, "initial scale eta of f(sigma(z)) in the control variate"),
+        "eta": Option(1.0, "initial scale eta of f(sigma(z)) in the control variate (|eta| <= 100, "
+                           "as REBAR's)", constraint=constraints.interval(-100.0, 100.0)),
         "hidden": Option(32, "hidden units of the control-variate network r_rho",
                          constraint=constraints.positive_integer),
     }

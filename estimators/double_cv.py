@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributions import constraints
 
 from .base import Estimate, Estimator, Option, check_f_output
 from .baselines import LeaveOneOut
@@ -102,7 +103,10 @@ class DoubleCV(Estimator):
     min_samples = 2
     options = {
         "alpha": Option(0.0, "initial coefficient of the Taylor control variate (0: plain RLOO, "
-                             "as the authors' code starts; 1: the exact first-order term)"),
+                             "as the authors' code starts; 1: the exact first-order term; |alpha| "
+                             "<= 100: it helps near [0, 1], past that the variance it adds grows "
+                             "as alpha^2, and a huge alpha overflows float32)",
+                        constraint=constraints.interval(-100.0, 100.0)),
         "learn": Option(True, "learn alpha by minimising the estimate's variance"),
     }
     inner_lr = 1e-3  # the authors' hyper_lr

@@ -432,7 +432,11 @@ class SparseMAP(_Deterministic):
     paper = ("Niculae, Martins, Blondel & Cardie (2018), SparseMAP: Differentiable sparse "
              "structured inference, ICML, Eq. 4-6, Sec. 3.2")
     options = {
-        "transition": Option(0.0, "chain score bonus for consecutive z_d = z_{d+1} = 1"),
+        "transition": Option(0.0, "chain score bonus for consecutive z_d = z_{d+1} = 1 (|transition| "
+                                  "<= 1000: a score on the logits' scale, where 1000 already "
+                                  "outweighs any logit a float32 sigmoid resolves; 1e300 overflows "
+                                  "the active-set solve)",
+                             constraint=constraints.interval(-1e3, 1e3)),
         "max_iter": Option(1000, "active-set budget: at most min(max_iter + 1, D + 2) structures "
                            "at once and max_iter + 2 x that iterations (a chain pays only for what "
                            "it uses; 50, the old default, leaves long chains unconverged)",

@@ -34,9 +34,12 @@ class PolyToy(ClosedFormToy):
     options = {
         "latents": Option(128, "number of two-class latents L (the ReinMax code's default)",
                           constraint=constraints.positive_integer),
-        "t": Option(0.45, "target t", constraint=constraints.real),
-        "p": Option(2.0, "the power p of |z - t|^p (the paper: 1.5, 2, 3)",
-                    constraint=constraints.positive),
+        # bounded so that |z - t|^p stays finite in float32 (11^30 ~ 1.7e31 < 3.4e38)
+        "t": Option(0.45, "target t (|t| <= 10: f stays finite in float32)",
+                    constraint=constraints.interval(-10.0, 10.0)),
+        "p": Option(2.0, "the power p of |z - t|^p (the paper: 1.5, 2, 3; at most 30, so that "
+                         "f stays finite in float32)",
+                    constraint=constraints.interval(1e-3, 30.0)),
     }
 
     def init_params(self, generator):

@@ -26,7 +26,8 @@ class ToyBinary(ClosedFormToy):
     family = "bernoulli"
     description = "D Bernoulli latents, f(z) = -sum (z - t)^2 (RELAX/ARM toy)"
     options = {
-        "t": Option(0.45, "target; 0.45, 0.49 and 0.499 are the standard settings", constraint=constraints.real),
+        "t": Option(0.45, "target; 0.45, 0.49 and 0.499 are the standard settings (|t| <= 1e3: "
+                          "f stays finite in float32)", constraint=constraints.interval(-1e3, 1e3)),
         "dim": Option(4, "number of binary latents D", constraint=constraints.positive_integer),
     }
 
@@ -53,7 +54,8 @@ class LiuToy(ClosedFormToy):
     name = "liu_toy"
     family = "bernoulli"
     description = "3 Bernoullis sharing one logit, f(z) = sum (z_i - p_i)^2, p = (0.6, 0.51, 0.48)"
-    options = {"theta": Option(0.0, "initial shared logit", constraint=constraints.real)}
+    options = {"theta": Option(0.0, "initial shared logit (|theta| <= 1e3: sigmoid(theta) is 0 or 1 "
+                                    "in float32 long before)", constraint=constraints.interval(-1e3, 1e3))}
     P = (0.6, 0.51, 0.48)
 
     def init_params(self, generator):
@@ -87,7 +89,7 @@ class ToyCategorical(ClosedFormToy):
     family = "categorical"
     description = "D categoricals, K classes, random unary + chain pairwise reward tables"
     options = {
-        "dim": Option(3, "number of categorical latents D"),
+        "dim": Option(3, "number of categorical latents D", constraint=constraints.positive_integer),
         "classes": Option(4, "classes per latent K", constraint=integer_at_least(2)),
         "table_seed": Option(0, "seed of the random reward tables", constraint=constraints.nonnegative_integer),
     }
@@ -126,9 +128,12 @@ class ToyGaussian(ClosedFormToy):
     family = "gaussian"
     description = "D Gaussians, f(z) = -||z - a||^2 + c sum cos(w z)"
     options = {
-        "dim": Option(3, "dimension D"),
-        "c": Option(1.0, "weight of the cosine term"),
-        "w": Option(2.0, "frequency of the cosine term"),
+        "dim": Option(3, "dimension D", constraint=constraints.positive_integer),
+        "c": Option(1.0, "weight of the cosine term (|c| <= 1e6: f and its gradient stay finite "
+                         "in float32)", constraint=constraints.interval(-1e6, 1e6)),
+        "w": Option(2.0, "frequency of the cosine term (|w| <= 1e3: c w sin(w z), the gradient of "
+                         "f, and w^2 in E_q[f] stay finite in float32)",
+                    constraint=constraints.interval(-1e3, 1e3)),
     }
 
     def init_params(self, generator):
