@@ -42,7 +42,8 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out="results/runs/python",
     records only).  ``tasks`` / ``estimators``: comma-separated names with options, or lists of
     them (default: the toys, every estimator); ``overrides``: any ``Budget`` field (``steps``,
     ``n_samples``, ``checkpoints``, ``measure_samples``, ``eval_points``; ``train_seconds`` for a
-    time budget, with ``steps=0`` for no step cap)."""
+    time budget, with ``steps=0`` for no step cap).  ``seeds``: an int, a list of ints, or a
+    string as ``--seeds`` takes it (``"0,1,2"``, ``"0-4"``); bad seeds raise OptionError."""
     import sys
     from pathlib import Path
 
@@ -59,7 +60,7 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out="results/runs/python",
         return parse_list(value)
 
     plan = sweep.expand(specs(tasks, default_tasks()), specs(estimators, est_registry.available()),
-                        list(seeds), [device], budget, overrides)
+                        _seeds(seeds), [device], budget, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     executor = executors.make_executor(jobs)
@@ -73,3 +74,39 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out="results/runs/python",
     keys = {c.key() for c in plan.cells}
     cells = cells[cells.key.isin(keys)].reset_index(drop=True) if not cells.empty else cells
     return table.finished(records, cells), cells
+
+
+def _seeds(seeds) -> list:
+    """``run``'s seeds as the command line's ``--seeds`` parses them (estbench.cli.parse_seeds: the
+    same ranges, bounds and duplicate check): a string as it is, an int or a list of ints as their
+    comma-separated text.  Anything else, or a seed out of range, raises OptionError."""
+    import operator
+
+    from estbench.cli import parse_seeds
+    from estbench.errors import OptionError, UsageError
+
+    def whole(v):
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)  # ints (numpy's too); never 1.5 or "1"
+
+    try:
+        if isinstance(seeds, str):
+            text = seeds
+        elif isinstance(seeds, bytes):
+            raise TypeError
+        else:
+            try:
+                values = [whole(seeds)]
+            except TypeError:
+                values = [whole(v) for v in seeds]
+            if not values:
+                raise OptionError("seeds is empty: give at least one")
+            text = ",".join(map(str, values))
+    except TypeError:
+        raise OptionError(f"seeds must be an int, a list of ints or a string such as '0,1,2' or "
+                          f"'0-4', got {seeds!r}") from None
+    try:
+        return parse_seeds(text, "seeds")
+    except UsageError as e:
+        raise OptionError(str(e)) from None

@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -68,6 +69,17 @@ def _ints(text: str, what: str, limit: int = MAX_CELLS) -> list[int]:
     if len(set(out)) != len(out):
         raise UsageError(f"{what} lists a value twice: {text!r}")
     return out
+
+
+def parse_seeds(text: str, what: str = "--seeds") -> list[int]:
+    """Seeds as ``--seeds`` takes them (``0,1,2``, ``0-4``, ``7``), each from 0 to MAX_SEED;
+    UsageError naming ``what`` otherwise.  ``estbench.run(seeds="0-4")`` parses its strings here."""
+    seeds = _ints(text, what)
+    if any(s < 0 or s > MAX_SEED for s in seeds):
+        # a cell derives its random streams from its seed (cell.seed * 7919 + step for the
+        # measurements), which torch takes as a 64-bit integer
+        raise UsageError(f"{what} must be integers from 0 to {MAX_SEED}")
+    return seeds
 
 
 def _positive(text: str, what: str, minimum: int = 1) -> int:
@@ -245,11 +257,7 @@ def _common(args):
     """Seeds, devices, executor and budget overrides shared by ``run`` and ``rank``."""
     if args.threads is not None:
         os.environ["ESTBENCH_THREADS"] = str(_positive(args.threads, "--threads"))
-    seeds = _ints(args.seeds, "--seeds")
-    if any(s < 0 or s > MAX_SEED for s in seeds):
-        # a cell derives its random streams from its seed (cell.seed * 7919 + step for the
-        # measurements), which torch takes as a 64-bit integer
-        raise UsageError(f"--seeds must be integers from 0 to {MAX_SEED}")
+    seeds = parse_seeds(args.seeds)
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
     try:
         executor = executors.from_args(args)
@@ -329,7 +337,36 @@ def _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped: 
     if show_skipped and not args.quiet:
         for t, e, why in plan.skipped:
             print(f"note: skipping {t} x {e}: {why}", file=err)
+    for line in _fewer_points(plan, overrides):
+        print(line, file=err)
     return plan
+
+
+#: budget counts of evenly spaced points of a step budget: (flag, what one point is called)
+_POINTS = {"checkpoints": ("--checkpoints", "checkpoints"),
+           "eval_points": ("--eval-points", "evaluation points")}
+
+
+def _fewer_points(plan, overrides: dict) -> list[str]:
+    """One note for each ``--checkpoints`` / ``--eval-points`` given that a step budget cannot
+    hold: k evenly spaced points of steps 0..N are at most N + 1 distinct steps (the budget rounds
+    them to steps), so more than N + 1 silently became every step and the start."""
+    notes = []
+    for key, (flag, name) in _POINTS.items():
+        asked = overrides.get(key)
+        if not asked:
+            continue
+        short: dict = {}  # steps -> tasks
+        for c in plan.cells:
+            if not c.budget.timed and asked > c.budget.steps + 1:  # a time budget's are times
+                short.setdefault(c.budget.steps, set()).add(c.task)
+        for steps, on in sorted(short.items()):
+            every = len(short) == 1 and on == {c.task for c in plan.cells}
+            where = "" if every else f" ({', '.join(sorted(on))})"
+            notes.append(f"note: {flag} {asked} is more than {steps} steps allow{where}: "
+                         + (f"{steps + 1} {name} (every step and the start)" if steps
+                            else f"1 {name[:-1]} (the start only)"))
+    return notes
 
 
 def _execute(args, plan, out: Path, executor, meta: dict):
@@ -433,6 +470,7 @@ def _execute(args, plan, out: Path, executor, meta: dict):
 
 
 def cmd_run(args) -> int:
+    started = time.time()  # a stored cell that finished before this was reused, not computed now
     try:
         if args.tasks is not None:
             task_specs = _selection(args.tasks, "--tasks")
@@ -465,88 +503,161 @@ def cmd_run(args) -> int:
     if args.json:
         print(summ.to_json(orient="records"))
     else:
-        print(table.render(summ, cells))
+        print(table.render(summ, cells, _final_elbo_ranks(keep)))
         print(f"results: {out / 'results.parquet'} (tidy records), {out / 'cells'} (one file per cell)")
-    failed = cells[cells.status == "failed"] if not cells.empty else cells
+    return _run_status(cells, out, started)
+
+
+def _final_elbo_ranks(records):
+    """The leaderboard's per-task ranks by final ELBO (ties and intervals) for the CLI table, or
+    None without the report extra (scipy)."""
+    try:
+        from estbench.report import leaderboard as lb
+        from estbench.report import tables as rt
+    except ImportError:
+        return None
+    if records.empty:
+        return None
+    board = lb.leaderboard(rt.per_cell(records))
+    return board[(board.criterion == "final_elbo") & (board.task != "overall")]
+
+
+def _run_status(cells, out: Path, started: float) -> int:
+    """``estbench run``'s exit status: 1 when a cell failed or when no cell finished (every one
+    failed, diverged or could not run), else 0.  Cells that failed in an earlier run and were
+    reused as stored are said to be so (they are listed with their reasons under the table)."""
+    err = sys.stderr
+    if cells.empty:
+        print("estbench: error: no cell of the plan is stored", file=err)
+        return 1
+    failed = cells[cells.status == "failed"]
+    reused = failed[failed.finished < started] if "finished" in failed else failed.iloc[0:0]
+    if len(reused):
+        print(f"note: {len(reused)} failed cell{'s' if len(reused) != 1 else ''} in {out} "
+              "failed in an earlier run and were reused as stored, not retried (listed above with "
+              "their reasons); --force recomputes every cell", file=err)
+    if not (cells.status == "ok").any():
+        counts = ", ".join(f"{n} {s if s != 'infeasible' else 'not run'}"
+                           for s, n in cells.status.value_counts().sort_index().items())
+        print(f"estbench: error: no cell finished ({counts}); the reasons are listed above",
+              file=err)
+        return 1
     return 0 if failed.empty else 1
 
 
 def cmd_rank(args) -> int:
     from estbench import rank
 
-    reference = Path(args.reference)
-    previous = store.read_meta(reference)
-    if args.seeds is None:
-        args.seeds = ",".join(str(s) for s in previous.get("seeds", [])) or DEFAULT_SEEDS
-    if args.budget is None:
-        args.budget = previous.get("budget") if previous.get("budget") in ("quick", "standard") else "quick"
+    try:  # before any cell runs: ranking without the statistics would waste them
+        import estbench.report.render  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"rank needs the report extra ({e.name} is missing): "
+                         "pip install 'estbench[report]'") from None
     try:
+        reference = rank.resolve_reference(args.reference)
         cls = rank.load_target(args.target)
         if not args.quiet:
             print(f"checking {cls.name!r} against the estimator contract ...", file=sys.stderr)
         rank.check_target(cls)
     except RankError as e:
         raise UsageError(str(e)) from None
+    previous = store.read_meta(reference) if reference is not None else {}
+    if args.seeds is None:
+        args.seeds = ",".join(str(s) for s in previous.get("seeds", [])) or DEFAULT_SEEDS
+    if args.budget is None:
+        named = ("quick", "standard", protocols.PAPER)
+        args.budget = previous.get("budget") if previous.get("budget") in named else "quick"
     out = Path(args.out) if args.out else (
         Path("results") / "runs" / f"rank-{cls.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    same = out.resolve() == reference.resolve()
+    same = reference is not None and out.resolve() == reference.resolve()
     if same and not args.in_place:
         raise UsageError(f"--out {out} is the reference set itself: pass --in-place to extend it "
                          "there, or leave --out out to write a new run folder")
     try:
-        task_specs = _selection(args.tasks, "--tasks") if args.tasks is not None else parse_list(
-            ",".join(rank.compatible_tasks(cls)))
+        if args.tasks is not None:
+            task_specs = _selection(args.tasks, "--tasks")
+        else:
+            compatible = rank.compatible_tasks(cls)
+            if args.budget == protocols.PAPER:  # the tasks that follow a published protocol
+                compatible = [t for t in compatible if t in protocols.available()]
+            task_specs = parse_list(",".join(compatible))
+        rivals = (_selection(args.estimators, "--estimators") if args.estimators is not None
+                  else None)
     except SpecError as e:
         raise UsageError(str(e)) from None
     if not task_specs:
-        raise UsageError(f"no registered task has a latent family {cls.name!r} supports")
+        raise UsageError(f"no registered task has a latent family {cls.name!r} supports "
+                         f"({', '.join(sorted(cls.families))})"
+                         + (" and a published protocol" if args.budget == protocols.PAPER else ""))
     families = {tasks.get_class(t.name).family for t in task_specs}
-    others = [n for n in estimators.available() if n != cls.name
-              and families & estimators.get_class(n).families]
-    est_specs = parse_list(",".join([cls.name, *others]))
+    if rivals is None:
+        rivals = parse_list(",".join(n for n in estimators.available() if n != cls.name
+                                     and families & estimators.get_class(n).families))
+    elif any(r.name == cls.name for r in rivals):
+        raise UsageError(f"--estimators names {cls.name!r}, the estimator being ranked: list its "
+                         "rivals only")
     seeds, devices, executor, overrides = _common(args)
     from_file = ".py" in args.target.split(":")[0]
     if from_file and not getattr(executor, "serial", True):
         raise UsageError("an estimator loaded from a file exists only in this process: rank it without "
                          "-j/--parallel-config, or install it as an 'estbench.estimators' entry point")
-    plan = _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped=False)
+    mine_plan = _plan(args, task_specs, parse_list(cls.name), seeds, devices, overrides,
+                      show_skipped=False)
+    plan = _plan(args, task_specs, rivals, seeds, devices, overrides, show_skipped=False)
     _results_folder(out)
-    reused = 0 if same else rank.reuse_cells(plan, reference, out)
-    if not same and not reused and (reference / "cells").is_dir() and not args.quiet:
-        print(f"note: none of the {len(plan.cells)} cells is in {reference}: it was made for other "
-              "options or by other code (a cell's key covers the code that computes it); all are "
-              "computed", file=sys.stderr)
+    reused = 0 if same or reference is None else rank.reuse_cells(plan, reference, out)
+    if reference is not None and not same and not reused and not args.quiet:
+        print(f"note: none of the {len(plan.cells)} rivals' cells is in {reference}: it was made for "
+              "other options or by other code (a cell's key covers the code that computes it); all "
+              "are computed", file=sys.stderr)
+    meta = {"budget": args.budget, "tasks": [str(t) for t in task_specs], "seeds": seeds,
+            "devices": devices, "ranked": cls.name,
+            "reference": str(reference) if reference is not None else None}
     if not args.quiet:
-        print(f"ranking {cls.name} on {len(task_specs)} tasks against {len(others)} estimators, "
-              f"seeds {seeds}, budget {args.budget!r}: {len(plan.cells)} cells, "
+        print(f"ranking {cls.name} on {len(task_specs)} tasks against {len(rivals)} estimators, "
+              f"seeds {seeds}, budget {args.budget!r}: its {len(mine_plan.cells)} cells first, then "
+              f"{len(plan.cells)} rivals' cells, "
               + (f"extending {out} in place" if same else
-                 f"{reused} reused from {reference} (read only), results in {out}"), file=sys.stderr)
-    status, keep, cells = _execute(args, plan, out, executor, {
-        "budget": args.budget, "tasks": [str(t) for t in task_specs], "seeds": seeds,
-        "devices": devices, "ranked": cls.name, "reference": str(reference)})
+                 (f"{reused} reused from {reference} (read only), " if reference is not None
+                  else "no reference set, ") + f"results in {out}"), file=sys.stderr)
+    # the estimator's own cells first: where none of them finishes there is nothing to rank, and
+    # its rivals' cells (hours on the real tasks) are not computed
+    status, _, mine_cells = _execute(args, mine_plan, out, executor, meta)
     if status is not None:
         return status
-    try:
-        from estbench.report import leaderboard as lb
-        from estbench.report import tables as rt
-        from estbench.report.render import build_report
-    except ImportError as e:
-        raise UsageError(f"rank needs the report extra ({e.name} is missing): "
-                         "pip install 'estbench[report]'") from None
-    mine_ok = not cells.empty and bool(((cells.estimator == cls.name) & (cells.status == "ok")).any())
-    if mine_ok:
-        board = lb.leaderboard(rt.per_cell(keep))
-        print(rank.render_placement(cls.name, board), end="")
-    else:
-        print(f"{cls.name} has no finished cell, so it has no rank:")
-    mine = cells[(cells.estimator == cls.name) & (cells.status != "ok")] if not cells.empty else cells
+    mine_ok = not mine_cells.empty and bool((mine_cells.status == "ok").any())
+    if not mine_ok:
+        print(f"{cls.name} finished no cell, so it has no rank and its rivals were not run:")
+        for _, r in mine_cells.drop_duplicates(["task", "status", "error"]).iterrows():
+            print(f"  {r.task}: {'not run' if r.status == 'infeasible' else r.status}: {r.error}")
+        if not args.no_report:  # the problem cells, with their reasons, in the run's report
+            print(f"report: {_rank_report(out)}")
+        return 1
+    status, _, _ = _execute(args, plan, out, executor, meta)
+    if status is not None:
+        return status
+    from estbench.report import leaderboard as lb
+    from estbench.report import tables as rt
+    records, cells = store.load(out)
+    keys = {c.key() for c in [*mine_plan.cells, *plan.cells]}
+    cells = cells[cells.key.isin(keys)] if not cells.empty else cells
+    pc = rt.per_cell(table.finished(records, cells))
+    board = lb.leaderboard(pc)
+    biased = frozenset(t for t, e in table.biased_set(pc) if e == cls.name)
+    print(rank.render_placement(cls.name, board, rank.timing_difference(cells, cls.name), biased),
+          end="")
+    mine = cells[(cells.estimator == cls.name) & (cells.status != "ok")]
     for _, r in mine.drop_duplicates(["task", "status", "error"]).iterrows():
-        status_text = "not run" if r.status == "infeasible" else r.status
-        print(f"  {r.task}: {status_text}: {r.error}")
+        print(f"  {r.task}: {'not run' if r.status == 'infeasible' else r.status}: {r.error}")
     if not args.no_report:
-        path = build_report(out)
-        print(f"report: {path}")
-    return 0 if mine_ok else 1
+        print(f"report: {_rank_report(out)}")
+    return 0
+
+
+def _rank_report(out: Path) -> Path:
+    from estbench.report.render import build_report
+
+    return build_report(out)
 
 
 def _option_lines(cls) -> list[str]:
@@ -558,6 +669,21 @@ def _option_lines(cls) -> list[str]:
     return out
 
 
+def _task_budgets(cls) -> dict:
+    """A task's named budgets in full (the Budget defaults filled in): what --steps, --checkpoints,
+    ... default to under ``--budget NAME``."""
+    return {name: sweep.task_budget(cls, name).as_dict() for name in cls.budgets}
+
+
+def _budget_lines(cls) -> list[str]:
+    """One line per named budget of a task, in the flags' terms."""
+    out = []
+    for name, b in _task_budgets(cls).items():
+        shown = {k: v for k, v in b.items() if not (k == "train_seconds" and not v)}
+        out.append(f"      budget {name}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    return out
+
+
 def cmd_list(args) -> int:
     out = []
     out.append("tasks:")
@@ -565,6 +691,7 @@ def cmd_list(args) -> int:
         c = tasks.get_class(n)
         out.append(f"  {n:<18} [{c.family}] {c.description}")
         out.extend(_option_lines(c))
+        out.extend(_budget_lines(c))
     out.append("")
     out.append("estimators:")
     for n in estimators.available():
@@ -593,7 +720,8 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps({
             "tasks": {n: {"family": tasks.get_class(n).family,
-                          "options": {k: o.default for k, o in tasks.get_class(n).options.items()}}
+                          "options": {k: o.default for k, o in tasks.get_class(n).options.items()},
+                          "budgets": _task_budgets(tasks.get_class(n))}
                       for n in tasks.available()},
             "estimators": {n: {"families": sorted(estimators.get_class(n).families),
                                "unbiased": estimators.get(n).unbiased,
@@ -611,16 +739,19 @@ def cmd_list(args) -> int:
 def _budget_arguments(r) -> None:
     """Options shared by ``run`` and ``rank``: device, budget overrides, execution."""
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
-    r.add_argument("--steps", help=f"training steps (toys' quick budget: {DEFAULTS.steps})")
+    # the defaults differ by task (toys 11 checkpoints, binary_vae 5, ...): never one number here
+    named = "default: each task's named budget, which 'estbench list' shows"
+    r.add_argument("--steps", help=f"training steps ({named})")
     r.add_argument("--n-samples", dest="n_samples",
-                   help="f-evaluations per data point per step (toys' quick budget: 12)")
+                   help=f"f-evaluations per data point per step ({named})")
     r.add_argument("--checkpoints",
-                   help=f"measurement points incl. start and end (default {DEFAULTS.checkpoints})")
+                   help=f"gradient measurements, evenly spaced, incl. start and end; at most "
+                        f"steps + 1 ({named})")
     r.add_argument("--measure-samples", dest="measure_samples",
-                   help=f"gradient estimates per measurement (default {DEFAULTS.measure_samples})")
+                   help=f"gradient estimates per measurement ({named})")
     r.add_argument("--eval-points", dest="eval_points",
                    help=f"points of the held-out ELBO curve incl. start and end; every checkpoint is "
-                        f"one too (default {DEFAULTS.eval_points})")
+                        f"one too; at most steps + 1 ({named})")
     r.add_argument("--seconds", metavar="S",
                    help="a time budget: train each cell for S seconds of training time (measurements "
                         "and evaluations not counted) instead of a number of steps; --steps then caps "
@@ -661,17 +792,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     rk = sub.add_parser("rank", help="check a new estimator, run it where it applies, show its rank")
     rk.add_argument("target", help="file.py:ClassName, file.py (one estimator class), or a registered name")
-    rk.add_argument("--reference", default=str(Path("results") / "reference"),
+    rk.add_argument("--reference",
                     help="the result set ranked against; its cells are reused, and it is only read "
-                         "(default results/reference)")
+                         "(default: the results/reference shipped with estbench, wherever you run "
+                         "from; 'none': compute every rival here); a folder that does not exist or "
+                         "holds no cell is an error")
     rk.add_argument("--out", help="where to write the run (default results/runs/rank-NAME-<timestamp>); "
                                   "cells of --reference are copied in")
     rk.add_argument("--in-place", dest="in_place", action="store_true",
                     help="allow --out to be the --reference folder itself, extending it there")
-    rk.add_argument("--tasks", help="comma-separated tasks (default: every compatible task)")
+    rk.add_argument("--tasks", help="comma-separated tasks (default: every compatible task; with "
+                                    "--budget paper, those with a published protocol)")
+    rk.add_argument("--estimators", help="comma-separated rivals to rank against, with options "
+                                         "(default: every estimator of a compatible family)")
     rk.add_argument("--seeds", help="seeds (default: those of --reference, else 0,1,2)")
-    rk.add_argument("--budget", choices=["quick", "standard"],
-                    help="named budget (default: that of --reference, else quick)")
+    rk.add_argument("--budget", choices=["quick", "standard", protocols.PAPER],
+                    help="named budget (default: that of --reference, else quick); paper: each "
+                         "task's published protocol, as 'estbench run --budget paper'")
     _budget_arguments(rk)
     rk.add_argument("--no-report", action="store_true", help="do not write the report of --out")
     rk.set_defaults(func=cmd_rank)
@@ -683,19 +820,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as a person reads it: one line, ``estbench: warning: ...``, without the
+    source path and line that ``warnings`` prints for developers."""
+    text = " ".join(str(message).split())
+    print(f"estbench: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    try:
-        if getattr(args, "config", None):
-            from estbench import cli_config
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        # numpy / scipy / pandas on NaN or constant columns (means of absent metrics, tests on
+        # tied seeds): the figures handle NaN themselves, the warning says nothing to a user
+        for module in ("numpy", "scipy", "pandas"):
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=module)
+        try:
+            if getattr(args, "config", None):
+                from estbench import cli_config
 
-            args = cli_config.apply(parser, argv, args, args.command)
-        return args.func(args)
-    except UsageError as e:
-        print(f"estbench: error: {e}", file=sys.stderr)
-        return 2
+                args = cli_config.apply(parser, argv, args, args.command)
+            return args.func(args)
+        except UsageError as e:
+            print(f"estbench: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,19 +1,25 @@
 """``estbench report`` and ``estbench compare``: the subcommands reading finished result sets.
 
     estbench report  RUN_DIR [--out DIR]
-    estbench compare RUN_A RUN_B [--threshold 0.1] [--json]
+    estbench compare RUN_A RUN_B [--tolerance METRIC=VALUE ...] [--json]
 
-``compare``'s exit status is a bit mask for CI: 1 when a quality metric (final ELBO, bias,
-variance, status: a cell that finished in A failed or diverged in B) got worse beyond the threshold
-and outside the seed-to-seed noise, 4 when the step time did (a speed regression only), 5 for both
-(1 | 4), 0 for none.  Step times are judged only between cells timed in the same environment (CPU,
-CUDA device, threads, jobs); otherwise they are "not comparable", never a regression.  Bad input
-(a missing folder, no results) is one line and exit 2.
+``compare`` is a CI gate (estbench.compare; docs/benchmarks.md, "estbench compare as a CI gate").
+Its exit status is a bit mask: 1 when a quality metric (final ELBO, variance, gradient error, bias
+net of its noise or by the bias test, status: a cell that finished in A failed or diverged in B)
+got worse beyond its tolerance and outside the seed-to-seed noise; 4 when the step time did; 8
+when the gate is incomplete -- nothing was compared, a setting or seed of A is missing from B, a
+cell file is damaged, a setting ran another budget, a metric of A has no value in B; they combine
+(5 = 1 | 4, 9 = 1 | 8, ...); 0: the gate passed.  Each metric's tolerance is declared with it in
+estbench/metrics.py (a difference in its unit, or a factor); ``--tolerance METRIC=VALUE``
+overrides it.  Step times are judged only between cells timed in the same environment (CPU, CUDA
+device, threads, jobs); otherwise they are "not comparable", never a regression.  Bad input (a
+missing folder, no results, a bad --tolerance, the removed --threshold) and budgets that differ
+for every shared setting are one line and exit 2.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -57,37 +63,47 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _threshold(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise UsageError(f"--threshold must be a number (a relative change, 0.1 = 10%), "
-                             f"got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise UsageError(f"--threshold must be >= 0, got {text!r}")
-    return v
+THRESHOLD_REMOVED = ("--threshold was removed: it was a relative change (10% of an ELBO of -200 "
+                     "is 20 nats); each metric now has a tolerance in its own units, declared in "
+                     "estbench/metrics.py; override one with --tolerance METRIC=VALUE (e.g. "
+                     "--tolerance final_elbo=0.5)")
+
+
+def _threshold(text) -> None:
+    """``--threshold`` is gone (it was relative); one line pointing at ``--tolerance``."""
+    if text is not None:
+        raise UsageError(THRESHOLD_REMOVED)
 
 
 def cmd_compare(args) -> int:
-    threshold = _threshold(args.threshold)
+    _threshold(args.threshold)
     a = _need_run_dir(args.run_a, "compare")
     b = _need_run_dir(args.run_b, "compare")
     comp = _import_report_extra("estbench.compare")
     try:
+        tolerances = comp.parse_tolerances(args.tolerance)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            df, quality, speed = comp.compare(a, b, threshold)
-    except (FileNotFoundError, ValueError) as e:
+            result = comp.compare(a, b, tolerances)
+    except (FileNotFoundError, ValueError) as e:  # comp.NotComparable is a ValueError
         raise UsageError(str(e)) from None
-    code = comp.exit_code(quality, speed)
+    code = result.exit_code
     if args.json:
+        df = result.table
         rows = json.loads(df.to_json(orient="records"))
-        print(json.dumps({"run_a": str(a), "run_b": str(b), "threshold": threshold,
-                          "regressed": quality or speed, "regressed_quality": quality,
-                          "regressed_speed": speed, "exit_code": code, "rows": rows}, indent=1))
+        print(json.dumps({"run_a": str(a), "run_b": str(b), "tolerances": result.tolerances,
+                          "regressed": result.quality or result.speed,
+                          "regressed_quality": result.quality, "regressed_speed": result.speed,
+                          "incomplete": result.incomplete,
+                          "problems": [{"text": p.text, "incomplete": p.incomplete}
+                                       for p in result.problems],
+                          "exit_code": code, "rows": rows}, indent=1))
     else:
         print(f"A = {a}\nB = {b}\n")
-        print(comp.render(df, threshold), end="")
+        print(comp.render(result), end="")
     return code
 
 
@@ -99,15 +115,29 @@ def add_parsers(subparsers) -> None:
     r.add_argument("--out", help="where to write the report (default RUN_DIR/report)")
     r.set_defaults(func=cmd_report)
 
-    c = subparsers.add_parser("compare", help="what changed between two results folders; exit 1 "
-                                              "on a quality regression (final ELBO, bias, "
-                                              "variance, status) beyond --threshold, 4 on a "
-                                              "step-time regression only, 5 on both, 2 on bad "
-                                              "input; step times timed in different environments "
-                                              "are not compared")
+    c = subparsers.add_parser(
+        "compare", help="a CI gate: what changed between two results folders.  Exit status, a bit "
+                        "mask: 1 a quality regression (final ELBO, variance, gradient error, "
+                        "bias, status) beyond its tolerance and outside the seed noise, 4 a "
+                        "step-time regression, 8 an incomplete gate (nothing compared, a setting "
+                        "or seed of A missing from B, a damaged cell file, a setting run on "
+                        "another budget); combined: 5 = 1|4, 9 = 1|8, ...; 0 passed; 2 bad input "
+                        "or budgets that differ everywhere",
+        description="Compare RUN_B with the baseline RUN_A per (task, estimator, device), each "
+                    "metric against its tolerance (estbench/metrics.py) and the seed-to-seed "
+                    "noise.  Exit status, a bit mask: 1 a quality regression, 4 a speed "
+                    "(step-time) regression, 8 an incomplete gate (nothing compared, a setting "
+                    "or seed of RUN_A missing from RUN_B, a damaged cell file, a setting run on "
+                    "another budget); they combine (9 = 1|8); 0 passed; 2 bad input or budgets "
+                    "that differ for every setting.  See docs/benchmarks.md, 'estbench compare "
+                    "as a CI gate'.")
     c.add_argument("run_a", metavar="RUN_A", help="the baseline results folder")
     c.add_argument("run_b", metavar="RUN_B", help="the results folder to check against it")
-    c.add_argument("--threshold", default="0.1",
-                   help="relative worsening counted as a regression (default 0.1 = 10%%)")
+    c.add_argument("--tolerance", action="append", metavar="METRIC=VALUE", default=[],
+                   help="override a metric's regression tolerance, declared in "
+                        "estbench/metrics.py (repeatable): a difference in the metric's own unit "
+                        "for final_elbo (default 1 nat; toys 0.005-0.05), a factor >= 1 for "
+                        "variance, grad_error, net_bias, step_ms (default 1.25)")
+    c.add_argument("--threshold", default=None, help=argparse.SUPPRESS)  # removed: one-line error
     c.add_argument("--json", action="store_true", help="print the comparison as JSON")
     c.set_defaults(func=cmd_compare)

@@ -442,12 +442,40 @@ def clear_running(run_dir, keys) -> None:
         pass
 
 
-def read_meta(run_dir) -> dict:
-    """The run folder's metadata, or {} when there is none (or it is unreadable)."""
+def meta_status(run_dir) -> tuple[dict, str]:
+    """The run folder's metadata and ``''``; ``({}, '')`` when it has no meta.json; and when its
+    meta.json exists but cannot be read as a JSON object, ``({}, why)``, why in one line."""
+    path = Path(run_dir) / "meta.json"
     try:
-        return json.loads((Path(run_dir) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, ""
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                    else " ".join(str(exc).split()) or type(exc).__name__)
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        return {}, f"not valid JSON ({exc})"
+    if not isinstance(meta, dict):
+        return {}, f"not a JSON object (a JSON {type(meta).__name__})"
+    return meta, ""
+
+
+def read_meta(run_dir, warn: bool = True) -> dict:
+    """The run folder's metadata, or {} when there is none or it is unreadable; an unreadable one
+    is said in one warning naming the file and why (unless ``warn`` is false), never silently
+    dropped: without it a report loses the run's commit, machine and command."""
+    meta, problem = meta_status(run_dir)
+    if problem and warn:
+        warnings.warn(meta_warning(run_dir, problem), stacklevel=2)
+    return meta
+
+
+def meta_warning(run_dir, problem: str) -> str:
+    """The one line that says a run folder's meta.json is unreadable, and what that loses."""
+    return (f"{Path(run_dir) / 'meta.json'} is unreadable: {problem}; the run's provenance "
+            "(commit, machine, command) is unknown")
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:

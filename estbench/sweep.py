@@ -11,7 +11,7 @@ import estimators
 import tasks
 from estbench import protocols, store
 from estbench.budget import Budget
-from estbench.errors import SpecError
+from estbench.errors import OptionError, SpecError
 from estbench.spec import Spec
 from estbench.train import Cell, CellResult
 
@@ -28,8 +28,22 @@ class Plan:
 def check_spec(kind: str, spec: Spec):
     """Instantiate once to validate the name and options (raises ValueError with a clear message)."""
     if kind == "task":
-        return tasks.get(spec.name, **spec.options)
+        return _check_folders(tasks.get(spec.name, **spec.options))
     return estimators.get(spec.name, **spec.options)
+
+
+def _check_folders(task):
+    """A task option named ``*_dir`` (``data_dir``: '' for the shipped copy) names a folder: one
+    that does not exist is refused when the selection is parsed, in one line, instead of failing
+    every cell of the task when it loads its data.  Checked here, where every selection passes
+    (command line, sweep file, Python API), not in the task modules or the option machinery, which
+    are part of every cell's cache key."""
+    for key, value in task.config.items():
+        if key.endswith("_dir") and isinstance(value, str) and value and not Path(value).is_dir():
+            why = "it is a file" if Path(value).exists() else "no such folder"
+            raise OptionError(f"task {task.name!r}: option {key}={value!r} must name an existing "
+                              f"folder ({why}; leave it out for the shipped copy)")
+    return task
 
 
 def _canonical(kind: str, specs: Iterable[Spec]) -> dict:
@@ -132,18 +146,25 @@ def run(plan: Plan, run_dir: Path, force: bool = False,
             todo.append(cell)
     if todo:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for cell, res in executor.run_cells(todo, run_dir, force):
-            done += 1
-            if res is not None and res.error.startswith("worker died"):
-                lost.append(res)
-            elif res is not None:
-                results.append(res)
-                if log and res.status == "failed":
-                    log(f"{cell.label()}: {res.error}")
-            if progress:
-                progress(done, n, cell, res, res is None)
-    if todo:  # heartbeats a dead worker left behind
-        store.clear_running(run_dir, [c.key() for c in todo])
+        # closed on the way out: an interrupt (Ctrl-C) anywhere in this loop stops the executor
+        # at once (it cancels the cells not started and stops its workers), not at exit
+        cells = iter(executor.run_cells(todo, run_dir, force))
+        try:
+            for cell, res in cells:
+                done += 1
+                if res is not None and res.error.startswith("worker died"):
+                    lost.append(res)
+                elif res is not None:
+                    results.append(res)
+                    if log and res.status == "failed":
+                        log(f"{cell.label()}: {res.error}")
+                if progress:
+                    progress(done, n, cell, res, res is None)
+        finally:
+            if hasattr(cells, "close"):
+                cells.close()
+            # heartbeats a dead (or, after an interrupt, killed) worker left behind
+            store.clear_running(run_dir, [c.key() for c in todo])
     order = {cell: i for i, cell in enumerate(plan.cells)}
     results.sort(key=lambda r: order.get(r.cell, n))
     if lost:

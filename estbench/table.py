@@ -3,7 +3,7 @@
 Derived from the tidy records only.  bias, variance and gradient error (the mean squared error of
 one estimate, squared bias plus variance) are averaged over the checkpoints of a cell (along its
 training trajectory), then over seeds; step time is seconds per training step; final
-ELBO is the task's held-out figure at the end (higher is better).
+ELBO is the task's test figure at the end (higher is better).
 """
 from __future__ import annotations
 
@@ -47,23 +47,92 @@ def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
 
 def per_cell(records: pd.DataFrame) -> pd.DataFrame:
     """One row per cell (index task, estimator, seed, device), a column per summary metric: the
-    mean over the cell's checkpoints for checkpoint metrics, the value for end-of-cell ones."""
+    mean over the cell's checkpoints for checkpoint metrics, the value for end-of-cell ones; plus
+    ``net_bias`` (``net_bias``'s declaration in estbench.metrics) and ``bias_p``, the cell's bias
+    test (``cell_bias_p``)."""
     wide = (records[records.metric.isin(SUMMARY_METRICS)]
             .groupby(CELL_KEYS + ["metric"])["value"].mean().unstack("metric"))
-    return wide.reindex(columns=SUMMARY_METRICS)
+    wide = wide.reindex(columns=SUMMARY_METRICS)
+    wide["net_bias"] = net_bias(records).reindex(wide.index)
+    wide["bias_p"] = cell_bias_p(records).reindex(wide.index)
+    return wide
+
+
+def net_bias(records: pd.DataFrame) -> pd.Series:
+    """Per cell (index ``CELL_KEYS``), the bias beyond its Monte Carlo noise, averaged over the
+    checkpoints: sqrt(max(0, bias^2 - bias_noise^2)) at each one.  The measured ``bias`` of an
+    unbiased estimator is its noise floor (the norm of the mean of M noisy estimates), which grows
+    with its variance; net of the floor it is 0 up to noise, and a real bias stands out.  NaN
+    for records without a noise floor."""
+    both = records[records.metric.isin(["bias", "bias_noise"])]
+    if both.empty:
+        return pd.Series(dtype=float, index=pd.MultiIndex.from_tuples([], names=CELL_KEYS))
+    at = both.pivot_table(index=CELL_KEYS + ["step"], columns="metric", values="value",
+                          aggfunc="mean").reindex(columns=["bias", "bias_noise"])
+    net = (at["bias"] ** 2 - at["bias_noise"] ** 2).clip(lower=0.0) ** 0.5
+    return net.groupby(level=CELL_KEYS).mean()
+
+
+def cell_bias_p(records: pd.DataFrame) -> pd.Series:
+    """Per cell (index ``CELL_KEYS``), the bias test over its checkpoints: Bonferroni's
+    min(1, k min_j p_j) over the k checkpoints' p-values (empty for records made before the test
+    existed)."""
+    p = records[records.metric == "bias_p"]
+    if p.empty:
+        return pd.Series(dtype=float, index=pd.MultiIndex.from_tuples([], names=CELL_KEYS))
+    return p.groupby(CELL_KEYS)["value"].agg(lambda v: min(1.0, float(v.min()) * len(v)))
+
+
+#: a cell's bias test rejects "unbiased" below this p (after Bonferroni over its checkpoints)
+BIAS_TEST_ALPHA = 0.01
+
+
+def estimator_bias(pc: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, estimator), the bias test over its cells: ``p`` (Bonferroni's min(1, n min p)
+    over the n cells' p-values, each already Bonferroni over its checkpoints), ``rejecting`` (cells
+    whose own p is below BIAS_TEST_ALPHA), ``cells`` and the verdict ``biased``: more than half of
+    the cells reject.  A real bias repeats from seed to seed; a lone rejection can come from the
+    test's normal approximation failing where a few rare, large estimates decide the mean (late in
+    training, q nearly deterministic) and M estimates miss them, so one cell cannot make the
+    verdict.  ``pc``: per-cell rows with task, estimator and bias_p columns.
+    Empty without a test in the records."""
+    cols = ["p", "rejecting", "cells", "biased"]
+    if pc.empty or "bias_p" not in pc or pc["bias_p"].isna().all():
+        return pd.DataFrame(columns=cols, index=pd.MultiIndex.from_tuples([], names=["task", "estimator"]))
+    g = pc.dropna(subset=["bias_p"]).groupby(["task", "estimator"])["bias_p"]
+    out = pd.DataFrame({"p": g.agg(lambda v: min(1.0, float(v.min()) * len(v))),
+                        "rejecting": g.agg(lambda v: int((v < BIAS_TEST_ALPHA).sum())),
+                        "cells": g.size()})
+    out["biased"] = out["rejecting"] > out["cells"] / 2
+    return out
+
+
+def biased_set(pc: pd.DataFrame) -> set:
+    """The (task, estimator) pairs whose bias test verdict is *biased*."""
+    b = estimator_bias(pc)
+    return set(b.index[b["biased"].astype(bool)]) if not b.empty else set()
 
 
 def summary(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (task, estimator, device): the per-cell figures' means over seeds, the
+    final ELBO's 95% confidence half-width, the seeds, the diverged cells and ``biased``, the bias
+    test's verdict over the setting's cells (``estimator_bias``; NaN without a test)."""
     if records.empty:
-        return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS])
-    grouped = per_cell(records).groupby(SETTING_KEYS)
+        return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS, "net_bias",
+                                     "biased"])
+    pc = per_cell(records)
+    grouped = pc.drop(columns="bias_p").groupby(SETTING_KEYS)
     out = grouped.mean()
     # one uncertainty convention everywhere (CLI table, report, leaderboard): the half-width of
     # the Student-t 95% confidence interval of the mean over seeds
     out["final_elbo_ci"] = grouped["final_elbo"].agg(lambda v: _ci95(v.to_numpy(float)))
     out["seeds"] = grouped.size()
     out["diverged"] = grouped["diverged"].sum()
-    return out.reset_index()
+    out = out.reset_index()
+    verdict = estimator_bias(pc.reset_index())
+    out["biased"] = [verdict["biased"].get((t, e), math.nan) if not verdict.empty else math.nan
+                     for t, e in zip(out.task, out.estimator)]
+    return out
 
 
 def _ci95(v) -> float:
@@ -79,14 +148,38 @@ def _fmt(v, spec):
     return format(v, spec)
 
 
-def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
-    """A fixed-width text table, grouped by task, sorted by final ELBO (best first)."""
-    if summary_df.empty:
-        return "(no results)"
-    header = f"{'estimator':<32} {'final ELBO':>18} {'bias':>10} {'variance':>10} {'grad err':>10} " \
-             f"{'cosine':>7} {'step ms':>8} {'f-evals':>7} {'seeds':>5}"
+def _bias_text(r) -> str:
+    """The bias column: the bias beyond its noise floor, and the bias test's verdict."""
+    verdict = {True: " biased", False: " ok"}.get(r.biased if isinstance(r.biased, bool) else None, "")
+    return _fmt(r.net_bias, ".3g") + verdict
+
+
+#: the CLI table's legend, printed under it
+LEGEND = ("final ELBO: mean ±95% CI over seeds; rank: 1 + the estimators significantly better "
+          "(Holm-corrected paired tests over seeds), a-b where the evidence allows places a to "
+          "b, '=' where others share the rank; bias: beyond its Monte Carlo noise floor, "
+          "then the bias test's verdict (ok: not rejected; biased: rejected in most seeds); "
+          "oracles (exact) are references, not ranked")
+
+
+def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None,
+           ranks: pd.DataFrame | None = None) -> str:
+    """A fixed-width text table, grouped by task, sorted by final ELBO (best first), with the
+    failed, diverged and not-run cells listed under it.  ``ranks``: the leaderboard's final-ELBO
+    rows (task, estimator, rank, rank_worst) when it could be computed (it needs scipy)."""
     lines = []
-    for (task, device), df in summary_df.groupby(["task", "device"], sort=True):
+    if summary_df.empty:
+        lines.append("(no finished cell: nothing to tabulate)")
+    header = f"{'estimator':<32} {'rank':>6} {'final ELBO':>18} {'bias':>14} {'variance':>10} " \
+             f"{'grad err':>10} {'cosine':>7} {'step ms':>8} {'f-evals':>7} {'seeds':>5}"
+    placed = {}
+    if ranks is not None and not ranks.empty:
+        shared = ranks.groupby(["task", "rank"])["estimator"].transform("size") > 1
+        for r, tie in zip(ranks.itertuples(index=False), shared):
+            text = f"{int(r.rank)}" if r.rank == r.rank_worst else f"{int(r.rank)}-{int(r.rank_worst)}"
+            placed[(r.task, r.estimator)] = ("=" if tie else "") + text
+    groups = summary_df.groupby(["task", "device"], sort=True) if not summary_df.empty else []
+    for (task, device), df in groups:
         lines.append(f"== {task} [{device}] ==")
         lines.append(header)
         df = df.sort_values("final_elbo", ascending=False, na_position="last")
@@ -95,12 +188,17 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
             if not (isinstance(r.final_elbo_ci, float) and math.isnan(r.final_elbo_ci)):
                 elbo += f" ±{r.final_elbo_ci:.4f}"
             note = f"  ({int(r.diverged)} diverged)" if r.diverged else ""
+            place = placed.get((task, r.estimator), "oracle" if _oracle(r.estimator) else "-")
+            step_ms = r.step_time * 1e3 if r.step_time == r.step_time else float("nan")
             lines.append(
-                f"{r.estimator:<32} {elbo:>18} {_fmt(r.bias, '.3g'):>10} {_fmt(r.variance, '.3g'):>10} "
-                f"{_fmt(r.grad_error, '.3g'):>10} "
-                f"{_fmt(r.cosine, '.3f'):>7} {_fmt(r.step_time * 1e3 if r.step_time == r.step_time else float('nan'), '.2f'):>8} "
+                f"{r.estimator:<32} {place:>6} {elbo:>18} {_bias_text(r):>14} "
+                f"{_fmt(r.variance, '.3g'):>10} {_fmt(r.grad_error, '.3g'):>10} "
+                f"{_fmt(r.cosine, '.3f'):>7} {_fmt(step_ms, '.2f'):>8} "
                 f"{_fmt(r.n_evals, '.0f'):>7} {int(r.seeds):>5}{note}"
             )
+        lines.append("")
+    if not summary_df.empty:
+        lines.append(LEGEND if placed else LEGEND.replace("rank: 1 + ", "rank (needs scipy): 1 + "))
         lines.append("")
     if cells is not None and not cells.empty:
         for status, title in [("infeasible", "not run (infeasible: the budget does not fit the estimator's units, or the "
@@ -113,3 +211,9 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
                 for _, r in bad.drop_duplicates(["task", "estimator", "error"]).iterrows():
                     lines.append(f"  {r.task} x {r.estimator}: {r.error}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _oracle(label: str) -> bool:
+    import estimators  # the plug-in layer below: only to read a declaration
+
+    return estimators.is_oracle(label)

@@ -93,7 +93,7 @@ def test_an_estimator_spending_8x_its_budget_after_an_honest_first_call_fails_th
                    "--out", str(out), *TINY])
     text = capsys.readouterr().out
     assert status == 1  # no finished cell: no rank, but the report is still written
-    assert "liar_test_only has no finished cell" in text
+    assert "liar_test_only finished no cell" in text
     report = (out / "report" / "report.md").read_text()
     assert "over budget" in report  # listed among the problem cells, not ranked
     board = pd.read_csv(out / "report" / "leaderboard.csv")
@@ -296,7 +296,7 @@ def test_a_hung_estimator_times_out_and_the_sweep_goes_on(tmp_path, reference, f
                    "--out", str(out), "--no-report", "--cell-timeout", "1", *TINY])
     text = capsys.readouterr().out
     assert status == 1
-    assert "hangs_test_only has no finished cell" in text and "timed out after 1 s" in text
+    assert "hangs_test_only finished no cell" in text and "timed out after 1 s" in text
     _, cells = store.load(out)
     assert cells[cells.estimator == "hangs_test_only"].status.tolist() == ["failed"]
     assert (cells[cells.estimator != "hangs_test_only"].status == "ok").all()
@@ -409,6 +409,6 @@ def test_rank_of_an_estimator_that_cannot_spend_the_budget_says_not_run(tmp_path
     assert main(["rank", str(path), "--tasks", "toy_binary", "--reference", str(reference),
                  "--out", str(out), *TINY]) == 1
     text = capsys.readouterr().out
-    assert "greedy_test_only has no finished cell" in text
+    assert "greedy_test_only finished no cell" in text
     assert "toy_binary: not run: estimator 'greedy_test_only' cannot spend a budget of 12" in text
     assert (out / "report" / "report.md").is_file()

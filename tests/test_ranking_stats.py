@@ -67,6 +67,43 @@ def test_holm_still_splits_a_clear_difference():
                                                                           "A": 4}
 
 
+#: the case of issue 19 (toy_categorical, 3 seeds): a tight leader, a noisy second, a tight third
+#: that the leader beats clearly and the noisy one does not (paired p 0.0002 and 0.53)
+DISARM = [3.81, 3.89, 3.67]
+TIE_CASE = {"reinmax": [d + 0.64 + e for d, e in zip(DISARM, [0.01, -0.02, 0.01])],
+            "reinforce": [4.47, 3.87, 3.57], "disarm": DISARM}
+
+
+def test_a_tie_is_symmetric_in_the_evidence():
+    # the old walk down the means tied reinforce with the leader (noisy: p 0.19 against it) and
+    # sent disarm, which only the leader beats, to the bottom (rank 3) although it ties reinforce
+    r = lb.rank_with_ties(_values(TIE_CASE), True).set_index("estimator")
+    assert r["rank"].to_dict() == {"reinmax": 1, "reinforce": 1, "disarm": 2}
+    assert r["rank_worst"].to_dict() == {"reinmax": 2, "reinforce": 3, "disarm": 3}
+    # ties are mutual, and the noisy estimator's interval of places is the widest
+    assert r.loc["disarm", "tied_with"] == "reinforce"
+    assert set(r.loc["reinforce", "tied_with"].split("; ")) == {"reinmax", "disarm"}
+    assert (r.rank_worst - r["rank"]).idxmax() == "reinforce"
+
+
+def test_rank_is_one_plus_the_estimators_significantly_better():
+    # on random fields: the rank reads every pair's verdict, never a walk's chosen comparisons
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        k, n = int(rng.integers(3, 8)), int(rng.integers(2, 6))
+        field = {f"e{i}": list(rng.normal(rng.normal(0, 2), rng.uniform(0.05, 2), n))
+                 for i in range(k)}
+        r = lb.rank_with_ties(_values(field), True).set_index("estimator")
+        for e in field:
+            # every estimator not tied with e differs from it significantly, on its side of the means
+            tied = set(filter(None, r.loc[e, "tied_with"].split("; ")))
+            above = [o for o in field if o != e and o not in tied and r.loc[o, "mean"] > r.loc[e, "mean"]]
+            below = [o for o in field if o != e and o not in tied and r.loc[o, "mean"] < r.loc[e, "mean"]]
+            assert r.loc[e, "rank"] == 1 + len(above)
+            assert r.loc[e, "rank_worst"] == k - len(below)
+            assert r.loc[e, "tied"] == len(tied) == k - 1 - len(above) - len(below)
+
+
 # ---- Friedman and Nemenyi ------------------------------------------------------------------------
 def _pc(table: dict, column: str = "final_elbo") -> pd.DataFrame:
     """Per-cell rows from {task: {estimator: value}}, one seed (Friedman reads the means)."""
@@ -159,3 +196,35 @@ def test_performance_profiles_read_raw_values_and_fail_what_did_not_run():
     assert b.tau.tolist() == [1.0, pytest.approx(100.0)] and b.rho.tolist() == [0.0, 0.5]
     a = prof[prof.estimator == "A"]
     assert a.tau.tolist() == [1.0] and a.rho.tolist() == [1.0]
+
+
+def test_two_seeds_never_make_a_ranking_stable():
+    # two seeds that agree: every bootstrap draw keeps the order, so the resamples alone would say
+    # "stable" (the old verdict); the word needs MIN_STABLE_SEEDS seeds
+    two = pd.DataFrame([{"task": "T", "estimator": e, "seed": s, "final_elbo": v}
+                        for e, vs in {"A": [3.0, 3.1], "B": [2.0, 2.1], "C": [1.0, 1.1]}.items()
+                        for s, v in enumerate(vs)])
+    st = lb.stability(two).set_index("criterion").loc["final_elbo"]
+    assert st.median_tau == 1.0 and st.leader_kept == 1.0  # the draws agree ...
+    assert not st.stable and st.verdict == f"too few seeds (2 < {lb.MIN_STABLE_SEEDS})"
+    five = pd.concat([two.assign(seed=two.seed + 2 * k) for k in range(3)])  # 6 seeds, same order
+    st = lb.stability(five).set_index("criterion").loc["final_elbo"]
+    assert st.stable and st.verdict == "stable"
+
+
+def test_an_oracle_is_never_ranked():
+    # exact enumerates every configuration outside the budget: its zero error would win every
+    # gradient ranking and squash the performance profiles (every other estimator at log2 tau ~40)
+    rows = [{"task": t, "estimator": e, "seed": s, "final_elbo": v + s * 0.01,
+             "log10_grad_error": g, "log10_variance": g, "step_ms": 1.0}
+            for t in ("T1", "T2", "T3") for s in range(3)
+            for e, v, g in (("exact[max_configs=64]", 1.0, -14.0), ("rloo", 0.9, 1.0),
+                            ("disarm", 0.8, 0.5), ("reinforce", 0.7, 2.0))]
+    pc = pd.DataFrame(rows)
+    board = lb.leaderboard(pc)
+    assert not board.empty and not board.estimator.str.startswith("exact").any()
+    prof = lb.performance_profiles(pc)
+    assert set(prof.estimator) == {"rloo", "disarm", "reinforce"}
+    assert prof.log2_tau.max() < 6  # at most 10^1.5 (reinforce against disarm), not 10^16 against exact
+    ranks, _ = lb.friedman_tests(pc)
+    assert not ranks.estimator.fillna("").str.startswith("exact").any()

@@ -179,7 +179,7 @@ def test_step_time_not_comparable_across_environments(tmp_path, monkeypatch, cap
     row = df.set_index("metric").loc["step_ms"]
     assert not (quality or speed) and not row.regressed and not row.outside_noise
     assert row.note == "not comparable: jobs 1 in A vs 8 in B"
-    assert "not comparable: jobs 1 in A vs 8 in B" in render(df, 0.1)
+    assert "not comparable: jobs 1 in A vs 8 in B" in render(df)
     assert main(["compare", str(a), str(b)]) == 0
     capsys.readouterr()
 

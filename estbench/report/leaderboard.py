@@ -1,18 +1,16 @@
 """The leaderboard: per task, estimators ranked with ties where the difference is not significant;
 across tasks, the Friedman test with Nemenyi's critical differences and performance profiles.
 
-Per task: estimators are sorted by their mean over seeds and cut into tie groups.  Every pair of the
-task's estimators is compared by a paired t-test across the seeds both ran, and the p-values are
-Holm-adjusted (Holm 1979, the step-down p_(i) -> max_{j <= i} min(1, (m - j + 1) p_(j)) over the
-m = k(k-1)/2 pairs of one task x criterion).  Walking down the order, an estimator shares the rank
-of the group above when its adjusted p against that group's leader is >= alpha, and otherwise
-starts a new group ranked by its position (competition ranking: 1, 1, 3).  The family is every
-pair, not only the comparisons the walk makes, because the walk picks its comparisons (the current
-leader) from earlier outcomes: only a family fixed in advance keeps the familywise error at alpha
-for whichever comparisons are read.  Ranks therefore never contradict the order of the means, and a
-noisy estimator cannot outrank better ones merely because nothing is significant against it.  With
-fewer than two shared seeds the comparison falls back to the plain values (a tie only on exact
-equality; p 0 or 1 in the family).
+Per task: every pair of the task's estimators is compared by a paired t-test across the seeds
+both ran, and the p-values are Holm-adjusted (Holm 1979, the step-down
+p_(i) -> max_{j <= i} min(1, (m - j + 1) p_(j)) over the m = k(k-1)/2 pairs of one task x
+criterion).  An estimator's rank is 1 + the number of estimators significantly better than it, and
+its worst rank k - the number significantly worse (``rank_with_ties``): each pair's evidence
+counts alike for both of its estimators, so noise widens an estimator's interval of places
+instead of buying it a better one.  The family is every pair, so the familywise error stays at
+alpha for whichever comparisons are read.  With fewer than two shared seeds the comparison falls
+back to the plain values (a tie only on exact equality; p 0 or 1 in the family).  Oracles
+(``Estimator.oracle``: ``exact``) are reference lines, never ranked (``_criterion_values``).
 
 Overall: tasks have fields of different sizes (21 estimators fit a Bernoulli task, 7 the Gaussian
 toy), so a raw rank 3 of 7 and a rank 3 of 21 mean different things, and an estimator that runs on
@@ -33,7 +31,7 @@ design in which even complete agreement of the tasks could not reach p < alpha i
 untestable.  Performance profiles (``performance_profile``, Dolan & Moré 2002) need no complete
 design: an estimator that did not run on a task fails it.
 
-Criteria: final ELBO (higher is better); the held-out ELBO at equal training time (higher;
+Criteria: final (test) ELBO (higher is better); the validation ELBO at equal training time (higher;
 report.curves: each curve read at its task's common time); log10 gradient error
 E||g - grad||^2 (lower; every estimator); log10 gradient variance (lower; an exactly zero variance ranks first) among the
 estimators the bias test does not find biased on that task (tables.estimator_bias: more than
@@ -80,9 +78,10 @@ CRITERIA = [
                        'biased relaxation can beat the exact gradient. Read it at the standard budget '
                        'for verdicts about models.')),
     Criterion("elbo_at_time", "elbo_at_time",
-              "held-out ELBO at equal training time, each curve read at the task's common time "
+              "validation ELBO at equal training time, each curve read at the task's common time "
               "(higher is better)",
-              meaning=('The same held-out curve read at a common training time T (the shortest training '
+              meaning=('The validation curve (the test split is kept for the final figure) read at a '
+                       'common training time T (the shortest training '
                        'of any cell on the task, so every curve reaches it), by linear interpolation '
                        'between evaluation points: an estimator three times as slow is judged after a '
                        'third of its steps. About early training when T is a small fraction of the '
@@ -204,42 +203,50 @@ def _pair_tests(wide: pd.DataFrame, order: list, higher: bool):
 def rank_with_ties(values: pd.DataFrame, higher: bool, alpha: float = ALPHA) -> pd.DataFrame:
     """Ranks of the estimators in ``values`` (columns estimator, seed, value) for one task.
 
-    Estimators are ordered by mean (best first); every pair is compared by a paired t-test and the
-    k(k-1)/2 p-values Holm-adjusted (``holm``; the module docstring says why every pair).  Walking
-    down the order, an estimator joins the group of the one before it unless the group's leader
-    (its best) is significantly better than it, adjusted p < alpha; else it starts a new group.  A
-    group's rank is its leader's position (competition ranking, 1, 1, 3), so ranks never
-    contradict the order of the means.  Returns one row per estimator with a finite value:
-    estimator, rank, mean, seeds and ``p_holm``, the adjusted p of the comparison that placed it
-    (against the leader above it; NaN for the first).
+    Every pair of estimators is compared by a paired t-test over the seeds both ran and the
+    k(k-1)/2 p-values are Holm-adjusted (``holm``; the module docstring says why every pair).  An
+    estimator's rank is 1 + the number of estimators significantly better than it (adjusted
+    p < alpha), and its worst rank k - the number significantly worse than it: the interval
+    [rank, rank_worst] is where the evidence places it (the "rank (upper bound)" of the LMSYS
+    Chatbot Arena leaderboard, with its lower bound).  Each pair's evidence counts the same
+    way for both of its estimators, so a wide interval cannot tie with the leader while a tight
+    one is sent to the bottom (the asymmetry of a walk down the order of the means, which
+    compared each estimator with one leader only); a noisy estimator gets a wide interval, not
+    a good place.  Estimators of equal rank are tied; ``tied`` counts the estimators that are not
+    significantly different from it and ``tied_with`` names them.
+
+    Returns one row per estimator with a finite value, in the order of the means (best first):
+    estimator, rank, rank_worst, tied, tied_with, mean, seeds and ``p_holm``, the smallest
+    adjusted p against an estimator with a better mean (NaN for the first).
     """
     v = values.dropna(subset=["value"])
     wide = v.pivot_table(index="seed", columns="estimator", values="value", aggfunc="mean")
     means = wide.mean()
     order = sorted(wide.columns, key=lambda e: ((-means[e] if higher else means[e]), e))
+    k = len(order)
     pairs, p, signs = _pair_tests(wide, order, higher)
-    adjusted = dict(zip(pairs, zip(holm(p), signs)))
-    ranks: list[int] = []
-    placed_by: list[float] = []
-    leader = None
-    for pos in range(len(order)):
-        if leader is None:
-            leader = pos
-            ranks.append(1)
-            placed_by.append(math.nan)
-            continue
-        p_adj, sign = adjusted[(leader, pos)]
-        placed_by.append(float(p_adj))
-        if p_adj < alpha and sign > 0:  # the leader is significantly better: a new group
-            leader = pos
-            ranks.append(pos + 1)
-        else:
-            ranks.append(ranks[leader])
+    adjusted = holm(p)
+    # beats[i, j]: order[i] is significantly better than order[j]
+    beats = np.zeros((k, k), dtype=bool)
+    p_adj = np.full((k, k), np.nan)
+    for (i, j), pa, sign in zip(pairs, adjusted, signs):
+        p_adj[i, j] = p_adj[j, i] = pa
+        if pa < alpha and sign != 0:
+            winner, loser = (i, j) if sign > 0 else (j, i)
+            beats[winner, loser] = True
+    better_than = beats.sum(axis=0)   # how many beat it
+    worse_than = beats.sum(axis=1)    # how many it beats
+    tied = [[order[j] for j in range(k) if j != i and not beats[i, j] and not beats[j, i]]
+            for i in range(k)]
     return pd.DataFrame({"estimator": order,
-                         "rank": ranks,
+                         "rank": [int(1 + b) for b in better_than],
+                         "rank_worst": [int(k - w) for w in worse_than],
+                         "tied": [len(t) for t in tied],
+                         "tied_with": ["; ".join(t) for t in tied],
                          "mean": [float(means[e]) for e in order],
                          "seeds": [int(wide[e].notna().sum()) for e in order],
-                         "p_holm": placed_by})
+                         "p_holm": [math.nan if i == 0 else float(np.nanmin(p_adj[:i, i]))
+                                    for i in range(k)]})
 
 
 def _criterion_values(pc: pd.DataFrame, clip: bool = True):
@@ -248,9 +255,12 @@ def _criterion_values(pc: pd.DataFrame, clip: bool = True):
     bias test does not find biased where the criterion asks for it, log10 columns clipped at
     _LOG10_FLOOR (an exactly zero variance stays comparable) unless ``clip`` is False.  What the
     leaderboard ranks, the stability check resamples and the across-task tests compare."""
-    from estbench.report.tables import biased_set
+    import estimators
+    from estbench.table import biased_set
 
     biased_pairs = biased_set(pc)
+    # an oracle (``exact``) is a reference line, outside the budget and outside every ranking
+    pc = pc[[not estimators.is_oracle(e) for e in pc.estimator]] if len(pc) else pc
     for crit in CRITERIA:
         if crit.column not in pc:
             continue
@@ -296,8 +306,8 @@ def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
         overall.insert(0, "task", "overall")
         overall.insert(0, "criterion", crit.name)
         rows.append(overall[["criterion", "task", "estimator", "rank", "mean", "relative", "tasks"]])
-    cols = ["criterion", "task", "estimator", "rank", "mean", "relative", "seeds", "p_holm",
-            "tasks"]
+    cols = ["criterion", "task", "estimator", "rank", "rank_worst", "tied", "tied_with", "mean",
+            "relative", "seeds", "p_holm", "tasks"]
     if not rows:
         return pd.DataFrame(columns=cols)
     return pd.concat(rows, ignore_index=True).reindex(columns=cols)
@@ -307,6 +317,11 @@ def leaderboard(pc: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
 #: resampled and the full order is at least STABLE_TAU and its leader stays first in at least
 #: STABLE_LEADER of the resamples
 STABLE_TAU, STABLE_LEADER, BOOTSTRAP = 0.8, 0.9, 500
+#: the fewest seeds a ranking must have before it may be called stable.  A bootstrap over n seeds
+#: has only C(2n-1, n) distinct resamples -- 3 at two seeds, 10 at three, 35 at four, 126 at five
+#: -- and most of them repeat a seed, so below five seeds two or three seeds that happen to agree
+#: pass the test: it measures the agreement of those seeds, not how the order would survive others
+MIN_STABLE_SEEDS = 5
 
 
 def stability(pc: pd.DataFrame, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
@@ -329,7 +344,8 @@ def stability(pc: pd.DataFrame, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.Da
         n_s, n_e = wide.shape
         row = {"criterion": crit.name, "task": task, "estimators": n_e, "seeds": n_s,
                "leader": None, "median_tau": math.nan, "leader_kept": math.nan,
-               "stable": False}
+               "stable": False,
+               "verdict": f"too few seeds ({n_s} < {MIN_STABLE_SEEDS})"}
         if n_s >= 2 and n_e >= 2:
             x = sign * wide.to_numpy()
             full = x.mean(0)
@@ -342,11 +358,12 @@ def stability(pc: pd.DataFrame, n_boot: int = BOOTSTRAP, seed: int = 0) -> pd.Da
                 kept += int(np.argmin(m) == leader)
             row.update(leader=wide.columns[leader], median_tau=float(np.median(taus)),
                        leader_kept=kept / n_boot)
-            row["stable"] = bool(row["median_tau"] >= STABLE_TAU
-                                 and row["leader_kept"] >= STABLE_LEADER)
+            survives = bool(row["median_tau"] >= STABLE_TAU and row["leader_kept"] >= STABLE_LEADER)
+            if n_s >= MIN_STABLE_SEEDS:
+                row.update(stable=survives, verdict="stable" if survives else "unstable")
         rows.append(row)
     return pd.DataFrame(rows, columns=["criterion", "task", "estimators", "seeds", "leader",
-                                       "median_tau", "leader_kept", "stable"])
+                                       "median_tau", "leader_kept", "stable", "verdict"])
 
 
 def relative_rank(ranks: pd.DataFrame) -> pd.Series:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -129,9 +128,14 @@ class Table:
     rows: list  # of [(text, bold)]
     code_first: bool = True  # render the first column as code (estimator names)
     align: str = ""          # per column 'l' / 'r'; default first left, others right
+    #: per row, plain text after the first cell ('reference (oracle ...)', '◀ ranked'), or None
+    notes: list | None = None
 
     def _align(self):
         return self.align or "l" + "r" * (len(self.header) - 1)
+
+    def _note(self, i: int) -> str:
+        return (self.notes[i] or "") if self.notes and i < len(self.notes) else ""
 
     def md(self, ctx):
         def cell(text, bold, first):
@@ -142,8 +146,11 @@ class Table:
             return f"**{s}**" if bold and text not in ("", "-") else s
         lines = ["| " + " | ".join(_md_text(h) for h in self.header) + " |",
                  "|" + "|".join(":---" if a == "l" else "---:" for a in self._align()) + "|"]
-        for row in self.rows:
-            lines.append("| " + " | ".join(cell(t, b, i == 0) for i, (t, b) in enumerate(row)) + " |")
+        for k, row in enumerate(self.rows):
+            cells = [cell(t, b, i == 0) for i, (t, b) in enumerate(row)]
+            if self._note(k):
+                cells[0] += " " + _md_text(f"({self._note(k)})")
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def html(self, ctx):
@@ -151,12 +158,14 @@ class Table:
         out = ["<table>", "<thead><tr>" + "".join(
             f'<th class="{"l" if a == "l" else "r"}">{html.escape(h)}</th>'
             for h, a in zip(self.header, al)) + "</tr></thead>", "<tbody>"]
-        for row in self.rows:
+        for k, row in enumerate(self.rows):
             cells = []
             for i, ((text, bold), a) in enumerate(zip(row, al)):
                 s = html.escape(text)
                 if i == 0 and self.code_first:
                     s = f"<code>{s}</code>"
+                if i == 0 and self._note(k):
+                    s += f" <small>({html.escape(self._note(k))})</small>"
                 if bold and text not in ("", "-"):
                     s = f"<strong>{s}</strong>"
                 cells.append(f'<td class="{"l" if a == "l" else "r"}">{s}</td>')
@@ -296,7 +305,8 @@ def _rank_table(board: pd.DataFrame, criterion: str) -> Table | None:
 
 def _meta_items(meta: dict, run_dir: Path) -> list:
     items = [["run folder: ", ("code", str(run_dir))]]
-    for key, label in [("created", "created"), ("git_commit", "git commit"),
+    for key, label in [("unreadable", "meta.json unreadable"),  # build_report: why, if unreadable
+                       ("created", "created"), ("git_commit", "git commit"),
                        ("code_version", "code version"), ("estbench", "estbench"),
                        ("platform", "platform"), ("cpu", "CPU"), ("cpu_count", "CPU cores"),
                        ("cuda_device", "GPU"), ("python", "python"), ("torch", "torch"),
@@ -542,9 +552,13 @@ def _bias_test_blocks(pc: pd.DataFrame) -> list:
             if declared:
                 lone.append(f"{est} on {task} ({share})")
             continue
+        noise = d["bias_noise"].mean() if "bias_noise" in d else float("nan")
+        net = d["net_bias"].mean() if "net_bias" in d else float("nan")
         rows.append([(est, bool(declared)), (task, False),
                      ({True: "unbiased", False: "biased", None: "?"}[declared], bool(declared)),
                      (share, False), (tb.p_text(v.p), False), (f"{d['bias'].mean():.3g}", False),
+                     (f"{noise:.3g}" if noise == noise else "-", False),
+                     (f"{net:.3g}" if net == net else "-", False),
                      (f"{d['grad_error'].mean():.3g}" if "grad_error" in d else "-", False)])
         if declared:
             alarms.append(f"{est} on {task} ({share} cells reject, p {tb.p_text(v.p)}, "
@@ -555,7 +569,8 @@ def _bias_test_blocks(pc: pd.DataFrame) -> list:
     if rows:
         out.append(P(["Found biased (bold: declared unbiased):"]))
         out.append(Table(["estimator", "task", "declares", "cells rejecting", "p (Bonferroni)",
-                          "bias", "gradient error"], rows, align="lllllrr"))
+                          "measured bias", "noise floor", "bias beyond noise", "gradient error"],
+                         rows, align="lllllrrrr"))
     else:
         out.append(P(["No estimator is found biased on any task."]))
     if lone:
@@ -569,8 +584,11 @@ STABILITY_TEXT = (
     f"({lb.BOOTSTRAP} draws, the same seeds for every estimator), the estimators re-ordered by "
     "their means in each draw and compared with the order of all seeds: the median Kendall tau and "
     f"how often the leader stays first. Stable: tau >= {lb.STABLE_TAU} and the leader first in "
-    f"at least {lb.STABLE_LEADER:.0%} of the draws; otherwise the ranking is inconclusive at this "
-    "budget and number of seeds (estimators missing a seed are left out).")
+    f"at least {lb.STABLE_LEADER:.0%} of the draws; otherwise the ranking is unstable at this "
+    "budget and number of seeds (estimators missing a seed are left out). A ranking over fewer "
+    f"than {lb.MIN_STABLE_SEEDS} seeds is never called stable: a bootstrap over n seeds has "
+    "only C(2n-1, n) distinct draws (3 at two seeds, 10 at three), most of them repeating a "
+    "seed, so it would only show that those few seeds agree.")
 
 
 def _stability_table(st: pd.DataFrame, criterion: str) -> Table | None:
@@ -582,7 +600,7 @@ def _stability_table(st: pd.DataFrame, criterion: str) -> Table | None:
         tau = "-" if pd.isna(r.median_tau) else f"{r.median_tau:.2f}"
         kept = "-" if pd.isna(r.leader_kept) else f"{r.leader_kept:.0%}"
         rows.append([(str(r.task), False), (str(r.leader or "-"), False), (tau, False),
-                     (kept, False), ("stable" if r.stable else "inconclusive", bool(r.stable)),
+                     (kept, False), (str(r.verdict), bool(r.stable)),
                      (f"{int(r.estimators)} x {int(r.seeds)}", False)])
     return Table(["task", "leader", "median tau", "leader kept", "ranking", "estimators x seeds"],
                  rows, align="lllrll")
@@ -594,7 +612,8 @@ def _glance_table(board: pd.DataFrame, st: pd.DataFrame, pc: pd.DataFrame) -> Ta
     per_task = board[board.task != "overall"]
     if per_task.empty:
         return None
-    verdict = {(r.criterion, r.task): r.stable for r in st.itertuples()} if not st.empty else {}
+    verdict = {(r.criterion, r.task): (r.verdict, r.stable) for r in st.itertuples()} \
+        if not st.empty else {}
     ms = pc.groupby(["task", "estimator"])["step_ms"].mean()
     rows = []
     for task in sorted(per_task.task.unique()):
@@ -608,8 +627,7 @@ def _glance_table(board: pd.DataFrame, st: pd.DataFrame, pc: pd.DataFrame) -> Ta
             val = d["mean"].iloc[0]
             row += [(names, False),
                     (fmt.format(val) if pd.notna(val) and abs(val) != float("inf") else str(val), False),
-                    ("stable" if verdict.get((crit, task)) else "inconclusive",
-                     bool(verdict.get((crit, task))))]
+                    verdict.get((crit, task), ("-", False))]
         leaders = per_task[(per_task.task == task) & (per_task.criterion == "final_elbo")
                            & (per_task["rank"] == 1)].estimator
         times = [ms.get((task, e)) for e in leaders]
@@ -680,6 +698,74 @@ def _across_tasks_blocks(friedman: tuple, profiles: pd.DataFrame, style, fdir: P
     return out
 
 
+ORACLE_TEXT = (
+    "Oracles (Estimator.oracle: exact enumeration) are references outside the budget: they "
+    "spend as many f-evaluations as the latent space has configurations, so they are excluded "
+    "from every ranking, performance profile and Friedman test, shown as reference rows in the "
+    "per-task tables (never marked best) and as black dashed reference lines in the figures.")
+
+RESULTS_TEXT = (
+    "Mean ± 95% confidence half-width over seeds (Student t). final ELBO: evaluate(final=True) "
+    "at the end of training, higher is better -- the test ELBO of a model, the exact objective "
+    "E_q[f] on a closed-form toy (the header says which). ELBO at equal time: each cell's curve "
+    "(evaluate(final=False) along training: the validation ELBO of a model, the exact objective "
+    "on a toy) read at the task's common training time T (the shortest training of any cell "
+    "there), by linear interpolation between its evaluation points. Gradient figures are "
+    "averaged over the checkpoints along each cell's training trajectory: variance is the trace "
+    "of the covariance of one gradient estimate, gradient error E‖g − ∇‖². bias beyond noise: "
+    "the measured bias ‖mean of M estimates − ∇‖ net of its Monte Carlo noise floor, "
+    "sqrt(max(0, bias² − floor²)) at each checkpoint; for an unbiased estimator it is 0 up to "
+    "noise, so it is read with the bias test's verdict beside it (section Bias test) and never "
+    "marked best. Near the floor the figure is itself noisy (a measured bias 1% above a large "
+    "floor gives 14% of the floor), so a high-variance estimator not found biased can show a "
+    "sizeable value that is still noise. step time: training only; f-evals: f-evaluations per "
+    "data point per step. Bold: best in column among the competitors (not marked where all "
+    "are equal; the variance only among estimators not found biased). Reference rows (oracles, "
+    "outside the budget) are never bold and never ranked. Curves: means over seeds at each "
+    "evaluation point with 95% bands.")
+
+BIAS_VARIANCE_TEXT = (
+    "Per estimator: the measured bias ‖mean of M estimates − ∇‖ against the variance, each "
+    "averaged over checkpoints, then over seeds (whiskers: 95% CI). The black bar at the same "
+    "variance, joined to the marker by a dotted line, is the estimator's noise floor: the bias "
+    "Monte Carlo noise alone produces with M estimates (sqrt(tr Cov / M + the reference's own "
+    "error²), bias_noise in the records), which grows with the variance. An unbiased estimator "
+    "sits on its floor, whatever its measured bias; a marker well above its floor is a bias "
+    "beyond noise. The verdict is the bias test's (section Bias test). Oracles (no variance) "
+    "are not drawn.")
+
+
+def _curve_note(records: pd.DataFrame, task: str) -> str:
+    """What a task's curves show against its final figure, and why the curves' last point and the
+    final figure differ (or do not), with both figures: means over the cells that have both."""
+    r = records[records.task == task]
+    keys = list(table.CELL_KEYS)
+    last = r[r.metric == "elbo"].sort_values("step").groupby(keys)["value"].last()
+    final = r[r.metric == "final_elbo"].groupby(keys)["value"].last()
+    both = pd.concat([last.rename("last"), final.rename("final")], axis=1).dropna()
+    kind = tb.closed_form(task)
+    if both.empty:
+        figures = ""
+    else:
+        gap = float((both["final"] - both["last"]).mean())
+        figures = (f" The curves end at {both['last'].mean():.5g} and the final figure is "
+                   f"{both['final'].mean():.5g} (means over the {len(both)} cells): "
+                   + (f"a gap of {gap:+.3g}." if gap else "no gap."))
+    if kind:
+        return ("Curves: the exact objective E_q[f] at each evaluation point (evaluate(final="
+                "False)); the final figure is the same objective after the last step "
+                "(evaluate(final=True)): a toy has no data to split, so the curve's last point is "
+                "the final figure." + figures)
+    if kind is None:
+        return ("Curves: the task's evaluate(final=False) along training; the final figure is "
+                "its evaluate(final=True), which may use other data." + figures)
+    return ("Curves: the validation ELBO along training (evaluate(final=False), on a validation "
+            "split); the final ELBO is the test ELBO (evaluate(final=True), on the test split, "
+            "with the task's final evaluation: its own number of samples and images). Both "
+            "evaluate the same model after the last step, so the curve's last point and the final "
+            "ELBO differ by the split and the evaluation, not by training." + figures)
+
+
 def build_report(run_dir, out_dir=None) -> Path:
     """Write the report of a run folder; returns the path of ``report.md``.
 
@@ -692,11 +778,12 @@ def build_report(run_dir, out_dir=None) -> Path:
     records, cells = store.load(run_dir)
     if records.empty:
         raise ValueError(f"no results in {run_dir} (no cell records under {run_dir / 'cells'})")
-    meta_path = run_dir / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    except (OSError, ValueError):
-        meta = {}
+    meta, unreadable = store.meta_status(run_dir)
+    if unreadable:  # one line on stderr, and the report says it where the provenance goes
+        import warnings
+
+        warnings.warn(store.meta_warning(run_dir, unreadable), stacklevel=2)
+        meta = {"unreadable": unreadable}
     # finished cells only: a failed or diverged cell's partial checkpoint records are no
     # measurement (it is listed with the problem cells instead)
     records = table.finished(records, cells)
@@ -708,7 +795,9 @@ def build_report(run_dir, out_dir=None) -> Path:
     all_est = set(records.estimator)
     if cells is not None and not cells.empty:
         all_est |= set(cells.estimator)
-    style = plots.Style(all_est)
+    # the estimator ``estbench rank`` ranks (meta.json "ranked"): highlighted in every view
+    ranked = meta.get("ranked") if isinstance(meta.get("ranked"), str) else None
+    style = plots.Style(all_est, ranked=ranked)
 
     out.mkdir(parents=True, exist_ok=True)
     tdir, fdir = out / "tables", out / "figures"
@@ -724,7 +813,7 @@ def build_report(run_dir, out_dir=None) -> Path:
         t.to_csv(tdir / f"{tb.slug(task)}_figures.csv", index=False)
     for task, t in tables.items():
         t.to_csv(tdir / f"{tb.slug(task)}.csv", index=False)
-        (tdir / f"{tb.slug(task)}.tex").write_text(tb.to_latex(t, task))
+        (tdir / f"{tb.slug(task)}.tex").write_text(tb.to_latex(t, task, ranked))
     board.to_csv(out / "leaderboard.csv", index=False)
     st = lb.stability(pc)
     st.to_csv(out / "stability.csv", index=False)
@@ -748,6 +837,10 @@ def build_report(run_dir, out_dir=None) -> Path:
                ("link", "leaderboard.md", "leaderboard.md"), ", ",
                ("link", "all tables (CSV)", "tables/all_tasks.csv"), "."]))
 
+    if ranked:
+        doc.add(P([("b", f"This run ranks {ranked}"), " (estbench rank): it is marked "
+                   f"{tb.RANKED_NOTE} in the per-task tables and drawn thicker, with a black "
+                   "edge, in every figure."]))
     doc.add(P(["Contents:"]), TOC())
     glance = _glance_table(board, st, pc)
     if glance is not None:
@@ -761,10 +854,13 @@ def build_report(run_dir, out_dir=None) -> Path:
     doc.add(H(2, "Leaderboard"),
             P([_RANK_RULE + " Only finished cells are ranked and tabulated: cells that "
                "diverged, failed or were infeasible are left out and listed at the end."]))
+    oracles = sorted(e for e in all_est if style.is_oracle(e))
+    if oracles:
+        doc.add(P([ORACLE_TEXT + " Here: " + ", ".join(oracles) + "."]))
     heat = plots.rank_heatmap(lb.rank_matrix(board, "final_elbo"),
                               lb.rank_matrix(board, "final_elbo", values="relative"), fdir,
                               "rank by final ELBO (number: rank, 1 = best; colour: relative rank; "
-                              "blank = not run)")
+                              "blank = not run)", ranked=ranked)
     for crit in lb.CRITERIA:
         t = _rank_table(board, crit.name)
         if t is not None:
@@ -772,29 +868,20 @@ def build_report(run_dir, out_dir=None) -> Path:
             s = _stability_table(st, crit.name)
             if s is not None:
                 doc.add(P([f"Rank stability by {crit.name.replace('_', ' ')}: "
-                           "stable or inconclusive per task (see below)."]), s)
+                           "stable, unstable, or too few seeds to say, per task (see below)."]), s)
         if crit.name == "final_elbo" and heat:
             doc.add(Img(heat[0], "Rank by final ELBO, estimators x tasks"))
     doc.add(P(["Rank stability: " + STABILITY_TEXT]))
     doc.add(*_meanings_blocks())
     doc.add(*_across_tasks_blocks(friedman, profiles, style, fdir))
 
-    doc.add(H(2, "Results per task"),
-            P(["Mean ± 95% confidence half-width over seeds (Student t). bias and variance are "
-               "averaged over the checkpoints along each cell's training trajectory; variance is the "
-               "trace of the covariance of one gradient estimate, bias ‖E[g] − ∇‖ against the "
-               "task's reference gradient. final ELBO: held-out, higher is better; step time: "
-               "training only; f-evals: f-evaluations per data point per step. ELBO at equal "
-               "time: each cell's held-out ELBO curve read at the task's common training time T "
-               "(the shortest training of any cell there), by linear interpolation between its "
-               "evaluation points. Bold: best in "
-               "column (not marked where all are equal). Curves: checkpoint means with 95% bands."]))
+    doc.add(H(2, "Results per task"), P([RESULTS_TEXT]))
     common = pc.groupby("task")["common_time"].first()
     median_train = pc.groupby("task")["median_time"].first()
     for task, t in tables.items():
-        header, rows = tb.display_rows(t)
+        header, rows = tb.display_rows(t, task)
         s = tb.slug(task)
-        doc.add(H(3, task), Table(header, rows),
+        doc.add(H(3, task), Table(header, rows, notes=tb.row_notes(t, ranked)),
                 P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]
                   + _common_time_note(common.get(task), median_train.get(task))))
         if task in figures:
@@ -804,8 +891,13 @@ def build_report(run_dir, out_dir=None) -> Path:
                     Table(fh, frows))
         curves = plots.training_curves(records, task, style, fdir)
         if curves:
-            doc.add(Img(curves[0], f"{task}: held-out ELBO vs steps and wall-clock; gradient "
-                                   f"variance along training"))
+            doc.add(P([_curve_note(records, task)]),
+                    Img(curves[0], f"{task}: "  # (no brackets: E_q[f] would end the alt text)
+                                   + tb.elbo_labels(task)[0].split(" (")[0].split(" E_q")[0]
+                                   + " vs steps and wall-clock; "
+                                   "gradient variance along training"
+                                   + ("; oracle: dashed black reference line" if
+                                      set(style.oracles) & set(t.estimator) else "")))
 
     doc.add(*_protocol_blocks(list(tables), meta))
     doc.add(*_bias_test_blocks(pc))
@@ -813,10 +905,9 @@ def build_report(run_dir, out_dir=None) -> Path:
     bv = plots.bias_variance(pc, style, fdir)
     if bv:
         doc.add(H(2, "Bias vs variance"),
-                P(["Per estimator: bias and variance averaged over checkpoints, then over seeds "
-                   "(whiskers: 95% CI). Unbiased estimators sit at the measurement noise floor of "
-                   "the bias."]),
-                Img(bv[0], "Bias vs variance per task (log axes)"))
+                P([BIAS_VARIANCE_TEXT]),
+                Img(bv[0], "Measured bias vs variance per task (log axes); black bars: each "
+                           "estimator's noise floor"))
     st = plots.step_time_bars(pc, style, fdir)
     if st:
         doc.add(H(2, "Time per step"), Img(st[0], "Training time per step (ms), 95% CI over seeds"))

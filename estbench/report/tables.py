@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+import estimators
 from estbench import metrics, table
 from estbench.report import curves
 
@@ -71,11 +72,16 @@ def per_cell(records: pd.DataFrame) -> pd.DataFrame:
 
     bias / variance / cosine are means over the cell's checkpoints; final_elbo, step_time, n_evals,
     diverged as recorded at the end.  Adds ``log10_variance`` (``-inf`` for an exactly zero
-    variance) and ``step_ms``.
+    variance), ``step_ms`` and ``bias_noise``, the bias's Monte Carlo noise floor averaged over the
+    checkpoints like the bias itself (what the bias-vs-variance figure draws beside it).
     """
-    cols = CELL_KEYS + list(table.SUMMARY_METRICS)
+    cols = CELL_KEYS + list(table.SUMMARY_METRICS) + ["net_bias", "bias_p"]
     out = pd.DataFrame(columns=cols) if records.empty else table.per_cell(records).reset_index()
     out = out.reindex(columns=cols)
+    noise = records[records.metric == "bias_noise"].groupby(CELL_KEYS)["value"].mean() \
+        if not records.empty else pd.Series(dtype=float)
+    out["bias_noise"] = [noise.get(tuple(k), np.nan)
+                         for k in out[CELL_KEYS].itertuples(index=False)] if len(out) else []
     for metric in ("variance", "grad_error"):
         v = out[metric].astype(float)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -90,7 +96,6 @@ def per_cell(records: pd.DataFrame) -> pd.DataFrame:
             v = out["grad_error"].astype(float) * cost.astype(float)
             out[f"log10_error_x_{name}"] = np.where(v > 0, np.log10(v.where(v > 0, 1.0)),
                                                     np.where(v == 0, -np.inf, np.nan))
-    out["bias_p"] = _cell_bias_p(records, out)
     # the held-out ELBO at equal training time: each curve read at its task's common time
     at_time = curves.elbo_at_common_time(records) if not records.empty else None
     if at_time is not None and not at_time.empty:
@@ -100,17 +105,6 @@ def per_cell(records: pd.DataFrame) -> pd.DataFrame:
     else:
         out["elbo_at_time"] = out["common_time"] = out["median_time"] = np.nan
     return out.sort_values(CELL_KEYS, ignore_index=True)
-
-
-def _cell_bias_p(records: pd.DataFrame, out: pd.DataFrame) -> pd.Series:
-    """Per cell, the bias test over its checkpoints: Bonferroni's min(1, k min_j p_j) over the k
-    checkpoints' p-values (NaN for records made before the test existed)."""
-    if records.empty or "bias_p" not in set(records.metric):
-        return pd.Series(np.nan, index=out.index)
-    p = (records[records.metric == "bias_p"].groupby(CELL_KEYS)["value"]
-         .agg(lambda v: min(1.0, float(v.min()) * len(v))))
-    return pd.Series([p.get(tuple(k), np.nan) for k in out[CELL_KEYS].itertuples(index=False)],
-                     index=out.index, dtype=float)
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -150,33 +144,8 @@ BEST_RTOL = 1e-6
 
 # ---- the per-task tables ------------------------------------------------------------------------
 #: level of the bias test wherever a verdict is drawn from it (tables, leaderboard, report)
-BIAS_TEST_ALPHA = 0.01
-
-
-def estimator_bias(pc: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, estimator), the bias test over its cells: ``p`` (Bonferroni's min(1, n min p)
-    over the n cells' p-values, each already Bonferroni over its checkpoints), ``rejecting`` (cells
-    whose own p is below BIAS_TEST_ALPHA), ``cells`` and the verdict ``biased``: more than half of
-    the cells reject.  A real bias repeats from seed to seed; a lone rejection can come from the
-    test's normal approximation failing where a few rare, large estimates decide the mean (late in
-    training, q nearly deterministic) and M estimates miss them, so one cell cannot make the
-    verdict.
-    Empty without a test in the records."""
-    cols = ["p", "rejecting", "cells", "biased"]
-    if pc.empty or "bias_p" not in pc or pc["bias_p"].isna().all():
-        return pd.DataFrame(columns=cols, index=pd.MultiIndex.from_tuples([], names=["task", "estimator"]))
-    g = pc.dropna(subset=["bias_p"]).groupby(["task", "estimator"])["bias_p"]
-    out = pd.DataFrame({"p": g.agg(lambda v: min(1.0, float(v.min()) * len(v))),
-                        "rejecting": g.agg(lambda v: int((v < BIAS_TEST_ALPHA).sum())),
-                        "cells": g.size()})
-    out["biased"] = out["rejecting"] > out["cells"] / 2
-    return out
-
-
-def biased_set(pc: pd.DataFrame) -> set:
-    """The (task, estimator) pairs whose bias test verdict is *biased*."""
-    b = estimator_bias(pc)
-    return set(b.index[b["biased"].astype(bool)]) if not b.empty else set()
+#: the bias test's verdicts live with the per-cell figures (estbench.table); re-exported here
+BIAS_TEST_ALPHA, estimator_bias, biased_set = table.BIAS_TEST_ALPHA, table.estimator_bias, table.biased_set
 
 
 def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame]:
@@ -207,22 +176,63 @@ def task_tables(pc: pd.DataFrame, level: float = 0.95) -> dict[str, pd.DataFrame
         # a deterministic biased estimator (spigot) has zero variance
         biased = np.array([(task, e) in verdict.index and bool(verdict["biased"][(task, e)])
                            for e in t.estimator], dtype=bool)
+        t["bias_verdict"] = [("biased" if b else "not found biased") if (task, e) in verdict.index
+                             else "" for e, b in zip(t.estimator, biased)]
+        # an oracle (exact enumeration, outside the budget) is a reference row: never best
+        t["oracle"] = np.array([estimators.is_oracle(e) for e in t.estimator], dtype=bool)
         for c in COLUMNS:
-            means = t[f"{c.name}_mean"]
+            means = t[f"{c.name}_mean"].where(~t["oracle"])
             if c.name == "log10_variance":
                 means = means.where(~biased)
+            if c.name in NEVER_BEST:
+                t[f"{c.name}_best"] = False
+                continue
             finite = means.dropna()
             best = finite.max() if c.higher else finite.min()
-            is_best = (means == best) | np.isclose(means, best, rtol=BEST_RTOL, atol=0)
+            is_best = ((means == best) | np.isclose(means, best, rtol=BEST_RTOL, atol=0)) \
+                & means.notna()
             t[f"{c.name}_best"] = False if is_best[means.notna()].all() else is_best
-        t = t.sort_values(["final_elbo_mean", "estimator"], ascending=[False, True],
+        t = t.sort_values(["oracle", "final_elbo_mean", "estimator"], ascending=[True, False, True],
                           na_position="last", ignore_index=True)
-        keep = ["estimator", "seeds", "cells", "diverged"]
+        keep = ["estimator", "oracle", "seeds", "cells", "diverged"]
         for c in COLUMNS:
             keep += [f"{c.name}_mean", f"{c.name}_ci", f"{c.name}_best"]
-        keep += ["bias_p", "bias_rejecting"]
+        keep += ["bias_verdict", "bias_p", "bias_rejecting"]
         out[task] = t[keep]
     return out
+
+
+#: columns never marked best.  The bias beyond noise: an estimator the bias test does not find
+#: biased has a bias at its noise level, 0 up to noise, and the smallest of such values is the
+#: luckiest draw, not the least biased estimator; the verdict beside it is what the column says
+NEVER_BEST = frozenset({"net_bias"})
+
+
+def closed_form(task: str) -> bool | None:
+    """Whether a task label (``toy_binary``, ``toy_categorical[dim=3] [cuda]``) names a task whose
+    objective has a closed form (``ClosedFormToy``: its curve and its final figure are both the
+    exact E_q[f]); None for a task not registered here (a plug-in of another process)."""
+    import tasks as task_registry
+    from tasks.base import ClosedFormToy
+
+    try:
+        cls = task_registry.get_class(str(task).split("[", 1)[0].split(" ", 1)[0])
+    except (ValueError, KeyError):
+        return None
+    return issubclass(cls, ClosedFormToy)
+
+
+def elbo_labels(task: str) -> tuple[str, str]:
+    """What a task's curve (``elbo``, ``evaluate(final=False)``) and its final figure
+    (``final_elbo``, ``evaluate(final=True)``) are, as axes and table headers name them: the
+    validation ELBO during training and the test ELBO at the end for a model, the exact objective
+    for both on a closed-form toy (estbench.metrics declares both)."""
+    kind = closed_form(task)
+    if kind:
+        return "exact objective E_q[f] (during training)", "final E_q[f] (exact)"
+    if kind is None:
+        return "ELBO during training (evaluate(final=False))", "final ELBO (evaluate(final=True))"
+    return metrics.get("elbo").label, metrics.get("final_elbo").title
 
 
 #: metrics the harness records for every task (declared in estbench.metrics); any other metric is
@@ -292,11 +302,16 @@ def cell_text(mean: float, ci: float, sep: str = " ± ") -> str:
     return m + (sep + c if c else "")
 
 
-def display_rows(t: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]]]]:
-    """Header and rows of (text, is_best) pairs of a task table, for md/html/LaTeX rendering."""
+def display_rows(t: pd.DataFrame, task: str | None = None
+                 ) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Header and rows of (text, is_best) pairs of a task table, for md/html/LaTeX rendering.
+    The final figure's header says what it is on ``task`` (``elbo_labels``)."""
     with_test = "bias_p" in t and t["bias_p"].notna().any()
-    header = ["estimator"] + [c.title for c in COLUMNS] + (["bias test p"] if with_test else []) \
-        + ["seeds"]
+    titles = {c.name: c.title for c in COLUMNS}
+    if task is not None:
+        titles["final_elbo"] = elbo_labels(task)[1]
+    header = ["estimator"] + [titles[c.name] for c in COLUMNS] \
+        + (["bias test"] if with_test else []) + ["seeds"]
     rows = []
     for _, r in t.iterrows():
         row = [(str(r.estimator), False)]
@@ -309,9 +324,7 @@ def display_rows(t: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]
                 text = cell_text(mean, ci)
             row.append((text, bool(r[f"{c.name}_best"])))
         if with_test:
-            text = p_text(r["bias_p"])
-            if r.get("bias_rejecting"):
-                text += f" ({r['bias_rejecting']} cells reject)"
+            text = bias_test_text(r)
             row.append((text, False))
         seeds = f"{int(r.seeds)}"
         if r.diverged:
@@ -319,6 +332,43 @@ def display_rows(t: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]
         row.append((seeds, False))
         rows.append(row)
     return header, rows
+
+
+def bias_test_text(r) -> str:
+    """The bias test's verdict on one row of a task table: 'biased (2/2 cells reject, p <0.001)',
+    'not found biased (p 0.26)', or the p alone for a table made without the verdict."""
+    verdict = r.get("bias_verdict") or ""
+    if not verdict:
+        return p_text(r.get("bias_p"))
+    rejecting = r.get("bias_rejecting") or ""
+    if verdict == "biased":
+        return f"biased ({rejecting} cells reject, p {p_text(r.get('bias_p'))})"
+    reject = f"{rejecting} cells reject, " if rejecting and not rejecting.startswith("0/") else ""
+    return f"{verdict} ({reject}p {p_text(r.get('bias_p'))})"
+
+
+#: how a reference row (an oracle) and the ranked estimator are marked beside their names
+ORACLE_NOTE = "reference: oracle, outside the budget, not ranked"
+RANKED_NOTE = "◀ ranked"
+
+
+def matches(label: str, name: str | None) -> bool:
+    """Whether a result label (``rloo``, ``rloo[k=2]``) is of the estimator ``name``."""
+    return bool(name) and (label == name or str(label).split("[", 1)[0] == name)
+
+
+def row_notes(t: pd.DataFrame, ranked: str | None = None) -> list[str]:
+    """Per row of a task table, what is said beside the estimator's name: that it is an oracle's
+    reference row, or the estimator being ranked (``estbench rank``'s meta.json ``ranked``)."""
+    notes = []
+    for _, r in t.iterrows():
+        if bool(r.get("oracle", False)):
+            notes.append(ORACLE_NOTE)
+        elif matches(r.estimator, ranked):
+            notes.append(RANKED_NOTE)
+        else:
+            notes.append("")
+    return notes
 
 
 def p_text(p) -> str:
@@ -336,15 +386,21 @@ def tex_escape(s: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in s)
 
 
-def to_latex(t: pd.DataFrame, task: str) -> str:
-    """A booktabs LaTeX table (best per column in bold), via DataFrame.to_latex."""
-    header, rows = display_rows(t)
+def to_latex(t: pd.DataFrame, task: str, ranked: str | None = None) -> str:
+    """A booktabs LaTeX table (best per column in bold; an oracle's reference row and the ranked
+    estimator marked beside their names), via DataFrame.to_latex."""
+    header, rows = display_rows(t, task)
+    notes = row_notes(t, ranked)
     body = []
-    for row in rows:
-        cells = [r"\texttt{" + tex_escape(row[0][0]) + "}"]
-        for text, best in row[1:-1]:
+    for row, note in zip(rows, notes):
+        cells = [r"\texttt{" + tex_escape(row[0][0]) + "}"
+                 + (" (" + tex_escape(note.replace(RANKED_NOTE, "ranked")) + ")" if note else "")]
+        for (text, best), head in zip(row[1:-1], header[1:-1]):
             if text == "-":
                 cells.append("--")
+                continue
+            if head == "bias test":  # a verdict in words, not a number
+                cells.append(tex_escape(text).replace("<", "$<$"))
                 continue
             s = text.replace(" ± ", r" \pm ").replace("inf", r"\infty")
             s = "$" + re.sub(r"e([+-]\d+)", lambda m: rf"\times 10^{{{int(m.group(1))}}}", s) + "$"
@@ -354,7 +410,7 @@ def to_latex(t: pd.DataFrame, task: str) -> str:
     df = pd.DataFrame(body, columns=[tex_escape(h) for h in header])
     return df.to_latex(index=False, escape=False, column_format="l" + "r" * (len(header) - 1),
                        caption=f"{tex_escape(task)}: mean and 95\\% CI over seeds; best per column "
-                               f"in bold.",
+                               f"in bold (reference rows and the bias column never).",
                        label=f"tab:{slug(task)}")
 
 
