@@ -263,7 +263,7 @@ def _num(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _envs(cells: pd.DataFrame) -> dict:
+def timing_envs(cells: pd.DataFrame) -> dict:
     """(task, estimator, device) -> the timing environments of its finished cells: a list of
     dicts, None for a cell that recorded none (an older run)."""
     if cells is None or cells.empty or "status" not in cells:
@@ -276,7 +276,7 @@ def _envs(cells: pd.DataFrame) -> dict:
     return out
 
 
-def _env_difference(envs_a, envs_b) -> str:
+def env_difference(envs_a, envs_b) -> str:
     """'' when every cell of A and B was timed in one same environment, else what differs."""
     if not envs_a or not envs_b or any(e is None for e in [*envs_a, *envs_b]):
         return NOT_RECORDED
@@ -425,7 +425,7 @@ def _compare(run_a, run_b, tolerances, alpha, atol) -> Comparison:
             f"{d} ({', '.join(sorted(tasks))})" for d, tasks in sorted(by_text.items()))
             + "; nothing is comparable: rerun B with A's budget")
     bad_a, bad_b = _bad_cells(A["cells"]), _bad_cells(B["cells"])
-    env_a, env_b = _envs(A["cells"]), _envs(B["cells"])
+    env_a, env_b = timing_envs(A["cells"]), timing_envs(B["cells"])
     ver_a, ver_b = _verdicts(pa), _verdicts(pb)
     ga = dict(list(pa.groupby(KEYS, sort=True)))
     gb = dict(list(pb.groupby(KEYS, sort=True)))
@@ -498,7 +498,7 @@ def _compare(run_a, run_b, tolerances, alpha, atol) -> Comparison:
                 continue
             judged = _judge(va, vb, higher, log, tol, q.tolerance_kind, alpha, atol)
             if metric in SPEED_METRICS:
-                differs = _env_difference(env_a.get(key), env_b.get(key))
+                differs = env_difference(env_a.get(key), env_b.get(key))
                 if differs:  # timed on different machines or loads: no verdict
                     rows.append({**row, **judged, "p_value": math.nan, "outside_noise": False,
                                  "worse": False, "regressed": False, "mark": "not comparable",

@@ -209,10 +209,10 @@ def timing_difference(cells: pd.DataFrame, name: str) -> dict:
     for task, d in cells.groupby("task"):
         mine = d[d.estimator == name]
         rivals = d[d.estimator != name]
-        envs_m = [e for envs in compare._envs(mine).values() for e in envs]
-        envs_r = [e for envs in compare._envs(rivals).values() for e in envs]
+        envs_m = [e for envs in compare.timing_envs(mine).values() for e in envs]
+        envs_r = [e for envs in compare.timing_envs(rivals).values() for e in envs]
         if envs_m and envs_r:
-            out[task] = compare._env_difference(envs_m, envs_r)
+            out[task] = compare.env_difference(envs_m, envs_r)
     return out
 
 

@@ -129,6 +129,10 @@ def test_timings_from_another_environment_are_not_ranked(plugins, reference, tmp
     for title in ("by time a step:", "by ELBO at equal time:"):
         block = out.split(title)[1].split("\n  by ")[0]
         assert "not comparable: timed in different environments (jobs 1 in A vs 2 in B)" in block, block
+    # and the run's report says it, where its by-time rankings mix the two
+    assert main(["report", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "Timed in different environments:" in md and "toy_binary (jobs 1/2)" in md
 
 
 @pytest.mark.parametrize("make, says", [

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from estbench import measure as ms
-from estbench import store, table
+from estbench import compare, store, table
 from estbench.report import leaderboard as lb
 from estbench.report import plots
 from estbench.report import tables as tb
@@ -261,6 +261,26 @@ nav.toc{font-size:0.92em}nav.toc ul{columns:2}
 
 
 # ---- content ------------------------------------------------------------------------------------
+def _mixed_timing(cells) -> dict:
+    """{task: what differs} for the tasks whose finished cells were timed in more than one
+    environment (compare.ENV_FIELDS: CPU, CUDA device, threads, parallel jobs)."""
+    by_task: dict = {}
+    for (task, *_), envs in compare.timing_envs(cells).items():
+        by_task.setdefault(task, []).extend(envs)
+    out = {}
+    for task, envs in by_task.items():
+        if any(e is None for e in envs):
+            if not all(e is None for e in envs):
+                out[task] = compare.NOT_RECORDED + " for some cells"
+            continue
+        differ = [f"{name} {'/'.join(sorted({str(e.get(f)) for e in envs}))}"
+                  for f, name in compare.ENV_FIELDS.items()
+                  if len({str(e.get(f)) for e in envs}) > 1]
+        if differ:
+            out[task] = ", ".join(differ)
+    return out
+
+
 def _meanings_blocks() -> list:
     """The section a reader checks before quoting a ranking: what each criterion measures and
     when it is conclusive (each criterion's ``meaning``, declared with it in the leaderboard)."""
@@ -854,6 +874,14 @@ def build_report(run_dir, out_dir=None) -> Path:
     doc.add(H(2, "Leaderboard"),
             P([_RANK_RULE + " Only finished cells are ranked and tabulated: cells that "
                "diverged, failed or were infeasible are left out and listed at the end."]))
+    mixed = _mixed_timing(cells)
+    if mixed:
+        doc.add(P([("b", "Timed in different environments: "),
+                   "; ".join(f"{t} ({why})" for t, why in sorted(mixed.items())),
+                   ". On these tasks the rankings by step time, by error x time and by ELBO at "
+                   "equal time compare cells timed on different machines, threads or parallel "
+                   "jobs (a reference made elsewhere, reused by estbench rank, or cells added "
+                   "later): read them with care, or recompute the cells on one machine (--force)."]))
     oracles = sorted(e for e in all_est if style.is_oracle(e))
     if oracles:
         doc.add(P([ORACLE_TEXT + " Here: " + ", ".join(oracles) + "."]))
