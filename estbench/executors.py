@@ -282,9 +282,23 @@ def _stop_pool(pool) -> None:
     were running are lost, not stored: a rerun computes them).  Without this, the interpreter's
     exit waits for every submitted cell (39-57 s, and 6 of 8 cells computed, after a Ctrl-C).
     ``kill_workers=True`` fails the pending futures itself (cancelling them first would crash
-    loky's manager thread, which then kills nothing)."""
-    with contextlib.suppress(Exception):
-        pool.shutdown(wait=True, kill_workers=True)
+    loky's manager thread, which then kills nothing).  The manager thread can still race the
+    shutdown (a ``KeyError`` for a work item the shutdown has just dropped): its traceback says
+    nothing to a user who pressed Ctrl-C, so it is silenced while the pool stops."""
+    import threading
+
+    previous = threading.excepthook
+
+    def quiet(args):
+        if args.thread is None or args.thread.name != "ExecutorManagerThread":
+            previous(args)
+
+    threading.excepthook = quiet
+    try:
+        with contextlib.suppress(Exception):
+            pool.shutdown(wait=True, kill_workers=True)
+    finally:
+        threading.excepthook = previous
 
 
 class LokyExecutor(Executor):
