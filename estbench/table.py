@@ -154,8 +154,9 @@ def _bias_text(r) -> str:
     return _fmt(r.net_bias, ".3g") + verdict
 
 
-#: the CLI table's legend, printed under it
-LEGEND = ("final ELBO: mean ±95% CI over seeds; rank: 1 + the estimators significantly better "
+#: the CLI table's legend, printed under it; ``{rank}`` names the rank column, which needs the
+#: report extra's statistics (scipy)
+LEGEND = ("final ELBO: mean ±95% CI over seeds; {rank}: 1 + the estimators significantly better "
           "(Holm-corrected paired tests over seeds), a-b where the evidence allows places a to "
           "b, '=' where others share the rank; bias: beyond its Monte Carlo noise floor, "
           "then the bias test's verdict (ok: not rejected; biased: rejected in most seeds); "
@@ -198,7 +199,7 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None,
             )
         lines.append("")
     if not summary_df.empty:
-        lines.append(LEGEND if placed else LEGEND.replace("rank: 1 + ", "rank (needs scipy): 1 + "))
+        lines.append(LEGEND.format(rank="rank" if placed else "rank (needs scipy)"))
         lines.append("")
     if cells is not None and not cells.empty:
         for status, title in [("infeasible", "not run (infeasible: the budget does not fit the estimator's units, or the "
