@@ -22,9 +22,9 @@ import torch
 
 import estimators
 import tasks
-from estbench.budget import Budget
-from estbench.spec import parse
-from estbench.train import Cell, run_cell
+from estbench.core.budget import Budget
+from estbench.core.spec import parse
+from estbench.engine.train import Cell, run_cell
 
 SEED = 0
 

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import estimators  # noqa: E402
 import tasks  # noqa: E402
-from estbench.budget import Budget  # noqa: E402
-from estbench.errors import InfeasibleError  # noqa: E402
-from estbench.spec import parse  # noqa: E402
-from estbench.train import Cell, run_cell  # noqa: E402
+from estbench.core.budget import Budget  # noqa: E402
+from estbench.core.errors import InfeasibleError  # noqa: E402
+from estbench.core.spec import parse  # noqa: E402
+from estbench.engine.train import Cell, run_cell  # noqa: E402
 
 
 def _sync(device):

@@ -16,8 +16,8 @@ import torch
 
 import estimators
 import tasks
-from estbench.measure import gradient_estimates
-from estbench.spec import parse
+from estbench.engine.measure import gradient_estimates
+from estbench.core.spec import parse
 
 CASES = [
     ("toy_binary", ["reinforce", "rloo", "disarm", "gumbel_softmax"]),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from estbench import protocols, sweep  # noqa: E402
-from estbench.spec import parse  # noqa: E402
-from estbench.train import run_cell  # noqa: E402
+from estbench.engine import protocols, sweep  # noqa: E402
+from estbench.core.spec import parse  # noqa: E402
+from estbench.engine.train import run_cell  # noqa: E402
 
 #: the estimators each protocol's source compares first (one cheap, one the paper's own)
 ESTIMATORS = {"binary_vae": ["disarm", "rloo"], "categorical_vae": ["reinmax", "st_gumbel"],

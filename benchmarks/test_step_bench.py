@@ -18,7 +18,7 @@ import torch
 import estimators
 import tasks
 from benchmarks.harness_step import bare_step
-from estbench.budget import Budget
+from estbench.core.budget import Budget
 
 TOYS = ["toy_binary", "toy_categorical", "toy_gaussian"]
 

@@ -4,7 +4,7 @@ exists for, each case classified by what a person sees.
     python benchmarks/user_exercise.py            # runs every case, prints a line a case and the counts
     python benchmarks/user_exercise.py --failing  # only the cases whose outcome is not the expected one
 
-Each case is an ``estbench`` command line (run in this process through ``estbench.cli.main``, with
+Each case is an ``estbench`` command line (run in this process through ``estbench.cli.commands``, with
 stdout and stderr captured) or a Python API call, with the outcome a user should get:
 
 - ``refused``: exit status 2 and one line on stderr, ``estbench: error: ...`` (argparse's own usage
@@ -84,7 +84,7 @@ class NoPaper(_Score):
 
 def make_fixtures(tmp: Path) -> dict:
     """Result sets and files the cases point at."""
-    from estbench.cli import main
+    from estbench.cli.commands import main
 
     quiet = io.StringIO()
     f = {"tmp": tmp}
@@ -246,7 +246,7 @@ def cases(f: dict) -> list[tuple[str, list, str]]:
 
 def api_cases(f: dict) -> list[tuple[str, object, str]]:
     """(title, a callable, expected): 'ok' or 'refused' (one clear exception, not a traceback of
-    internals: an estbench.errors exception or ValueError naming the argument)."""
+    internals: an estbench.core.errors exception or ValueError naming the argument)."""
     import estbench
 
     t = f["tmp"]
@@ -283,7 +283,7 @@ def classify(code, out: str, err: str, exc: str | None, expected: str) -> str:
 
 
 def run_cli(argv: list) -> tuple:
-    from estbench.cli import main
+    from estbench.cli.commands import main
 
     out, err = io.StringIO(), io.StringIO()
     exc = None

@@ -22,7 +22,8 @@ def load(run_dir, finished_only: bool = False):
     seed, device, n_samples, steps, step, metric, value``) and one status row per cell (status,
     error, seconds, environment, ...).  ``finished_only`` keeps the records of finished cells only,
     as every table and ranking does."""
-    from estbench import store, table
+    from estbench.engine import store
+    from estbench.analysis import table
 
     records, cells = store.load(run_dir)
     return (table.finished(records, cells) if finished_only else records), cells
@@ -31,7 +32,7 @@ def load(run_dir, finished_only: bool = False):
 def summary(records, cells=None):
     """One row per task x estimator x device: means over seeds of the final ELBO, bias, variance,
     cosine, step time and f-evaluations, from finished cells only when ``cells`` is given."""
-    from estbench import table
+    from estbench.analysis import table
 
     return table.summary(table.finished(records, cells) if cells is not None else records)
 
@@ -48,9 +49,10 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out="results/runs/python",
     from pathlib import Path
 
     import estimators as est_registry
-    from estbench import executors, store, sweep, table
-    from estbench.cli import Progress, default_tasks
-    from estbench.spec import parse_list
+    from estbench.engine import executors, store, sweep
+    from estbench.analysis import table
+    from estbench.cli.commands import Progress, default_tasks
+    from estbench.core.spec import parse_list
 
     def specs(value, default):
         if value is None:
@@ -77,13 +79,13 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out="results/runs/python",
 
 
 def _seeds(seeds) -> list:
-    """``run``'s seeds as the command line's ``--seeds`` parses them (estbench.cli.parse_seeds: the
+    """``run``'s seeds as the command line's ``--seeds`` parses them (estbench.cli.commands.parse_seeds: the
     same ranges, bounds and duplicate check): a string as it is, an int or a list of ints as their
     comma-separated text.  Anything else, or a seed out of range, raises OptionError."""
     import operator
 
-    from estbench.cli import parse_seeds
-    from estbench.errors import OptionError, UsageError
+    from estbench.cli.commands import parse_seeds
+    from estbench.core.errors import OptionError, UsageError
 
     def whole(v):
         if isinstance(v, bool):

@@ -1,5 +1,5 @@
 import sys
 
-from estbench.cli import main
+from estbench.cli.commands import main
 
 sys.exit(main())

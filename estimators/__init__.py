@@ -13,8 +13,8 @@ itself by defining ``name``.  A module that fails to import is skipped and its r
 """
 from __future__ import annotations
 
-from estbench.errors import BudgetError, InfeasibleError
-from estbench.plugins import Option
+from estbench.core.errors import BudgetError, InfeasibleError
+from estbench.core.plugins import Option
 
 from .base import REGISTRY as _registry
 from .base import Estimate, Estimator

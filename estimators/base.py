@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch import distributions as D
 
-from estbench.errors import BudgetError, InfeasibleError  # noqa: F401 (plug-ins import it from here)
-from estbench.plugins import Option, Registry, configure, display_name
+from estbench.core.errors import BudgetError, InfeasibleError  # noqa: F401 (plug-ins import it from here)
+from estbench.core.plugins import Option, Registry, configure, display_name
 
 from . import families as fam
 

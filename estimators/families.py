@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import distributions as D
 
-from estbench.errors import FamilyError  # re-exported as estimators.FamilyError
+from estbench.core.errors import FamilyError  # re-exported as estimators.FamilyError
 
 FAMILIES = ("bernoulli", "categorical", "gaussian")
 

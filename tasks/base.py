@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 import torch
 from torch import distributions as D
 
-from estbench.plugins import Option, Registry, configure, display_name
+from estbench.core.plugins import Option, Registry, configure, display_name
 
 
 @dataclass

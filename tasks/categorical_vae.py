@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import distributions as D, nn
 from torch.distributions import constraints
 
-from estbench.plugins import Option, integer_at_least
+from estbench.core.plugins import Option, integer_at_least
 
 from .base import Problem, Reference, Task, flat_grad
 from .data import mnist

@@ -13,7 +13,7 @@ import torch
 from torch import distributions as D
 from torch.distributions import constraints
 
-from estbench.plugins import Option
+from estbench.core.plugins import Option
 
 from .base import ClosedFormToy
 

@@ -65,7 +65,7 @@ from torch.nn import functional as F
 
 from torch.distributions import constraints
 
-from estbench.plugins import Option, integer_at_least, open_interval
+from estbench.core.plugins import Option, integer_at_least, open_interval
 
 from .base import Problem, Reference, Task, flat_grad
 from .data import sst

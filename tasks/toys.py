@@ -8,7 +8,7 @@ from torch import distributions as D
 
 from torch.distributions import constraints
 
-from estbench.plugins import Option, integer_at_least
+from estbench.core.plugins import Option, integer_at_least
 
 from .base import ClosedFormToy
 

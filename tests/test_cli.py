@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from estbench.budget import Budget
-from estbench.cli import main
+from estbench.core.budget import Budget
+from estbench.cli.commands import main
 
 TINY = ["--steps", "6", "--checkpoints", "2", "--measure-samples", "16", "--seeds", "0,1"]
 
@@ -171,7 +171,7 @@ def test_default_run_covers_toys_and_all_compatible_estimators(tmp_path):
 
 def test_eta_weights_cells_by_task_cost():
     """The ETA uses each task's own mean cell time, skips cached cells and divides by workers."""
-    from estbench.cli import Eta, _fmt_duration
+    from estbench.cli.commands import Eta, _fmt_duration
 
     class C:
         def __init__(self, task):
@@ -190,8 +190,8 @@ def test_progress_on_a_terminal_is_a_bar_with_failures_above_it(tmp_path):
     cells printed above the bar; elsewhere one line per computed cell."""
     import io
 
-    from estbench.cli import Progress
-    from estbench.train import Cell, CellResult
+    from estbench.cli.commands import Progress
+    from estbench.engine.train import Cell, CellResult
 
     cells = [Cell("toy_binary", e, 0, "cpu", Budget(steps=1)) for e in ("a", "b", "c", "d")]
     for bar in (True, False):
@@ -219,8 +219,8 @@ def test_a_running_cell_reports_its_step_and_phase_and_leaves_no_heartbeat(tmp_p
     """The harness tells the reporter every phase of a cell (set-up, each measurement, training
     steps in order, the final evaluation); run_and_store keeps it in RUN/running/<key>.json while
     the cell runs and removes it afterwards."""
-    from estbench import executors, store
-    from estbench.train import Cell, run_cell
+    from estbench.engine import executors, store
+    from estbench.engine.train import Cell, run_cell
 
     cell = Cell("toy_binary", "rloo", 0, "cpu", Budget(steps=6, checkpoints=3, measure_samples=4))
     seen = []
@@ -252,7 +252,7 @@ def test_a_running_cell_reports_its_step_and_phase_and_leaves_no_heartbeat(tmp_p
 
 
 def test_heartbeat_writes_on_a_new_phase_and_at_most_every_few_seconds(tmp_path):
-    from estbench import store
+    from estbench.engine import store
 
     beat = store.Heartbeat(tmp_path, "k1", "a x b", every=3600)
     beat(1, 10, "training")
@@ -277,9 +277,9 @@ def test_progress_shows_what_long_running_cells_are_doing(tmp_path, monkeypatch)
     import io
     import time
 
-    from estbench import store
-    from estbench.cli import Progress
-    from estbench.train import Cell
+    from estbench.engine import store
+    from estbench.cli.commands import Progress
+    from estbench.engine.train import Cell
 
     monkeypatch.setattr(Progress, "POLL_LOG", 0.05)
     monkeypatch.setattr(Progress, "POLL_BAR", 0.05)
@@ -379,8 +379,8 @@ def test_every_long_option_of_run_is_a_key_of_the_file():
     """Keys come from the parser: a flag added to ``run`` is accepted in a file at once."""
     import argparse
 
-    from estbench import cli_config
-    from estbench.cli import build_parser
+    from estbench.cli import config as cli_config
+    from estbench.cli.commands import build_parser
 
     parser = build_parser()
     run = cli_config._subcommand_parser(parser, "run")

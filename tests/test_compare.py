@@ -25,8 +25,8 @@ pytest.importorskip("scipy")
 pytest.importorskip("seaborn")
 
 import estimators  # noqa: E402
-from estbench import store  # noqa: E402
-from estbench.cli import main  # noqa: E402
+from estbench.engine import store  # noqa: E402
+from estbench.cli.commands import main  # noqa: E402
 from test_report import _write_cell  # noqa: E402  (hand-made cells, as the report's tests make them)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,7 +301,7 @@ def test_improvements_and_regressions_have_distinct_marks(runs, capsys):
 
 # ---- the exit codes are documented where users look ---------------------------------------------
 def test_exit_codes_documented_in_help_module_and_docs(capsys):
-    from estbench import compare
+    from estbench.analysis import compare
 
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
@@ -323,7 +323,8 @@ def test_exit_codes_documented_in_help_module_and_docs(capsys):
 
 
 def test_tolerances_are_declared_with_the_metrics():
-    from estbench import compare, metrics
+    from estbench.analysis import compare
+    from estbench.core import metrics
 
     for name in metrics.COMPARED:
         q = metrics.get(name)

@@ -1,10 +1,10 @@
-"""The held-out ELBO at equal wall-clock (estbench.report.curves)."""
+"""The held-out ELBO at equal wall-clock (estbench.analysis.curves)."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from estbench.report import curves
+from estbench.analysis import curves
 
 
 def _records(cells):

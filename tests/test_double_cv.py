@@ -7,8 +7,8 @@ import torch
 from torch import distributions as D
 
 import estimators
-from estbench.budget import EvaluationCounter
-from estbench.problems import estimates, problem, z_scores
+from estbench.core.budget import EvaluationCounter
+from estbench.engine.problems import estimates, problem, z_scores
 from estimators.double_cv import DoubleCV
 
 Z_TOL = 4.5

@@ -14,8 +14,8 @@ import torch
 import estimators
 from estimators import FamilyError
 
-from estbench import contract
-from estbench.problems import budget_for, estimates, problem, z_scores
+from estbench.engine import contract
+from estbench.engine.problems import budget_for, estimates, problem, z_scores
 
 Z_TOL = 4.5
 M_STAT = 4000
@@ -59,7 +59,7 @@ def test_declarations(name):
 @pytest.mark.parametrize("name,family", PAIRS, ids=ids(PAIRS))
 def test_contract(name, family, device):
     """Scalar surrogate with a finite gradient, value of batch_shape and detached, everything on the
-    distribution's device, n_evals equal to the f-evaluations actually made (estbench.contract)."""
+    distribution's device, n_evals equal to the f-evaluations actually made (estbench.engine.contract)."""
     est = estimators.get(name).to(device)
     assert contract.check_estimate(est, family, device=device) == []
 
@@ -214,7 +214,7 @@ def test_exact_refuses_huge_enumeration():
 
 def test_broken_plugin_is_skipped_not_fatal(tmp_path, monkeypatch):
     """A plug-in module that fails to import is reported in skipped(), and the rest still load."""
-    from estbench.plugins import Registry
+    from estbench.core.plugins import Registry
     pkg = tmp_path / "fakeplugins"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")

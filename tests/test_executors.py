@@ -12,11 +12,11 @@ import time
 import pandas as pd
 import pytest
 
-from estbench import executors, store, sweep
-from estbench.budget import Budget
-from estbench.cli import main
-from estbench.spec import parse_list
-from estbench.train import Cell, CellResult
+from estbench.engine import executors, store, sweep
+from estbench.core.budget import Budget
+from estbench.cli.commands import main
+from estbench.core.spec import parse_list
+from estbench.engine.train import Cell, CellResult
 
 TINY = Budget(steps=6, n_samples=12, checkpoints=2, measure_samples=16)  # the CLI flags below
 TIMING = ["step_time", "wall_time"]
@@ -230,7 +230,7 @@ def test_warnings_of_a_cell_are_summarised_once_per_kind():
     import io
     import warnings
 
-    from estbench.executors import _summarise_warnings
+    from estbench.engine.executors import _summarise_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

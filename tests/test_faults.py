@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from estbench import executors, store, sweep
-from estbench import cli
-from estbench.cli import main
-from estbench.errors import ConfigError
+from estbench.engine import executors, store, sweep
+from estbench.cli import commands as cli
+from estbench.cli.commands import main
+from estbench.core.errors import ConfigError
 
 TINY = ["run", "--tasks", "toy_binary", "--estimators", "rloo", "--steps", "3", "--checkpoints", "0"]
 

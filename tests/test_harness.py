@@ -10,15 +10,15 @@ import torch
 import estimators
 import tasks
 from pathlib import Path
-from estbench import store
-from estbench.budget import Budget
-from estbench.errors import Diverged
-from estbench.measure import gradient_estimates, measure, summarise
-from estbench.spec import SpecError, parse, parse_list
-from estbench.train import Cell, run_cell
+from estbench.engine import store
+from estbench.core.budget import Budget
+from estbench.core.errors import Diverged
+from estbench.engine.measure import gradient_estimates, measure, summarise
+from estbench.core.spec import SpecError, parse, parse_list
+from estbench.engine.train import Cell, run_cell
 from tasks import Reference
 
-from estbench.problems import budget_for
+from estbench.engine.problems import budget_for
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available")])
@@ -269,7 +269,7 @@ def test_no_host_sync_in_the_training_step(monkeypatch):
     """The step itself never reads a tensor's value on the host (a GPU would wait for it): the
     divergence flag and the training objective stay on the device and are read every
     DIVERGENCE_CHECK_EVERY steps and at checkpoints."""
-    from estbench import train
+    from estbench.engine import train
 
     import sys
 
@@ -395,7 +395,7 @@ def test_a_cell_does_not_depend_on_earlier_cells_in_the_process():
 def test_the_divergence_watch_checks_the_parameters_at_each_check():
     """A parameter the surrogate does not read (a decoder's, say) poisoned by a non-finite
     gradient: found at the next check, with the steps between which it happened."""
-    from estbench.train import DivergenceWatch
+    from estbench.engine.train import DivergenceWatch
 
     params = [torch.zeros(3), torch.ones(2)]
     watch = DivergenceWatch(torch.device("cpu"), params)

@@ -1,7 +1,7 @@
 """The harness enforces what it promises: the counted budget, unique names, a time limit per cell,
 rank never writing into the reference set, declared option constraints, one configuration per cell.
 
-Each test drives the command line (``estbench.cli.main``) or the harness the way a user or a hostile
+Each test drives the command line (``estbench.cli.commands``) or the harness the way a user or a hostile
 plug-in author would, and fails on the code before these guarantees were built.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 
 import estimators
-from estbench import store
-from estbench.budget import Budget
-from estbench.cli import main
-from estbench.errors import RegistryError
-from estbench.train import Cell, run_cell
+from estbench.engine import store
+from estbench.core.budget import Budget
+from estbench.cli.commands import main
+from estbench.core.errors import RegistryError
+from estbench.engine.train import Cell, run_cell
 
 TINY = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--seeds", "0", "--quiet"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,7 +235,7 @@ def test_a_module_inside_the_package_cannot_replace_a_builtin(tmp_path):
         spec = importlib.util.spec_from_file_location("estimators.zz_clash", {str(mod)!r})
         m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m
         spec.loader.exec_module(m)
-        from estbench.cli import main
+        from estbench.cli.commands import main
         sys.exit(main(["run", "--tasks", "toy_binary", "--estimators", "rloo", "--steps", "2",
                        "--seeds", "0", "--out", {str(tmp_path / 'out')!r}]))
     """)
@@ -379,8 +379,8 @@ def test_tasks_do_not_import_from_the_estimator_package():
 
 
 def test_cli_report_does_not_import_the_cli():
-    code = ("import sys, estbench.cli_report; "
-            "sys.exit(1 if 'estbench.cli' in sys.modules else 0)")
+    code = ("import sys, estbench.cli.report; "
+            "sys.exit(1 if 'estbench.cli.commands' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from estbench import store
+from estbench.engine import store
 
 # 12 cells of about 1-2 s each (more on a loaded machine): the interrupt lands with most to do
 SWEEP = ["run", "--tasks", "toy_binary", "--estimators", "reinforce,rloo", "--seeds", "0-5",

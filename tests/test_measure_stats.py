@@ -1,4 +1,4 @@
-"""The gradient-error estimate and the bias test of a measurement (estbench.measure.summarise)
+"""The gradient-error estimate and the bias test of a measurement (estbench.engine.measure.summarise)
 against closed forms: synthetic estimates with a known mean and covariance, and real estimators on
 a toy through the harness's measurement.  Fixed seeds; tolerances from binomial / Monte Carlo
 standard errors."""
@@ -11,7 +11,7 @@ import torch
 
 import estimators
 import tasks
-from estbench.measure import BIAS_TEST_FLOAT_TOL, bias_test, measure, summarise
+from estbench.engine.measure import BIAS_TEST_FLOAT_TOL, bias_test, measure, summarise
 from tasks import Reference
 
 ALPHA = 0.05
@@ -121,8 +121,8 @@ def test_bias_test_through_the_harness_on_the_toy(name, unbiased):
 
 def _trained(task_name: str, est_name: str, seed: int, steps: int):
     """A task trained ``steps`` steps by an estimator, as a cell trains it, and the estimator."""
-    from estbench.budget import Budget
-    from estbench.train import Cell, build
+    from estbench.core.budget import Budget
+    from estbench.engine.train import Cell, build
 
     task, est = build(Cell(task_name, est_name, seed, "cpu", Budget(steps=steps)))
     task.setup("cpu", torch.Generator().manual_seed(seed))
@@ -143,7 +143,7 @@ def test_second_stage_clears_an_unbiased_estimator_whose_m_estimates_miss_rare_v
     miss its rare large values: the one-stage test rejects an unbiased estimator at p ~ 1e-20
     (the reference run's finding before the second stage); re-tested on 16 x 256 estimates, it
     does not reject."""
-    from estbench import measure as ms
+    from estbench.engine import measure as ms
 
     task, est = _trained("toy_categorical", "indecater", 1, 100)
     with ms.isolated_rng(5, task.device):
@@ -160,7 +160,7 @@ def test_second_stage_clears_an_unbiased_estimator_whose_m_estimates_miss_rare_v
 def test_second_stage_keeps_a_real_bias():
     """A biased estimator whose bias is a few noise floors (Gumbel-softmax on the toy at init,
     64 estimates: 3x) is re-tested on 16 M estimates and still found biased."""
-    from estbench import measure as ms
+    from estbench.engine import measure as ms
 
     task = tasks.get("toy_binary", t=0.45)
     task.setup("cpu", torch.Generator().manual_seed(0))
@@ -171,7 +171,7 @@ def test_second_stage_keeps_a_real_bias():
 
 
 def test_second_stage_not_run_when_the_bias_dwarfs_its_noise_floor():
-    from estbench import measure as ms
+    from estbench.engine import measure as ms
 
     task = tasks.get("toy_binary", t=0.45)
     task.setup("cpu", torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""The metric schema (estbench/metrics.py): every metric a run records is declared, as it is
+"""The metric schema (estbench/core/metrics.py): every metric a run records is declared, as it is
 recorded; the tables read it; it is no part of any cell's code."""
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import pandas as pd
 import pytest
 
 import tasks
-from estbench import metrics, store
-from estbench.budget import Budget
-from estbench.cli import main
-from estbench.spec import parse
-from estbench.train import Cell, run_cell
+from estbench.core import metrics
+from estbench.engine import store
+from estbench.core.budget import Budget
+from estbench.cli.commands import main
+from estbench.core.spec import parse
+from estbench.engine.train import Cell, run_cell
 
 #: options that make the data tasks' cells take a second or two (the toys are tiny as they are)
 TINY_OPTIONS = {
@@ -30,7 +31,7 @@ def misdeclared(records: pd.DataFrame) -> list[str]:
     """What the records contradict in the schema: undeclared metrics, a metric recorded other than
     declared (at checkpoints vs once at the end; by a task other than its declared ones), a declared
     metric a cell does not record.  [] when the schema tells the truth about the records."""
-    problems = [f"{m}: recorded but not declared in estbench/metrics.py"
+    problems = [f"{m}: recorded but not declared in estbench/core/metrics.py"
                 for m in metrics.undeclared(records.metric)]
     for (task, estimator, seed), cell in records.groupby(["task", "estimator", "seed"]):
         base = parse(task).name
@@ -77,7 +78,7 @@ def test_an_undeclared_or_misdeclared_metric_fails_the_check(every_task_run, mon
                         Budget(steps=2, n_samples=2, checkpoints=3, measure_samples=4)))
     assert res.status == "ok", res.error
     problems = misdeclared(pd.DataFrame(res.records))
-    assert problems == ["made_up_figure: recorded but not declared in estbench/metrics.py"]
+    assert problems == ["made_up_figure: recorded but not declared in estbench/core/metrics.py"]
     # an end metric recorded at a checkpoint too, and a task's metric recorded by another task
     final = every_task_run[every_task_run.metric == "final_elbo"].iloc[[0]]
     twice = pd.concat([every_task_run, final.assign(step=0)])
@@ -116,8 +117,8 @@ def test_the_tables_read_the_schema(every_task_run):
     """Each view's columns exist with the declared label and direction; every declared per-cell
     figure is computed; the leaderboard's criteria are declared figures with their direction."""
     pytest.importorskip("scipy")
-    from estbench import compare, table
-    from estbench.report import leaderboard, tables
+    from estbench.analysis import compare, table
+    from estbench.analysis import leaderboard, tables
 
     assert table.SUMMARY_METRICS == list(metrics.SUMMARY)
     assert [(c.name, c.title, c.higher) for c in tables.COLUMNS] == \
@@ -136,15 +137,15 @@ def test_the_tables_read_the_schema(every_task_run):
 
 
 def test_the_schema_is_no_part_of_any_cells_code(monkeypatch):
-    """Relabelling a metric must not recompute a sweep: estbench/metrics.py is left out of the
+    """Relabelling a metric must not recompute a sweep: estbench/core/metrics.py is left out of the
     code a cell's key covers, even where cell code would list or import it."""
-    schema = store._ROOT / "estbench" / "metrics.py"
+    schema = store._ROOT / "estbench" / "core" / "metrics.py"
     assert schema.is_file()
     whole = store.code_files()
-    assert schema not in whole and store._ROOT / "estbench" / "train.py" in whole
+    assert schema not in whole and store._ROOT / "estbench" / "engine" / "train.py" in whole
     assert schema not in store.code_files("toy_binary", "rloo")
     before = store.code_version("toy_binary", "rloo")
-    monkeypatch.setattr(store, "_COMMON_CODE", [*store._COMMON_CODE, "estbench/metrics.py"])
+    monkeypatch.setattr(store, "_COMMON_CODE", [*store._COMMON_CODE, "estbench/core/metrics.py"])
     store.code_version.cache_clear()
     try:
         assert schema not in store.code_files("toy_binary", "rloo")

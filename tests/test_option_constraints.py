@@ -11,8 +11,8 @@ import pytest
 
 import estimators
 import tasks
-from estbench import store
-from estbench.cli import main
+from estbench.engine import store
+from estbench.cli.commands import main
 
 TINY = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--seeds", "0", "--quiet"]
 

@@ -1,4 +1,4 @@
-"""Published protocols (estbench/protocols.py, tasks/protocols/*.yml) and the ``paper`` budget."""
+"""Published protocols (estbench/engine/protocols.py, tasks/protocols/*.yml) and the ``paper`` budget."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import tasks
-from estbench import protocols, sweep
-from estbench.cli import main
-from estbench.spec import parse
+from estbench.engine import protocols, sweep
+from estbench.cli.commands import main
+from estbench.core.spec import parse
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 import estimators
-from estbench.cli import main
+from estbench.cli.commands import main
 
 TINY = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--seeds", "0,1", "--quiet"]
 

@@ -1,7 +1,7 @@
 """``estbench rank`` and ``estbench run`` as a user meets them (issue 19): a biased plug-in gets a
 rank, a reference that is not there is an error, ties are said, timings from two environments are
 not mixed, a plug-in that cannot run costs no rival's cell, and a run where nothing finished says
-why.  Every test drives ``estbench.cli.main`` end to end, and each failed on the code before
+why.  Every test drives ``estbench.cli.commands`` end to end, and each failed on the code before
 (fb811d1): a traceback, a silent exit 0, or a rank without its ties.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 pytest.importorskip("scipy")
 
 import estimators  # noqa: E402
-from estbench import rank, store  # noqa: E402
-from estbench.cli import main  # noqa: E402
+from estbench.analysis import rank  # noqa: E402
+from estbench.engine import store
+from estbench.cli.commands import main  # noqa: E402
 
 TINY = ["--steps", "20", "--checkpoints", "2", "--measure-samples", "16", "--quiet"]
 

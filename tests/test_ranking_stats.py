@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("scikit_posthocs")
 
-from estbench.report import leaderboard as lb  # noqa: E402
+from estbench.analysis import leaderboard as lb  # noqa: E402
 
 
 def _values(per_estimator: dict) -> pd.DataFrame:

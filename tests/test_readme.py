@@ -8,7 +8,7 @@ import torch
 
 import estimators
 
-from estbench.problems import estimates, problem, z_scores
+from estbench.engine.problems import estimates, problem, z_scores
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -39,3 +39,26 @@ def test_readme_names_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_and_docs_relative_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists (and a heading of it,
+    where the link has an anchor)."""
+    broken = []
+    for page in [README, *sorted((README.parent / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                broken.append(f"{page.name}: {link} (no such file)")
+            elif anchor and target.is_file() and target.suffix == ".md" and anchor not in {
+                    _slug(h) for h in re.findall(r"^#+ (.*)$", target.read_text(), re.M)}:
+                broken.append(f"{page.name}: {link} (no such heading)")
+    assert not broken, broken

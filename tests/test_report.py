@@ -12,14 +12,14 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("seaborn")
 
-from estbench import store  # noqa: E402
-from estbench.budget import Budget  # noqa: E402
-from estbench.cli import main  # noqa: E402
-from estbench.compare import compare, render  # noqa: E402
+from estbench.engine import store  # noqa: E402
+from estbench.core.budget import Budget  # noqa: E402
+from estbench.cli.commands import main  # noqa: E402
+from estbench.analysis.compare import compare, render  # noqa: E402
 from estbench.report import build_report  # noqa: E402
-from estbench.report.leaderboard import leaderboard, rank_with_ties  # noqa: E402
-from estbench.report.tables import mean_ci, per_cell, task_tables  # noqa: E402
-from estbench.train import Cell, CellResult  # noqa: E402
+from estbench.analysis.leaderboard import leaderboard, rank_with_ties  # noqa: E402
+from estbench.analysis.tables import mean_ci, per_cell, task_tables  # noqa: E402
+from estbench.engine.train import Cell, CellResult  # noqa: E402
 
 TINY = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--seeds", "0,1"]
 
@@ -54,7 +54,7 @@ def test_report_end_to_end(tiny_run, tmp_path, capsys):
     assert images and all((out / p).is_file() for p in images)
     assert "### toy_binary" in md and "`gumbel_softmax`" in md and "**" in md  # best marked
     # what each ranking measures: a section, one entry per criterion, linked from the contents
-    from estbench.report import leaderboard as lb
+    from estbench.analysis import leaderboard as lb
 
     section = md.split("## What each ranking measures, and when to trust it", 1)[1].split("\n## ", 1)[0]
     assert "(#what-each-ranking-measures-and-when-to-trust-it)" in md
@@ -203,7 +203,7 @@ def test_work_normalised_error_is_error_times_cost():
 
 
 def test_rank_stability_marks_a_clear_order_stable_and_noise_inconclusive():
-    from estbench.report.leaderboard import stability
+    from estbench.analysis.leaderboard import stability
 
     clear = _pc({"A": [10.0, 10.1, 9.9, 10.0, 10.2], "B": [5.0, 5.1, 4.9, 5.2, 5.0],
                  "C": [1.0, 1.1, 0.9, 1.0, 1.2]})
@@ -366,7 +366,7 @@ def test_report_shows_the_friedman_test_and_critical_differences_across_tasks(tm
     """Four tasks on which e1 > e2 > e3 every time: the Friedman statistic takes its largest value,
     N(k - 1) = 8 on 2 df (p = 0.018), and the report's section shows the test and its diagram
     (the section alone: the whole report is built by test_report_end_to_end)."""
-    from estbench.report import leaderboard as lb
+    from estbench.analysis import leaderboard as lb
     from estbench.report import plots, render
 
     rows = [{"task": task, "estimator": est, "seed": s, "final_elbo": elbo + n,
@@ -413,7 +413,7 @@ def test_compare_ignores_float_noise_on_zero_bias_and_variance(tmp_path):
 def test_an_estimator_is_found_biased_only_when_most_of_its_cells_reject():
     """One rejecting cell of five is not a verdict (a rare-event false alarm looks like that); a
     bias that repeats in three of five is."""
-    from estbench.report.tables import estimator_bias
+    from estbench.analysis.tables import estimator_bias
 
     pc = _pc({"lone": [1.0] * 5, "real": [1.0] * 5, "none": [1.0] * 5})
     pc["bias_p"] = [1e-9, 0.5, 0.8, 0.3, 0.9] + [1e-9, 1e-4, 0.2, 1e-6, 0.7] + [0.5] * 5

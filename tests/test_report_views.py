@@ -18,8 +18,10 @@ pytest.importorskip("seaborn")
 
 from matplotlib.text import Text  # noqa: E402
 
-from estbench import metrics, store, table  # noqa: E402
-from estbench.cli import main  # noqa: E402
+from estbench.core import metrics  # noqa: E402
+from estbench.engine import store
+from estbench.analysis import table
+from estbench.cli.commands import main  # noqa: E402
 from estbench.report import plots  # noqa: E402
 
 TASKS = ["toy_binary", "toy_categorical"]
@@ -159,7 +161,7 @@ def test_the_oracle_is_a_reference_row_and_line_never_a_competitor(rep):
 def test_curve_and_final_figure_are_named_for_what_they_are(rep):
     assert metrics.get("elbo").label == "validation ELBO (during training)"
     assert metrics.get("final_elbo").title == "final ELBO (test)"
-    from estbench.report.tables import elbo_labels
+    from estbench.analysis.tables import elbo_labels
 
     assert elbo_labels("binary_vae") == ("validation ELBO (during training)", "final ELBO (test)")
     assert elbo_labels("toy_binary [steps=30, n=4]")[1] == "final E_q[f] (exact)"

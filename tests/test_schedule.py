@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from estbench.budget import Budget
-from estbench.cli import main
-from estbench.train import Cell, Schedule, run_cell
+from estbench.core.budget import Budget
+from estbench.cli.commands import main
+from estbench.engine.train import Cell, Schedule, run_cell
 
 
 def _steps_with(res, metric):

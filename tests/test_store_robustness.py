@@ -17,8 +17,8 @@ import warnings
 import pyarrow.parquet as pq
 import pytest
 
-from estbench import store
-from estbench.cli import main
+from estbench.engine import store
+from estbench.cli.commands import main
 
 # 8 cells of about 0.3-1 s each: long enough to kill the sweep in the middle
 SWEEP = ["run", "--tasks", "toy_binary", "--estimators", "rloo,reinforce", "--seeds", "0-3",

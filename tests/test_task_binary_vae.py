@@ -10,8 +10,8 @@ from torch import distributions as D
 
 import estimators
 import tasks
-from estbench.budget import Budget
-from estbench.train import Cell, run_cell
+from estbench.core.budget import Budget
+from estbench.engine.train import Cell, run_cell
 from tasks.data import mnist
 
 TINY = dict(latents=10, val_size=200, eval_samples=2, iwae_images=200, iwae_samples=10, measure_size=8)

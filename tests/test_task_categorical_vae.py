@@ -8,8 +8,8 @@ import torch
 from torch import distributions as D
 
 import tasks
-from estbench.budget import Budget
-from estbench.train import Cell, run_cell
+from estbench.core.budget import Budget
+from estbench.engine.train import Cell, run_cell
 from tasks.data import mnist
 
 TINY = dict(val_size=100, eval_samples=2, iwae_samples=10, measure_size=4, batch_size=16)

@@ -10,8 +10,8 @@ import torch
 from torch import distributions as D
 
 import tasks
-from estbench.budget import Budget
-from estbench.train import Cell, run_cell
+from estbench.core.budget import Budget
+from estbench.engine.train import Cell, run_cell
 from estimators import families as fam
 from tasks.data import sst
 from tasks.sst_rationales import PAD_LOGIT

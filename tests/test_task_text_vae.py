@@ -9,8 +9,8 @@ import torch
 from torch import distributions as D
 
 import tasks
-from estbench.budget import Budget
-from estbench.train import Cell, run_cell
+from estbench.core.budget import Budget
+from estbench.engine.train import Cell, run_cell
 from tasks.data import ptb
 from tasks.text_vae import SentenceBatch
 

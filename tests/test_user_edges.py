@@ -18,10 +18,10 @@ import pytest
 
 import estbench
 import tasks
-from estbench import store
-from estbench.budget import Budget
-from estbench.cli import build_parser, main
-from estbench.errors import OptionError
+from estbench.engine import store
+from estbench.core.budget import Budget
+from estbench.cli.commands import build_parser, main
+from estbench.core.errors import OptionError
 
 TINY = dict(steps=4, checkpoints=2, measure_samples=8)
 TINY_ARGS = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--seeds", "0",

@@ -12,12 +12,13 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("seaborn")
 
-from estbench import store, table  # noqa: E402
-from estbench.budget import Budget  # noqa: E402
-from estbench.cli import main  # noqa: E402
-from estbench.compare import compare, render  # noqa: E402
+from estbench.engine import store  # noqa: E402
+from estbench.analysis import table
+from estbench.core.budget import Budget  # noqa: E402
+from estbench.cli.commands import main  # noqa: E402
+from estbench.analysis.compare import compare, render  # noqa: E402
 from estbench.report import build_report  # noqa: E402
-from estbench.train import Cell, CellResult, run_cell  # noqa: E402
+from estbench.engine.train import Cell, CellResult, run_cell  # noqa: E402
 
 TINY = Budget(steps=4, n_samples=4, checkpoints=2, measure_samples=8)
 TINY_ARGS = ["--steps", "4", "--n-samples", "4", "--checkpoints", "2", "--measure-samples", "8"]

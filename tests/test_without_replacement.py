@@ -16,7 +16,7 @@ import torch
 from torch import distributions as D
 
 import estimators
-from estbench.problems import estimates, problem, z_scores
+from estbench.engine.problems import estimates, problem, z_scores
 from estimators.rao_blackwell import cell_logits
 from estimators.without_replacement import (
     complement_log_mass, reinforce_wor_weights, set_log_integrals, shifted_gumbel,

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from estbench import measure as ms
-from estbench import compare, store, table
-from estbench.report import leaderboard as lb
+from estbench.engine import measure as ms
+from estbench.analysis import compare, table
+from estbench.engine import store
+from estbench.analysis import leaderboard as lb
 from estbench.report import plots
-from estbench.report import tables as tb
+from estbench.analysis import tables as tb
 
 MAX_RATIONALE_ESTIMATORS = 3
 MAX_RATIONALE_EXAMPLES = 3
@@ -340,7 +341,7 @@ def _meta_items(meta: dict, run_dir: Path) -> list:
 def _protocol_blocks(task_names, meta: dict) -> list:
     """The published protocol each task of the run follows (tasks/protocols/*.yml), and whether
     this run ran it (``--budget paper``) or the suite's own budget."""
-    from estbench import protocols
+    from estbench.engine import protocols
 
     try:
         found = protocols.available()
@@ -532,7 +533,7 @@ def _declared_unbiased(name: str):
     """What an estimator configuration declares (``unbiased``, which options may change: NVIL's
     variance normalisation makes it biased), or None for one not loaded here."""
     import estimators
-    from estbench.spec import parse
+    from estbench.core.spec import parse
 
     try:
         spec = parse(name)
@@ -542,7 +543,7 @@ def _declared_unbiased(name: str):
 
 
 BIAS_TEST_TEXT = (
-    "The bias test (estbench.measure.bias_test) asks of each checkpoint whether the M estimates' "
+    "The bias test (estbench.engine.measure.bias_test) asks of each checkpoint whether the M estimates' "
     "mean differs from the reference gradient by more than their Monte Carlo error, the "
     "reference's own and a float32 tolerance, along 16 fixed random directions (Student t, "
     "Bonferroni over the directions). Where q is nearly deterministic (late in training) an "

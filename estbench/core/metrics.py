@@ -281,7 +281,7 @@ def get(name: str) -> Union[Metric, Figure]:
     per-cell figure; KeyError naming it if there is none."""
     found = lookup(name)
     if found is None:
-        raise KeyError(f"metric {name!r} is not declared in estbench/metrics.py")
+        raise KeyError(f"metric {name!r} is not declared in estbench/core/metrics.py")
     return found
 
 

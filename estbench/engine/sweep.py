@@ -9,11 +9,11 @@ import torch
 
 import estimators
 import tasks
-from estbench import protocols, store
-from estbench.budget import Budget
-from estbench.errors import OptionError, SpecError
-from estbench.spec import Spec
-from estbench.train import Cell, CellResult
+from estbench.engine import protocols, store
+from estbench.core.budget import Budget
+from estbench.core.errors import OptionError, SpecError
+from estbench.core.spec import Spec
+from estbench.engine.train import Cell, CellResult
 
 
 @dataclass
@@ -80,7 +80,7 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
            overrides: Optional[dict] = None, timeout: Optional[float] = None) -> Plan:
     """All cells of a selection.  ``budget`` is a Budget used for every task, or the name of each
     task's own budget ("quick", "standard"; "paper": the task's published protocol, its task
-    options and budget, see :mod:`estbench.protocols`) with ``overrides`` (e.g. steps from the command line).
+    options and budget, see :mod:`estbench.engine.protocols`) with ``overrides`` (e.g. steps from the command line).
     ``timeout``: seconds a cell may run (0: no limit); default ``DEFAULT_CELL_TIMEOUT`` of the named
     budget (no limit for an explicit Budget)."""
     if timeout is None:
@@ -122,7 +122,7 @@ def run(plan: Plan, run_dir: Path, force: bool = False,
     """Run every cell of the plan not already stored in ``run_dir`` (all of them with ``force``).
 
     The sweep only plans: cells already stored are filtered out here, the rest go to ``executor``
-    (from :func:`estbench.executors.make_executor`; default the serial one, which runs them one
+    (from :func:`estbench.engine.executors.make_executor`; default the serial one, which runs them one
     after the other in this process; loky, submitit and dask run them in parallel).  Every backend
     runs the same worker function, which writes each finished cell to the store at once, so an
     interrupted sweep loses at most the cells in progress.  ``progress(i, n, cell, result, cached)``
@@ -130,7 +130,7 @@ def run(plan: Plan, run_dir: Path, force: bool = False,
     A cell whose worker died is reported as failed and left unstored (a rerun retries it), then
     WorkerError is raised once every other cell is done.
     """
-    from estbench.executors import SerialExecutor, WorkerError
+    from estbench.engine.executors import SerialExecutor, WorkerError
 
     executor = executor if executor is not None else SerialExecutor()
     run_dir = Path(run_dir)

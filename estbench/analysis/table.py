@@ -12,11 +12,11 @@ import math
 
 import pandas as pd
 
-from estbench import metrics
-from estbench.budget import Budget
-from estbench.store import RECORD_IDENTITY
+from estbench.core import metrics
+from estbench.core.budget import Budget
+from estbench.engine.store import RECORD_IDENTITY
 
-#: the per-cell columns of the summary, declared in estbench.metrics (``metrics.SUMMARY``)
+#: the per-cell columns of the summary, declared in estbench.core.metrics (``metrics.SUMMARY``)
 SUMMARY_METRICS = list(metrics.SUMMARY)
 
 #: one cell of a setting: a record's identity less its budget (where a folder holds a task under
@@ -48,7 +48,7 @@ def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
 def per_cell(records: pd.DataFrame) -> pd.DataFrame:
     """One row per cell (index task, estimator, seed, device), a column per summary metric: the
     mean over the cell's checkpoints for checkpoint metrics, the value for end-of-cell ones; plus
-    ``net_bias`` (``net_bias``'s declaration in estbench.metrics) and ``bias_p``, the cell's bias
+    ``net_bias`` (``net_bias``'s declaration in estbench.core.metrics) and ``bias_p``, the cell's bias
     test (``cell_bias_p``)."""
     wide = (records[records.metric.isin(SUMMARY_METRICS)]
             .groupby(CELL_KEYS + ["metric"])["value"].mean().unstack("metric"))
@@ -137,7 +137,7 @@ def summary(records: pd.DataFrame) -> pd.DataFrame:
 
 def _ci95(v) -> float:
     """Half-width of the Student-t 95% confidence interval of the mean (NaN below two values)."""
-    from estbench.report.tables import mean_ci  # lazy: scipy
+    from estbench.analysis.tables import mean_ci  # lazy: scipy
 
     return mean_ci(v)[1]
 

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from estbench import __version__
-from estbench.budget import Budget
+from estbench.core.budget import Budget
 
 #: the columns of a record that identify its cell (those a cell's status row shares with it)
 RECORD_IDENTITY = ["task", "estimator", "seed", "device", "n_samples", "steps"]
@@ -50,7 +50,7 @@ _NOT_SOURCE = ("results",)
 def source_changes(root=None) -> str:
     """``git status`` of the tracked files outside ``results/`` of the estbench source tree (or of
     the checkout at ``root``): '' when clean or when it is not a git checkout."""
-    here = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    here = Path(root) if root is not None else Path(__file__).resolve().parents[2]
     try:
         return subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
@@ -63,7 +63,7 @@ def source_changes(root=None) -> str:
 def git_commit(root=None) -> str:
     """The git commit of the estbench source tree or of ``root`` (with ``-dirty`` if its code, not
     its results, has uncommitted changes), or ''."""
-    here = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    here = Path(root) if root is not None else Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5).stdout.strip()
@@ -76,13 +76,13 @@ def git_commit(root=None) -> str:
 
 #: the harness code every cell depends on; a cell's task and estimator add their own modules (their
 #: classes' whole inheritance chain, and what those import from their packages)
-_COMMON_CODE = ["estbench/train.py", "estbench/measure.py", "estbench/budget.py", "estbench/spec.py",
-                "estbench/plugins.py", "estbench/errors.py"]
-_ROOT = Path(__file__).resolve().parent.parent
+_COMMON_CODE = ["estbench/engine/train.py", "estbench/engine/measure.py", "estbench/core/budget.py", "estbench/core/spec.py",
+                "estbench/core/plugins.py", "estbench/core/errors.py"]
+_ROOT = Path(__file__).resolve().parents[2]
 #: harness files that describe results without computing them, kept out of every cell's code even
 #: if cell code comes to import them: relabelling a metric or changing its declared direction
-#: (estbench/metrics.py) changes how results are read, never a record, and must not recompute them
-_NOT_CELL_CODE = ("estbench/metrics.py",)
+#: (estbench/core/metrics.py) changes how results are read, never a record, and must not recompute them
+_NOT_CELL_CODE = ("estbench/core/metrics.py",)
 _RELATIVE_IMPORT = re.compile(r"^from \.(\w*) import (\([^)]*\)|[\w, ]+)", re.M)
 
 
@@ -109,7 +109,7 @@ def _plugin_files(kind: str, spec_text: str) -> list:
 
     import estimators
     import tasks
-    from estbench.spec import parse
+    from estbench.core.spec import parse
 
     registry = estimators if kind == "estimator" else tasks
     try:
@@ -352,7 +352,7 @@ def has_cell(run_dir: Path, key: str, report: bool = True) -> bool:
 def write_cell(run_dir: Path, key: str, result) -> Path:
     """Write one finished cell's records atomically; returns the path."""
     table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
-    from estbench.train import cpu_threads  # lazy: train imports the plug-in packages
+    from estbench.engine.train import cpu_threads  # lazy: train imports the plug-in packages
 
     cuda = str(result.cell.device).startswith("cuda") and torch.cuda.is_available()
     # where the cell's time was measured: compare only compares step times measured alike

@@ -30,9 +30,9 @@ from typing import Any, Optional
 import torch
 from torch.distributions import constraints
 
-from estbench.errors import OptionError, RegistryError
+from estbench.core.errors import OptionError, RegistryError
 
-#: the names plug-ins may declare: lower_snake_case, a subset of the spec grammar (estbench.spec)
+#: the names plug-ins may declare: lower_snake_case, a subset of the spec grammar (estbench.core.spec)
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

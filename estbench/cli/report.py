@@ -3,14 +3,14 @@
     estbench report  RUN_DIR [--out DIR]
     estbench compare RUN_A RUN_B [--tolerance METRIC=VALUE ...] [--json]
 
-``compare`` is a CI gate (estbench.compare; docs/benchmarks.md, "estbench compare as a CI gate").
+``compare`` is a CI gate (estbench.analysis.compare; docs/benchmarks.md, "estbench compare as a CI gate").
 Its exit status is a bit mask: 1 when a quality metric (final ELBO, variance, gradient error, bias
 net of its noise or by the bias test, status: a cell that finished in A failed or diverged in B)
 got worse beyond its tolerance and outside the seed-to-seed noise; 4 when the step time did; 8
 when the gate is incomplete -- nothing was compared, a setting or seed of A is missing from B, a
 cell file is damaged, a setting ran another budget, a metric of A has no value in B; they combine
 (5 = 1 | 4, 9 = 1 | 8, ...); 0: the gate passed.  Each metric's tolerance is declared with it in
-estbench/metrics.py (a difference in its unit, or a factor); ``--tolerance METRIC=VALUE``
+estbench/core/metrics.py (a difference in its unit, or a factor); ``--tolerance METRIC=VALUE``
 overrides it.  Step times are judged only between cells timed in the same environment (CPU, CUDA
 device, threads, jobs); otherwise they are "not comparable", never a regression.  Bad input (a
 missing folder, no results, a bad --tolerance, the removed --threshold) and budgets that differ
@@ -23,7 +23,7 @@ import json
 import warnings
 from pathlib import Path
 
-from estbench.errors import UsageError
+from estbench.core.errors import UsageError
 
 
 def _need_run_dir(path: str, what: str) -> Path:
@@ -47,7 +47,7 @@ def _import_report_extra(module: str):
 def cmd_report(args) -> int:
     run_dir = _need_run_dir(args.run_dir, "report")
     render = _import_report_extra("estbench.report.render")
-    lb = _import_report_extra("estbench.report.leaderboard")
+    lb = _import_report_extra("estbench.analysis.leaderboard")
     out = Path(args.out) if args.out else None
     try:
         with warnings.catch_warnings():
@@ -65,7 +65,7 @@ def cmd_report(args) -> int:
 
 THRESHOLD_REMOVED = ("--threshold was removed: it was a relative change (10% of an ELBO of -200 "
                      "is 20 nats); each metric now has a tolerance in its own units, declared in "
-                     "estbench/metrics.py; override one with --tolerance METRIC=VALUE (e.g. "
+                     "estbench/core/metrics.py; override one with --tolerance METRIC=VALUE (e.g. "
                      "--tolerance final_elbo=0.5)")
 
 
@@ -79,7 +79,7 @@ def cmd_compare(args) -> int:
     _threshold(args.threshold)
     a = _need_run_dir(args.run_a, "compare")
     b = _need_run_dir(args.run_b, "compare")
-    comp = _import_report_extra("estbench.compare")
+    comp = _import_report_extra("estbench.analysis.compare")
     try:
         tolerances = comp.parse_tolerances(args.tolerance)
     except ValueError as e:
@@ -124,7 +124,7 @@ def add_parsers(subparsers) -> None:
                         "another budget); combined: 5 = 1|4, 9 = 1|8, ...; 0 passed; 2 bad input "
                         "or budgets that differ everywhere",
         description="Compare RUN_B with the baseline RUN_A per (task, estimator, device), each "
-                    "metric against its tolerance (estbench/metrics.py) and the seed-to-seed "
+                    "metric against its tolerance (estbench/core/metrics.py) and the seed-to-seed "
                     "noise.  Exit status, a bit mask: 1 a quality regression, 4 a speed "
                     "(step-time) regression, 8 an incomplete gate (nothing compared, a setting "
                     "or seed of RUN_A missing from RUN_B, a damaged cell file, a setting run on "
@@ -135,7 +135,7 @@ def add_parsers(subparsers) -> None:
     c.add_argument("run_b", metavar="RUN_B", help="the results folder to check against it")
     c.add_argument("--tolerance", action="append", metavar="METRIC=VALUE", default=[],
                    help="override a metric's regression tolerance, declared in "
-                        "estbench/metrics.py (repeatable): a difference in the metric's own unit "
+                        "estbench/core/metrics.py (repeatable): a difference in the metric's own unit "
                         "for final_elbo (default 1 nat; toys 0.005-0.05), a factor >= 1 for "
                         "variance, grad_error, net_bias, step_ms (default 1.25)")
     c.add_argument("--threshold", default=None, help=argparse.SUPPRESS)  # removed: one-line error

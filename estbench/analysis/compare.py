@@ -2,9 +2,9 @@
 
 For every *setting* (task, estimator, device) in both runs and each compared metric
 (``metrics.COMPARED``: final ELBO, variance, gradient error, bias net of its Monte Carlo noise,
-step time in ms; per-cell figures as in estbench.table, checkpoint ones averaged over checkpoints)
+step time in ms; per-cell figures as in estbench.analysis.table, checkpoint ones averaged over checkpoints)
 the means over seeds in A and B and the change.  Each metric is judged against its own
-*tolerance*, declared with it in estbench/metrics.py (``Quantity.tolerance``) and overridable with
+*tolerance*, declared with it in estbench/core/metrics.py (``Quantity.tolerance``) and overridable with
 ``estbench compare --tolerance METRIC=VALUE``: a difference in the metric's own unit (final ELBO:
 1 nat per data point on the models, a few hundredths on the toys, whose figure lives on that
 scale) or a factor for quantities spread over decades (variance, gradient error, net bias, step
@@ -15,7 +15,7 @@ metrics tested on log10, where their seed-to-seed spread is roughly symmetric), 
 than two seeds on either side, when it exceeds the tolerance.  A *regression* is a change for the
 worse beyond the tolerance AND outside the noise.  A cell that finished in A but failed or
 diverged in B is a regression too.  Only finished cells (status ``ok``) are measured: a failed or
-diverged cell's partial checkpoint records are no measurement (``estbench.table.finished``).
+diverged cell's partial checkpoint records are no measurement (``estbench.analysis.table.finished``).
 
 Bias.  The measured bias of an unbiased estimator is its noise floor, which grows with its
 variance: a noisier but still unbiased estimator would look "more biased".  So the bias is
@@ -65,8 +65,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from estbench import metrics, store, table
-from estbench.budget import Budget
+from estbench.core import metrics
+from estbench.engine import store
+from estbench.analysis import table
+from estbench.core.budget import Budget
 
 ALPHA = 0.05
 #: the exit bits of ``estbench compare`` (2, a usage error, is never combined with them)
@@ -199,7 +201,7 @@ def _one_line(text: str) -> str:
 def _load(run_dir, side: str) -> dict:
     """A run's per-cell figures, status rows and problems: its damaged cell files (``store.load``
     warns about them; caught here, so that they are problems of the gate, never Python warnings)."""
-    from estbench.report.tables import per_cell  # lazy: keeps this module light to import
+    from estbench.analysis.tables import per_cell  # lazy: keeps this module light to import
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no results folder at {run_dir}")

@@ -24,11 +24,12 @@ from typing import Optional
 
 import estimators
 import tasks
-from estbench import executors, protocols, store, sweep, table
-from estbench.budget import Budget
-from estbench.cli_report import add_parsers
-from estbench.errors import ConfigError, RankError, SpecError, UsageError, WorkerError
-from estbench.spec import parse_list, split_list
+from estbench.engine import executors, protocols, store, sweep
+from estbench.analysis import table
+from estbench.core.budget import Budget
+from estbench.cli.report import add_parsers
+from estbench.core.errors import ConfigError, RankError, SpecError, UsageError, WorkerError
+from estbench.core.spec import parse_list, split_list
 
 DEFAULTS = Budget()
 DEFAULT_SEEDS = "0,1,2"
@@ -512,8 +513,8 @@ def _final_elbo_ranks(records):
     """The leaderboard's per-task ranks by final ELBO (ties and intervals) for the CLI table, or
     None without the report extra (scipy)."""
     try:
-        from estbench.report import leaderboard as lb
-        from estbench.report import tables as rt
+        from estbench.analysis import leaderboard as lb
+        from estbench.analysis import tables as rt
     except ImportError:
         return None
     if records.empty:
@@ -546,7 +547,7 @@ def _run_status(cells, out: Path, started: float) -> int:
 
 
 def cmd_rank(args) -> int:
-    from estbench import rank
+    from estbench.analysis import rank
 
     try:  # before any cell runs: ranking without the statistics would waste them
         import estbench.report.render  # noqa: F401
@@ -636,8 +637,8 @@ def cmd_rank(args) -> int:
     status, _, _ = _execute(args, plan, out, executor, meta)
     if status is not None:
         return status
-    from estbench.report import leaderboard as lb
-    from estbench.report import tables as rt
+    from estbench.analysis import leaderboard as lb
+    from estbench.analysis import tables as rt
     records, cells = store.load(out)
     keys = {c.key() for c in [*mine_plan.cells, *plan.cells]}
     cells = cells[cells.key.isin(keys)] if not cells.empty else cells
@@ -839,7 +840,7 @@ def main(argv=None) -> int:
             warnings.filterwarnings("ignore", category=RuntimeWarning, module=module)
         try:
             if getattr(args, "config", None):
-                from estbench import cli_config
+                from estbench.cli import config as cli_config
 
                 args = cli_config.apply(parser, argv, args, args.command)
             return args.func(args)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 import estimators
-from estbench.budget import EvaluationCounter
-from estbench.plugins import NAME_PATTERN
-from estbench.problems import budget_for, estimates, problem, z_scores
+from estbench.core.budget import EvaluationCounter
+from estbench.core.plugins import NAME_PATTERN
+from estbench.engine.problems import budget_for, estimates, problem, z_scores
 
 Z_TOL = 4.5
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from estbench.budget import Budget
-from estbench.errors import SpecError
+from estbench.core.budget import Budget
+from estbench.core.errors import SpecError
 
 
 def protocol_dir() -> Path:

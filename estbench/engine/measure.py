@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from estbench.budget import EvaluationCounter
+from estbench.core.budget import EvaluationCounter
 from estimators import families as fam
 from tasks import Reference, flat_grad
 

@@ -18,8 +18,8 @@ import pandas as pd
 
 import estimators
 import tasks
-from estbench import contract
-from estbench.errors import RankError
+from estbench.engine import contract
+from estbench.core.errors import RankError
 
 
 def load_target(target: str) -> type:
@@ -105,7 +105,7 @@ def reuse_cells(plan, reference: Path, out: Path) -> int:
     import os
     import shutil
 
-    from estbench import store
+    from estbench.engine import store
 
     reference, out = Path(reference), Path(out)
     if not (reference / "cells").is_dir():
@@ -201,7 +201,7 @@ def timing_difference(cells: pd.DataFrame, name: str) -> dict:
     and that of its rivals' (CPU, CUDA device, threads, jobs; ``compare``'s rule): a rank read
     from measured times mixes machines where it is not ''.  Rivals' cells reused from a reference
     set made elsewhere are the usual cause."""
-    from estbench import compare
+    from estbench.analysis import compare
 
     out = {}
     if cells is None or cells.empty:
@@ -228,7 +228,7 @@ def render_placement(name: str, board: pd.DataFrame, timing: dict | None = None,
     evidence allows, the estimators it is tied with, and a warning where the seeds are too few
     to separate the field or the timings come from different environments.  ``biased``: the tasks
     where the bias test finds it biased (the criteria among unbiased estimators leave it out)."""
-    from estbench.report.leaderboard import CRITERIA
+    from estbench.analysis.leaderboard import CRITERIA
 
     unbiased_only = {c.name for c in CRITERIA if c.unbiased_only}
     timing = {t: why for t, why in (timing or {}).items() if why}

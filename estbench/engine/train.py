@@ -34,11 +34,11 @@ import torch
 
 import estimators
 import tasks
-from estbench.budget import Budget, EvaluationCounter, over_budget_message
-from estbench.errors import BudgetError, CellTimeout, Diverged, InfeasibleError, OverBudgetError
-from estbench.measure import isolated_rng, measure
-from estbench.spec import parse
-from estbench.store import RECORD_IDENTITY
+from estbench.core.budget import Budget, EvaluationCounter, over_budget_message
+from estbench.core.errors import BudgetError, CellTimeout, Diverged, InfeasibleError, OverBudgetError
+from estbench.engine.measure import isolated_rng, measure
+from estbench.core.spec import parse
+from estbench.engine.store import RECORD_IDENTITY
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Cell:
     def with_code(self) -> "Cell":
         if self.code:
             return self
-        from estbench.store import cell_code_version
+        from estbench.engine.store import cell_code_version
 
         return dataclasses.replace(self, code=cell_code_version(self))
 

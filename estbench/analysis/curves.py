@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from estbench import table
+from estbench.analysis import table
 
 #: the columns that identify a cell in the report's frames
 CELL = list(table.CELL_KEYS)

@@ -1,7 +1,7 @@
 """Per-cell figures, confidence intervals and the per-task tables of a report.
 
 Everything starts from the tidy records of a run.  The per-cell aggregation (bias and variance
-averaged over a cell's checkpoints, final figures as recorded) is estbench.table's, reused as is;
+averaged over a cell's checkpoints, final figures as recorded) is estbench.analysis.table's, reused as is;
 this module adds seed-to-seed statistics: mean and a Student-t 95% confidence interval over seeds.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pandas as pd
 from scipy import stats
 
 import estimators
-from estbench import metrics, table
-from estbench.report import curves
+from estbench.core import metrics
+from estbench.analysis import table
+from estbench.analysis import curves
 
 CELL_KEYS = list(table.CELL_KEYS)
 
@@ -68,7 +69,7 @@ def label_settings(records: pd.DataFrame, cells: pd.DataFrame | None = None):
 
 # ---- per cell -----------------------------------------------------------------------------------
 def per_cell(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell (task, estimator, device, seed) with estbench.table's per-cell figures.
+    """One row per cell (task, estimator, device, seed) with estbench.analysis.table's per-cell figures.
 
     bias / variance / cosine are means over the cell's checkpoints; final_elbo, step_time, n_evals,
     diverged as recorded at the end.  Adds ``log10_variance`` (``-inf`` for an exactly zero
@@ -144,7 +145,7 @@ BEST_RTOL = 1e-6
 
 # ---- the per-task tables ------------------------------------------------------------------------
 #: level of the bias test wherever a verdict is drawn from it (tables, leaderboard, report)
-#: the bias test's verdicts live with the per-cell figures (estbench.table); re-exported here
+#: the bias test's verdicts live with the per-cell figures (estbench.analysis.table); re-exported here
 BIAS_TEST_ALPHA, estimator_bias, biased_set = table.BIAS_TEST_ALPHA, table.estimator_bias, table.biased_set
 
 
@@ -226,7 +227,7 @@ def elbo_labels(task: str) -> tuple[str, str]:
     """What a task's curve (``elbo``, ``evaluate(final=False)``) and its final figure
     (``final_elbo``, ``evaluate(final=True)``) are, as axes and table headers name them: the
     validation ELBO during training and the test ELBO at the end for a model, the exact objective
-    for both on a closed-form toy (estbench.metrics declares both)."""
+    for both on a closed-form toy (estbench.core.metrics declares both)."""
     kind = closed_form(task)
     if kind:
         return "exact objective E_q[f] (during training)", "final E_q[f] (exact)"
@@ -235,7 +236,7 @@ def elbo_labels(task: str) -> tuple[str, str]:
     return metrics.get("elbo").label, metrics.get("final_elbo").title
 
 
-#: metrics the harness records for every task (declared in estbench.metrics); any other metric is
+#: metrics the harness records for every task (declared in estbench.core.metrics); any other metric is
 #: a task's own final figure, declared or not (a plug-in task's)
 HARNESS_METRICS = frozenset(metrics.names(source=metrics.HARNESS))
 

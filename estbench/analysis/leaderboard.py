@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from estbench import metrics
+from estbench.core import metrics
 
 ALPHA = 0.05
 
@@ -57,7 +57,7 @@ ALPHA = 0.05
 @dataclass(frozen=True)
 class Criterion:
     name: str       # key in leaderboard.csv
-    column: str     # column of the per-cell frame: a metric or figure declared in estbench.metrics
+    column: str     # column of the per-cell frame: a metric or figure declared in estbench.core.metrics
     title: str
     #: rank only the estimators the bias test does not reject (variance means nothing for a
     #: biased estimator: spigot's is zero)
@@ -67,7 +67,7 @@ class Criterion:
 
     @property
     def higher(self) -> bool:
-        """Which way is better: the column's declared direction (estbench.metrics)."""
+        """Which way is better: the column's declared direction (estbench.core.metrics)."""
         return metrics.get(self.column).higher
 
 
@@ -256,7 +256,7 @@ def _criterion_values(pc: pd.DataFrame, clip: bool = True):
     _LOG10_FLOOR (an exactly zero variance stays comparable) unless ``clip`` is False.  What the
     leaderboard ranks, the stability check resamples and the across-task tests compare."""
     import estimators
-    from estbench.table import biased_set
+    from estbench.analysis.table import biased_set
 
     biased_pairs = biased_set(pc)
     # an oracle (``exact``) is a reference line, outside the budget and outside every ranking

@@ -1,7 +1,7 @@
 """Running the cells of a sweep in parallel, on existing engines: joblib/loky, submitit, dask.
 
 A sweep is embarrassingly parallel over cells.  Every backend runs the same worker function,
-:func:`run_and_store`: it trains one cell with :func:`estbench.train.run_cell` and writes its record
+:func:`run_and_store`: it trains one cell with :func:`estbench.engine.train.run_cell` and writes its record
 to the results store itself (atomically, ``store.write_cell``), so a sweep split across machines or
 restarted after a crash completes exactly the missing cells.  The parent filters out the cells
 already stored *before* submitting anything and reports progress as cells complete.
@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from estbench import store
-from estbench.errors import ConfigError, WorkerError  # noqa: F401 (WorkerError re-exported)
-from estbench.train import Cell, CellResult, run_cell
+from estbench.engine import store
+from estbench.core.errors import ConfigError, WorkerError  # noqa: F401 (WorkerError re-exported)
+from estbench.engine.train import Cell, CellResult, run_cell
 
 BACKENDS = ("loky", "submitit", "dask")
 COMMON_KEYS = {"backend", "n_jobs", "cells_per_gpu", "threads_per_cell"}
@@ -126,7 +126,7 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: 
     """
     if not force and store.has_cell(Path(run_dir), cell.key(), report=False):  # the sweep reported it
         return cell, None
-    if threads:  # run_cell reads it (estbench.train.cpu_threads); otherwise inherited from the parent
+    if threads:  # run_cell reads it (estbench.engine.train.cpu_threads); otherwise inherited from the parent
         os.environ["ESTBENCH_THREADS"] = str(int(threads))
     heartbeat = store.Heartbeat(run_dir, cell.key(), cell.label())
     try:

@@ -19,7 +19,7 @@ import collections.abc
 import difflib
 from pathlib import Path
 
-from estbench.errors import UsageError
+from estbench.core.errors import UsageError
 
 #: the options whose value is a comma-separated list: a file may give them as a YAML list
 LIST_OPTIONS = ("tasks", "estimators", "seeds")

@@ -1,0 +1,1 @@
+"""Layer 4, analysis: per-cell figures, statistics, leaderboards, compare, rank."""

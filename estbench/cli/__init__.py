@@ -1,0 +1,2 @@
+"""Layer 6, the command line: ``estbench`` (``estbench.cli.commands.main``), the sweep-file reader
+(``config``) and the report, compare and rank commands (``report``)."""
