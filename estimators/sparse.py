@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.distributions import constraints
@@ -209,6 +211,218 @@ def _pad_slots(x, cap, dims):
     return torch.nn.functional.pad(x, pad)
 
 
+@dataclass
+class _ActiveSets:
+    """The active-set state of the chains still being solved, one row per chain (Niculae et al.
+    2018, Sec. 3.2): each chain's active set A of structures in a padded slot dimension, their
+    weights xi and what the equality-constrained QP (EQP) on A needs.
+
+    Every field is indexed by row first, so retiring finished chains selects rows of all of them
+    (:meth:`keep`); the slot fields grow together when the largest set needs more slots
+    (:meth:`pad_slots`).
+    """
+
+    live: torch.Tensor  # (n,) original index of each row
+    theta: torch.Tensor  # (n, D) the row's unary scores
+    Z: torch.Tensor  # (n, cap, D) the structure in each slot
+    c: torch.Tensor  # (n, cap) its chain score c_s
+    n1: torch.Tensor  # (n, cap) its number of ones (updates the Gram matrix by one row)
+    Q: torch.Tensor  # (n, cap, cap) Gram matrix M_A^T M_A = D - Hamming of the slots
+    active: torch.Tensor  # (n, cap) the slot holds a structure of A
+    xi: torch.Tensor  # (n, cap) the current weights: feasible, zero off A
+    sol_x: torch.Tensor  # (n, cap) the EQP solution on the current A ...
+    sol_tau: torch.Tensor  # (n,) ... and its multiplier tau of sum(xi) = 1
+    fresh: torch.Tensor  # (n,) A changed since the last EQP solve: re-solve
+    done: torch.Tensor  # (n,) stopped (optimal, or stuck)
+    stuck: torch.Tensor  # (n,) wanted to add a structure to a full set (not converged)
+    slots: torch.Tensor  # (cap,) arange of the slot dimension
+
+    ROWS: ClassVar[tuple] = ("live", "theta", "Z", "c", "n1", "Q", "active", "xi", "sol_x",
+                             "sol_tau", "fresh", "done", "stuck")
+
+    @property
+    def cap(self) -> int:
+        return self.Z.shape[1]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the chains ``rows`` (a boolean mask)."""
+        for name in self.ROWS:
+            setattr(self, name, getattr(self, name)[rows])
+
+    def pad_slots(self, cap: int) -> None:
+        """Grow the slot dimension to ``cap`` (the new slots are empty and inactive)."""
+        for name in ("Z", "c", "n1", "active", "xi", "sol_x"):
+            setattr(self, name, _pad_slots(getattr(self, name), cap, (1,)))
+        self.Q = _pad_slots(self.Q, cap, (1, 2))
+        self.slots = torch.arange(cap, device=self.Z.device)
+
+
+def _initial_active_sets(theta: torch.Tensor, transition: float, cap: int) -> _ActiveSets:
+    """The starting point of the active-set method (Niculae et al. 2018, Sec. 3.2): every chain's
+    active set is its MAP structure alone (the Viterbi argmax of the chain score), with weight 1
+    -- a feasible point, the SparseMAP solution itself when one structure dominates."""
+    N, D = theta.shape
+    dev = theta.device
+    z0, _ = chain_viterbi(theta, transition)
+    Z = theta.new_zeros(N, cap, D)
+    Z[:, 0] = z0
+    c = theta.new_zeros(N, cap)
+    c[:, 0] = _chain_scores(z0[:, None], theta, transition)[:, 0]
+    n1 = theta.new_zeros(N, cap)
+    n1[:, 0] = z0.sum(-1)
+    Q = theta.new_zeros(N, cap, cap)
+    Q[:, 0, 0] = D
+    active = torch.zeros(N, cap, dtype=torch.bool, device=dev)
+    active[:, 0] = True
+    xi = torch.zeros_like(c)
+    xi[:, 0] = 1.0
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    return _ActiveSets(live=torch.arange(N, device=dev), theta=theta, Z=Z, c=c, n1=n1, Q=Q,
+                       active=active, xi=xi, sol_x=torch.zeros_like(c), sol_tau=theta.new_zeros(N),
+                       fresh=torch.ones(N, dtype=torch.bool, device=dev), done=done,
+                       stuck=torch.zeros_like(done), slots=torch.arange(cap, device=dev))
+
+
+def _retire_and_grow(state: _ActiveSets, finished: list, cap_for) -> bool:
+    """Bookkeeping between iterations, not a step of the algorithm (one host read): move the
+    chains that stopped to ``finished`` as ``(rows, xi, Z, active, converged)``, and grow the slot
+    dimension to what the largest active set may need next (``cap_for``).  False when no chain is
+    left."""
+    n_done, n_max = (int(x) for x in torch.stack(
+        [state.done.sum(), state.active.sum(-1).max()]).tolist())
+    if n_done:
+        done = state.done
+        finished.append((state.live[done], state.xi[done], state.Z[done], state.active[done],
+                         ~state.stuck[done]))
+        if n_done == state.live.numel():
+            state.live = state.live[:0]
+            return False
+        state.keep(~done)
+    new_cap = cap_for(n_max)
+    if new_cap > state.cap:
+        state.pad_slots(new_cap)
+    return True
+
+
+def _solve_eqp(state: _ActiveSets, ridge: float, every: int):
+    """Step 1 of an active-set iteration (Niculae et al. 2018, Sec. 3.2; Nocedal & Wright 1999,
+    Sec. 16.4): the equality-constrained QP on each chain's active set A, max_{xi_A, sum xi_A = 1}
+    c_A . xi_A - 1/2 ||M_A xi_A||^2, through its KKT system [[Q_A, 1], [1^T, 0]] [xi; tau] =
+    [c_A; 1] (:func:`_kkt`; ``ridge`` for an affinely dependent A).  Solved only for the chains
+    whose A changed since their last solve (``fresh``; every chain on a device, keeping the old
+    solution where A did not change).  Returns ``(xi_hat, tau)``, the EQP's weights and multiplier."""
+    cap = state.cap
+    n = state.live.numel()
+    if every == 1:
+        idx = state.fresh.nonzero().squeeze(1)
+        if 0 < idx.numel() < n:
+            active = state.active[idx]
+            K = _kkt(state.Z[idx], active, ridge, state.Q[idx])
+            rhs = torch.cat([state.c[idx] * active, state.theta.new_ones(idx.numel(), 1)], -1)
+            sol = torch.linalg.solve(K, rhs)
+            state.sol_x[idx], state.sol_tau[idx] = sol[:, :cap] * active, sol[:, cap]
+        elif idx.numel():
+            rhs = torch.cat([state.c * state.active, state.theta.new_ones(n, 1)], -1)
+            sol = torch.linalg.solve(_kkt(state.Z, state.active, ridge, state.Q), rhs)
+            state.sol_x, state.sol_tau = sol[:, :cap] * state.active, sol[:, cap]
+    else:
+        rhs = torch.cat([state.c * state.active, state.theta.new_ones(n, 1)], -1)
+        sol = torch.linalg.solve(_kkt(state.Z, state.active, ridge, state.Q), rhs)
+        state.sol_x = torch.where(state.fresh[:, None], sol[:, :cap] * state.active, state.sol_x)
+        state.sol_tau = torch.where(state.fresh, sol[:, cap], state.sol_tau)
+    return state.sol_x, state.sol_tau
+
+
+def _add_most_violating(state: _ActiveSets, stationary: torch.Tensor, xi_hat: torch.Tensor,
+                        tau: torch.Tensor, transition: float, tol: float, every: int) -> None:
+    """Step 2a, for the chains ``stationary`` on their active set (the EQP solution is the current
+    point; Niculae et al. 2018, Sec. 3.2): the most violated optimality condition comes from the
+    MAP oracle at the gradient, s* = argmax_s c_s - m_s . mu with mu = E_xi[m_s] (a Viterbi pass
+    with unary scores theta + 1 - 2 mu); its gain c_s* - m_s* . mu - tau > ``tol`` adds s* to A
+    (its slot, score and Gram row), otherwise the chain is optimal and stops.  A chain whose set is
+    full (or whose s* is already in A) cannot add and stops unconverged (``stuck``)."""
+    D = state.theta.shape[1]
+    n = state.live.numel()
+    rows = torch.arange(n, device=state.theta.device)
+    Z, active = state.Z, state.active
+    mu = torch.bmm(state.xi[:, None], Z)[:, 0]  # (N, D) marginal P(z_d = 1)
+    u = state.theta + 1 - 2 * mu
+    if every == 1 and transition != 0 and D > 1:  # the scan only where it is needed
+        sel = stationary.nonzero().squeeze(1)
+        z_star, v = u.new_zeros(n, D), u.new_zeros(n)
+        z_star[sel], v[sel] = chain_viterbi(u[sel], transition)
+    else:
+        z_star, v = chain_viterbi(u, transition)
+    gain = v - (1 - mu).sum(-1) - tau  # c_s* - m_s*.mu - tau
+    n1_star = z_star.sum(-1)
+    zz = torch.bmm(z_star[:, None], Z.transpose(1, 2))[:, 0]  # (a row-vector bmm: fast)
+    q = 2 * zz - state.n1 - n1_star[:, None] + D  # D - Hamming(z*, slot)
+    already = (active & (q == D)).any(-1)
+    free = ~active
+    want = stationary & (gain > tol) & ~already
+    add = want & free.any(-1)
+    state.stuck = state.stuck | (want & ~add)
+    state.done = state.done | (stationary & ~add)
+    slot = free.to(torch.int8).argmax(-1)
+    at = add[:, None] & (state.slots == slot[:, None])  # (N, cap): the new structure's slot
+    Z[rows, slot] = torch.where(add[:, None], z_star, Z[rows, slot])
+    q = torch.where(at, float(D), q)
+    Q = state.Q
+    Q[rows, slot] = torch.where(add[:, None], q, Q[rows, slot])
+    Q[rows, :, slot] = torch.where(add[:, None], q, Q[rows, :, slot])
+    c_star = _chain_scores(z_star[:, None], state.theta, transition)[:, 0]
+    state.c = torch.where(at, c_star[:, None], state.c)
+    state.n1 = torch.where(at, n1_star[:, None], state.n1)
+    state.active = active | at
+    state.fresh = state.fresh | add
+    state.xi = torch.where(stationary[:, None], xi_hat, state.xi)
+
+
+def _step_to_blocking(state: _ActiveSets, move: torch.Tensor, step: torch.Tensor) -> None:
+    """Step 2b, for the chains ``move`` not stationary on their active set (Niculae et al. 2018,
+    Sec. 3.2; Nocedal & Wright 1999, Sec. 16.4): move xi towards the EQP solution, xi + alpha
+    step with the largest alpha <= 1 that keeps every weight >= 0; a weight that reaches zero
+    first (alpha < 1) is the blocking constraint, and its structure leaves A."""
+    xi, active = state.xi, state.active
+    neg = active & (step < 0)
+    ratio = torch.where(neg, -xi / torch.where(neg, step, -torch.ones_like(step)),
+                        torch.full_like(step, math.inf))
+    a_block, j = ratio.min(-1)
+    alpha = a_block.clamp(max=1.0)
+    xi = torch.where(move[:, None], xi + alpha[:, None] * step, xi)
+    drop = move & (a_block < 1)
+    out = drop[:, None] & (state.slots == j[:, None])
+    state.xi = torch.where(out, 0.0, xi)
+    state.active = active & ~out
+    state.fresh = state.fresh | drop
+
+
+def _assemble(finished: list):
+    """The chains' final ``(xi, Z, active, converged)`` in their original order, padded to the
+    widest slot dimension used (bookkeeping: chains left the working set at different times)."""
+    cap = max(f[1].shape[1] for f in finished)
+    order = torch.cat([f[0] for f in finished]).argsort()
+    xi, Z, active = (torch.cat([_pad_slots(f[k], cap, (1,)) for f in finished])[order]
+                     for k in (1, 2, 3))
+    converged = torch.cat([f[4] for f in finished])[order]
+    return xi, Z, active, converged
+
+
+def _polish(xi, Z, active, theta, transition):
+    """The final weights: the EQP re-solved on the final (affinely independent) active set
+    without the ridge (Niculae et al. 2018, Sec. 3.2, Step 1 exactly), kept where it solves and
+    agrees with the iterate to 1e-6, then clipped to >= 0 on A and renormalised onto the simplex."""
+    N = theta.shape[0]
+    cap = Z.shape[1]
+    rhs = torch.cat([_chain_scores(Z, theta, transition) * active, theta.new_ones(N, 1)], -1)
+    exact, info = torch.linalg.solve_ex(_kkt(Z, active, 0.0), rhs)
+    exact = exact[:, :cap] * active
+    ok = (info == 0) & torch.isfinite(exact).all(-1) & ((exact - xi).abs().amax(-1) < 1e-6)
+    xi = torch.where(ok[:, None], exact, xi)
+    xi = xi.clamp_min(0) * active
+    return xi / xi.sum(-1, keepdim=True)
+
+
 def sparsemap_chain_solve(theta: torch.Tensor, transition: float, max_iter: int = 50,
                           tol: float = 1e-9, ridge: float = 1e-10, sync_every: int = 0):
     """SparseMAP (Niculae et al. 2018, Eq. 4-6) on binary chains by the active-set method (Sec. 3.2).
@@ -224,14 +438,22 @@ def sparsemap_chain_solve(theta: torch.Tensor, transition: float, max_iter: int 
     ``(N, S', D)``, slot mask ``(N, S')`` and a ``(N,)`` flag; S' <= S is the number of slots used
     (structures sit in the first free slot, so slots past S' would all be empty).
 
+    The steps, each a function: start from each chain's MAP structure
+    (:func:`_initial_active_sets`); then per iteration solve the EQP on the active sets
+    (:func:`_solve_eqp`), and where the solution is the current point add the most violating
+    structure or stop (:func:`_add_most_violating`), elsewhere step towards it until a weight
+    blocks (:func:`_step_to_blocking`); finally re-solve the EQP exactly (:func:`_polish`).  The
+    state of the chains still running is one :class:`_ActiveSets`.
+
     Cost.  The Gram matrix Q = D - Hamming of the slots is updated by one row per addition rather
     than recomputed; the KKT system of a chain is re-solved only when its active set changed (a
     full step on an unchanged set is followed by the stationary solve of the same set); the slot
     dimension grows with the largest active set instead of being padded to S; finished chains leave
-    the batch.  That bookkeeping reads the state on the host every ``sync_every`` iterations (0:
-    every iteration on the CPU, where it is free and also lets an iteration skip the half of the
-    update no chain needs; every 8 on other devices, where chains that finished in between stay
-    frozen and rows are masked rather than selected).  The result does not depend on it.
+    the batch.  That bookkeeping (:func:`_retire_and_grow`) reads the state on the host every
+    ``sync_every`` iterations (0: every iteration on the CPU, where it is free and also lets an
+    iteration skip the half of the update no chain needs; every 8 on other devices, where chains
+    that finished in between stay frozen and rows are masked rather than selected).  The result
+    does not depend on it.
     """
     theta = theta.detach().double()
     N, D = theta.shape
@@ -247,135 +469,24 @@ def sparsemap_chain_solve(theta: torch.Tensor, transition: float, max_iter: int 
     def cap_for(n_max):  # slots needed for the next ``every`` iterations (<= 1 addition each)
         return min(S, -(-(n_max + every) // step_cap) * step_cap)
 
-    cap = cap_for(1)
-    z0, _ = chain_viterbi(theta, transition)
-    Z = theta.new_zeros(N, cap, D)
-    Z[:, 0] = z0
-    c = theta.new_zeros(N, cap)
-    c[:, 0] = _chain_scores(z0[:, None], theta, transition)[:, 0]
-    n1 = theta.new_zeros(N, cap)
-    n1[:, 0] = z0.sum(-1)
-    Q = theta.new_zeros(N, cap, cap)
-    Q[:, 0, 0] = D
-    active = torch.zeros(N, cap, dtype=torch.bool, device=dev)
-    active[:, 0] = True
-    xi = torch.zeros_like(c)
-    xi[:, 0] = 1.0
-    sol_x, sol_tau = torch.zeros_like(c), theta.new_zeros(N)  # EQP solution of the current set
-    fresh = torch.ones(N, dtype=torch.bool, device=dev)  # the active set changed: re-solve
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
-    stuck = torch.zeros_like(done)
-    live = torch.arange(N, device=dev)  # original index of each row of the working set
-    th = theta  # theta[live]
+    state = _initial_active_sets(theta, transition, cap_for(1))
     finished = []  # (rows, xi, Z, active, converged) of chains that left the working set
-    slots = torch.arange(cap, device=dev)
-
     for it in range(max_iter + 2 * S):  # each addition may be followed by removals
-        if it % every == 0:  # host read: retire finished chains, size the slot dimension
-            n_done, n_max = (int(x) for x in torch.stack(
-                [done.sum(), active.sum(-1).max()]).tolist())
-            if n_done:
-                keep = ~done
-                finished.append((live[done], xi[done], Z[done], active[done], ~stuck[done]))
-                if n_done == live.numel():
-                    live = live[:0]
-                    break
-                live, th, Z, c, n1, Q, active, xi, sol_x, sol_tau, fresh, done, stuck = (
-                    t[keep] for t in (live, th, Z, c, n1, Q, active, xi, sol_x, sol_tau, fresh,
-                                      done, stuck))
-            new_cap = cap_for(n_max)
-            if new_cap > cap:
-                cap = new_cap
-                Z, c, n1, active, xi, sol_x = (_pad_slots(t, cap, (1,))
-                                               for t in (Z, c, n1, active, xi, sol_x))
-                Q = _pad_slots(Q, cap, (1, 2))
-                slots = torch.arange(cap, device=dev)
-        n = live.numel()
-        rows = torch.arange(n, device=dev)
-        # EQP on each active set, solved only where the set changed since the last solve
-        if every == 1:
-            idx = fresh.nonzero().squeeze(1)
-            if 0 < idx.numel() < n:
-                K = _kkt(Z[idx], active[idx], ridge, Q[idx])
-                rhs = torch.cat([c[idx] * active[idx], th.new_ones(idx.numel(), 1)], -1)
-                sol = torch.linalg.solve(K, rhs)
-                sol_x[idx], sol_tau[idx] = sol[:, :cap] * active[idx], sol[:, cap]
-            elif idx.numel():
-                rhs = torch.cat([c * active, th.new_ones(n, 1)], -1)
-                sol = torch.linalg.solve(_kkt(Z, active, ridge, Q), rhs)
-                sol_x, sol_tau = sol[:, :cap] * active, sol[:, cap]
-        else:
-            rhs = torch.cat([c * active, th.new_ones(n, 1)], -1)
-            sol = torch.linalg.solve(_kkt(Z, active, ridge, Q), rhs)
-            sol_x = torch.where(fresh[:, None], sol[:, :cap] * active, sol_x)
-            sol_tau = torch.where(fresh, sol[:, cap], sol_tau)
-        xih, tau = sol_x, sol_tau
-        step = xih - xi
+        if it % every == 0 and not _retire_and_grow(state, finished, cap_for):
+            break
+        xi_hat, tau = _solve_eqp(state, ridge, every)
+        step = xi_hat - state.xi
         stationary = step.abs().amax(-1) < tol
-        st, move = ~done & stationary, ~done & ~stationary
-        fresh = torch.zeros_like(done)
-        # (a) stationary on the current set: add the most violating structure, or stop
+        st, move = ~state.done & stationary, ~state.done & ~stationary
+        state.fresh = torch.zeros_like(state.done)
         if every > 1 or bool(st.any()):  # (on the CPU, skip what no chain needs: it is free to ask)
-            mu = torch.bmm(xi[:, None], Z)[:, 0]  # (N, D) marginal P(z_d = 1)
-            u = th + 1 - 2 * mu
-            if every == 1 and transition != 0 and D > 1:  # the scan only where it is needed
-                sel = st.nonzero().squeeze(1)
-                z_star, v = u.new_zeros(n, D), u.new_zeros(n)
-                z_star[sel], v[sel] = chain_viterbi(u[sel], transition)
-            else:
-                z_star, v = chain_viterbi(u, transition)
-            gain = v - (1 - mu).sum(-1) - tau  # c_s* - m_s*.mu - tau
-            n1_star = z_star.sum(-1)
-            zz = torch.bmm(z_star[:, None], Z.transpose(1, 2))[:, 0]  # (a row-vector bmm: fast)
-            q = 2 * zz - n1 - n1_star[:, None] + D  # D - Hamming(z*, slot)
-            already = (active & (q == D)).any(-1)
-            free = ~active
-            want = st & (gain > tol) & ~already
-            add = want & free.any(-1)
-            stuck = stuck | (want & ~add)
-            done = done | (st & ~add)
-            slot = free.to(torch.int8).argmax(-1)
-            at = add[:, None] & (slots == slot[:, None])  # (N, cap): the new structure's slot
-            Z[rows, slot] = torch.where(add[:, None], z_star, Z[rows, slot])
-            q = torch.where(at, float(D), q)
-            Q[rows, slot] = torch.where(add[:, None], q, Q[rows, slot])
-            Q[rows, :, slot] = torch.where(add[:, None], q, Q[rows, :, slot])
-            c_star = _chain_scores(z_star[:, None], th, transition)[:, 0]
-            c = torch.where(at, c_star[:, None], c)
-            n1 = torch.where(at, n1_star[:, None], n1)
-            active = active | at
-            fresh = fresh | add
-            xi = torch.where(st[:, None], xih, xi)
-        # (b) not stationary: move towards the EQP solution until a weight hits zero
+            _add_most_violating(state, st, xi_hat, tau, transition, tol, every)
         if every > 1 or bool(move.any()):
-            neg = active & (step < 0)
-            ratio = torch.where(neg, -xi / torch.where(neg, step, -torch.ones_like(step)),
-                                torch.full_like(step, math.inf))
-            a_block, j = ratio.min(-1)
-            alpha = a_block.clamp(max=1.0)
-            xi = torch.where(move[:, None], xi + alpha[:, None] * step, xi)
-            drop = move & (a_block < 1)
-            out = drop[:, None] & (slots == j[:, None])
-            xi = torch.where(out, 0.0, xi)
-            active = active & ~out
-            fresh = fresh | drop
-    if live.numel():  # the iteration budget ran out: these chains did not converge
-        finished.append((live, xi, Z, active, done & ~stuck))
-    # assemble in the original order, padded to the widest slot dimension used
-    cap = max(f[1].shape[1] for f in finished)
-    order = torch.cat([f[0] for f in finished]).argsort()
-    xi, Z, active = (torch.cat([_pad_slots(f[k], cap, (1,)) for f in finished])[order]
-                     for k in (1, 2, 3))
-    converged = torch.cat([f[4] for f in finished])[order]
-    # polish: re-solve the EQP on the final (affinely independent) active set without the ridge
-    rhs = torch.cat([_chain_scores(Z, theta, transition) * active, theta.new_ones(N, 1)], -1)
-    exact, info = torch.linalg.solve_ex(_kkt(Z, active, 0.0), rhs)
-    exact = exact[:, :cap] * active
-    ok = (info == 0) & torch.isfinite(exact).all(-1) & ((exact - xi).abs().amax(-1) < 1e-6)
-    xi = torch.where(ok[:, None], exact, xi)
-    xi = xi.clamp_min(0) * active
-    xi = xi / xi.sum(-1, keepdim=True)
-    return xi, Z, active, converged
+            _step_to_blocking(state, move, step)
+    if state.live.numel():  # the iteration budget ran out: these chains did not converge
+        finished.append((state.live, state.xi, state.Z, state.active, state.done & ~state.stuck))
+    xi, Z, active, converged = _assemble(finished)
+    return _polish(xi, Z, active, theta, transition), Z, active, converged
 
 
 class SparseMAPChain(torch.autograd.Function):

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the evaluation and measurement sizes these figures were made with (the quick defaults then)
-estbench run --tasks "text_vae[val_sentences=200,test_sentences=500,is_samples=10,measure_sentences=8,ref_chunks=16,ref_chunk_samples=16]" \
+estbench run --tasks "text_vae[val_size=200,test_sentences=500,is_samples=10,measure_size=8,ref_chunks=16,ref_chunk_samples=16]" \
     --estimators reparam --seeds 0 --budget standard --steps 2628 \
     --checkpoints 3 --out results/text_vae_2epochs "$@"
 estbench report results/text_vae_2epochs

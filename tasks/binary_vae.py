@@ -4,12 +4,13 @@ The model of NVIL / MuProp / REBAR / RELAX / ARM / DisARM (Mnih & Gregor 2014; T
 Sec. 6.2; Grathwohl et al. 2018, Sec. 6.2; Yin & Zhou 2019, Sec. 4.2; Dong, Mnih & Tucker 2020,
 Sec. 5.2): 200 Bernoulli latents with learned prior logits, a Bernoulli decoder over the 784 pixels,
 and a "linear" (784 -> 200 logits -> 784) or "nonlinear" (two hidden layers of 200 LeakyReLU(0.3)
-units in both encoder and decoder, as in DisARM's code) architecture.
+units in both encoder and decoder, as in DisARM's code) architecture.  The data, the training
+order, the reference-gradient scaffolding and the evaluation are the MNIST VAE's
+(tasks/mnist_vae.py); this module holds the Bernoulli latent, the learned prior and the networks.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +18,18 @@ from torch import distributions as D, nn
 
 from torch.distributions import constraints
 
-from estbench.core.plugins import Option, integer_at_least
+from estbench.core.plugins import Option
 
-from .base import Problem, Reference, Task, flat_grad
 from .data import mnist
+from .mnist_vae import (CHUNK_ROWS, N_TRAIN, N_VAL, PIXELS, SUBSET_TEST_IMAGES, MNISTVAE,
+                        evaluation_options, fixed_data, reference_options)
+
+__all__ = ["BinaryVAE", "CHUNK_ROWS", "N_TRAIN", "N_VAL", "PIXELS", "SUBSET_TEST_IMAGES"]
 
 #: seed of the one fixed binarisation of the validation and test images (drawn once, on the CPU)
 EVAL_BINARISATION_SEED = 20_140_621
 #: seed of the latent samples used by ``evaluate`` / ``final_metrics`` (common random numbers)
 EVAL_SAMPLE_SEED = 7_310_011
-N_TRAIN, N_VAL = 50_000, 10_000
-PIXELS = 784
-#: rows (samples x images) pushed through the decoder at once in evaluation / reference code
-CHUNK_ROWS = 16_384
 
 
 def _log_bernoulli(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -44,25 +44,16 @@ def _kl_bernoulli(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             + (1 - q) * (F.logsigmoid(-a) - F.logsigmoid(-c))).sum(-1)
 
 
-_DATA_CACHE: dict[str, tuple] = {}
+_MEAN_CACHE: dict[str, torch.Tensor] = {}
 
 
-def _fixed_data(data_dir: str):
-    """(train uint8 (50000, 784), train mean intensity (784,), val and test binarised once with
-    ``EVAL_BINARISATION_SEED``), all on the CPU; cached per data folder (deterministic)."""
+def _train_mean(data_dir: str) -> torch.Tensor:
+    """Mean intensity (784,) in [0, 1] of the 50k training images, on the CPU; cached per folder."""
     key = str(mnist.DEFAULT_DIR if not data_dir else data_dir)
-    if key not in _DATA_CACHE:
-        images, _ = mnist.load("train", data_dir or None)
-        test_images, _ = mnist.load("test", data_dir or None)
-        flat = images.reshape(-1, PIXELS)
-        train = flat[:N_TRAIN]
-        mean = train.double().mean(0).div(255).float()
-        g = torch.Generator().manual_seed(EVAL_BINARISATION_SEED)
-        val = (torch.rand(N_VAL, PIXELS, generator=g) < flat[N_TRAIN:].float() / 255).float()
-        test = (torch.rand(10000, PIXELS, generator=g)
-                < test_images.reshape(-1, PIXELS).float() / 255).float()
-        _DATA_CACHE[key] = (train, mean, val, test)
-    return _DATA_CACHE[key]
+    if key not in _MEAN_CACHE:
+        train = fixed_data(data_dir, "dynamic", EVAL_BINARISATION_SEED)[0]
+        _MEAN_CACHE[key] = train.double().mean(0).div(255).float()
+    return _MEAN_CACHE[key]
 
 
 def _mlp(sizes: list[int], generator: torch.Generator, out_bias=None) -> nn.Sequential:
@@ -84,10 +75,6 @@ def _mlp(sizes: list[int], generator: torch.Generator, out_bias=None) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-#: test images of the final figures (test ELBO, IWAE bound) in a *subset* evaluation (the quick
-#: budget): the first 1000, the same for every estimator
-SUBSET_TEST_IMAGES = 1000
-
 class _Optimisers:
     """Several optimisers stepped as one: what the harness needs of an optimiser is ``zero_grad``
     and ``step``."""
@@ -104,7 +91,7 @@ class _Optimisers:
             o.step()
 
 
-class BinaryVAE(Task):
+class BinaryVAE(MNISTVAE):
     """Bernoulli-latent VAE on dynamically binarised MNIST; f(z) = log p(x|z), the KL is exact.
 
     Data.  The 60k MNIST training images are split into the first 50k (training) and the last 10k
@@ -171,16 +158,9 @@ class BinaryVAE(Task):
                            "trains them (1e-2); 0: the prior is trained with the rest by Adam at lr",
                            constraint=constraints.greater_than_eq(0.0)),
         "centre": Option(True, "demean encoder input; init decoder output bias at the data logit"),
-        "data_dir": Option("", "folder with the 4 MNIST gzip IDX files (default: shipped copy)"),
-        "val_size": Option(1000, "validation images used by evaluate(final=False)", constraint=constraints.integer_interval(1, N_VAL)),
-        "eval_samples": Option(10, "reconstruction samples per image in evaluate()", constraint=constraints.positive_integer),
-        "iwae_samples": Option(100, "importance samples of the final test IWAE bound", constraint=constraints.positive_integer),
+        **evaluation_options(),
         "iwae_images": Option(10000, "test images for the IWAE bound (first n; 10000 = all)", constraint=constraints.integer_interval(1, 10000)),
-        "measure_size": Option(8, "validation images in the measurement batch", constraint=constraints.integer_interval(1, N_VAL)),
-        "reference": Option("auto", "auto (exact iff latents <= 16) | exact | sampled",
-                            choices=("auto", "exact", "sampled")),
-        "ref_chunks": Option(32, "sampled reference: independent chunks R", constraint=integer_at_least(2)),
-        "ref_chunk_samples": Option(64, "sampled reference: samples per chunk S (>= 2)", constraint=integer_at_least(2)),
+        **reference_options("latents <= 16"),
     }
     lr = 1e-3
     budgets = {
@@ -191,11 +171,12 @@ class BinaryVAE(Task):
         "standard": {"steps": 1_000_000, "n_samples": 6, "checkpoints": 21, "measure_samples": 256},
     }
     MAX_EXACT_LATENTS = 20
+    eval_binarisation_seed = EVAL_BINARISATION_SEED
+    eval_sample_seed = EVAL_SAMPLE_SEED
 
     def __init__(self, **options):
         super().__init__(**options)
         c = self.config
-        self.lr = c["lr"]
         if c["reference"] == "exact" and c["latents"] > self.MAX_EXACT_LATENTS:
             raise ValueError(
                 f"task 'binary_vae': reference=exact enumerates 2^latents configurations; "
@@ -203,12 +184,9 @@ class BinaryVAE(Task):
             )
 
     # ---- setup ---------------------------------------------------------------------------------
-    def setup(self, device, generator):
-        self.device = torch.device(device)
+    def build(self, generator):
         c = self.config
-        self._train_u8, mean, val, test = _fixed_data(c["data_dir"])
-        self._val, self._test = val.to(self.device), test.to(self.device)
-
+        mean = _train_mean(c["data_dir"])
         L, h = c["latents"], 200
         if c["arch"] == "linear":
             enc_sizes, dec_sizes = [PIXELS, L], [L, PIXELS]
@@ -221,10 +199,7 @@ class BinaryVAE(Task):
         self._mean = (mean if c["centre"] else torch.zeros_like(mean)).to(self.device)
 
     def parameters(self):
-        return [*self.encoder.parameters(), *self.decoder.parameters(), self.prior_logits]
-
-    def estimated_parameters(self):
-        return list(self.encoder.parameters())
+        return [*super().parameters(), self.prior_logits]
 
     def make_optimizer(self):
         """Adam on every parameter; with ``prior_lr`` the DisARM code's split: Adam at ``lr`` on the
@@ -235,148 +210,54 @@ class BinaryVAE(Task):
         return _Optimisers(torch.optim.Adam(networks, lr=self.lr, fused=True),
                            torch.optim.SGD([self.prior_logits], lr=self.config["prior_lr"]))
 
-    # ---- data ----------------------------------------------------------------------------------
-    def train_batches(self, generator) -> Iterator[torch.Tensor]:
-        """Epochs of a random permutation of the 50k training images (incomplete last batch
-        dropped), each batch binarised with a CPU generator seeded from ``generator``."""
-        B = self.config["batch_size"]
-        bin_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        while True:
-            perm = torch.randperm(N_TRAIN, generator=generator)
-            for i in range(0, N_TRAIN - B + 1, B):
-                p = self._train_u8[perm[i:i + B]].float() / 255
-                yield (torch.rand(p.shape, generator=bin_gen) < p).float().to(self.device)
-
-    def measure_batch(self):
-        return self._val[: self.config["measure_size"]]
-
-    # ---- model ---------------------------------------------------------------------------------
+    # ---- the Bernoulli latent and its learned prior ---------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(z|x), shape (*x.shape[:-1], latents)."""
         return self.encoder(x - self._mean)
 
-    def log_lik(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) for z of shape (..., B, latents) against x of shape (B, 784): (..., B)."""
-        logits = self.decoder(z.to(self.prior_logits.dtype))
-        return ((x * logits).sum(-1) - F.softplus(logits).sum(-1)).to(z.dtype)
+    def decoder_input(self, z, x):
+        """z itself (..., latents), in the parameters' dtype."""
+        return z.to(self.prior_logits.dtype)
+
+    def posterior(self, a):
+        return D.Independent(D.Bernoulli(logits=a, validate_args=False), 1)
 
     def kl(self, a: torch.Tensor) -> torch.Tensor:
         return _kl_bernoulli(a, self.prior_logits)
 
-    def problem(self, batch):
-        x = batch
-        a = self.encode(x)
-        dist = D.Independent(D.Bernoulli(logits=a, validate_args=False), 1)
+    def log_prior(self, z):
+        return _log_bernoulli(z, self.prior_logits)
 
-        def f(z):
-            return self.log_lik(x, z)
+    def log_q(self, z, a):
+        return _log_bernoulli(z, a)
 
-        return Problem(dist, f, context=x, analytic=-self.kl(a).sum())
+    def posterior_mean(self, a):
+        return torch.sigmoid(a)
 
-    # ---- reference gradient ---------------------------------------------------------------------
-    def reference_gradient(self, batch):
-        mode = self.config["reference"]
-        if mode == "auto":
-            mode = "exact" if self.config["latents"] <= 16 else "sampled"
-        if mode == "exact":
-            return self._exact_reference(batch)
-        return self._sampled_reference(batch)
+    def sampler(self, q):
+        return lambda shape: (torch.rand(*shape, *q.shape, device=q.device, dtype=q.dtype) < q).to(q.dtype)
 
-    def _exact_reference(self, x):
-        """Enumerate all 2^L latent configurations: grad of sum_b sum_z q(z|x_b) log p(x_b|z)."""
+    def sample_from_uniforms(self, a, u):
+        return (u < torch.sigmoid(a)).to(a.dtype)
+
+    # ---- enumeration (the exact reference) ------------------------------------------------------
+    def exact_by_default(self):
+        return self.config["latents"] <= 16
+
+    def n_configurations(self):
         L = self.config["latents"]
         if L > self.MAX_EXACT_LATENTS:
             raise ValueError(f"exact reference needs latents <= {self.MAX_EXACT_LATENTS}, got {L}")
-        params = self.estimated_parameters()
-        a = self.encode(x).double()  # (B, L)
-        C = 2**L
+        return 2**L
+
+    def configurations(self, start, stop):
+        """The binary expansions of ``start..stop-1``, most significant latent first, (n, L)."""
+        L = self.config["latents"]
         powers = 2 ** torch.arange(L - 1, -1, -1, device=self.device)
-        fz = []
-        with torch.no_grad():
-            for start in range(0, C, CHUNK_ROWS):
-                idx = torch.arange(start, min(C, start + CHUNK_ROWS), device=self.device)
-                Z = ((idx[:, None] // powers) % 2).to(self.prior_logits.dtype)  # (c, L)
-                logits = self.decoder(Z)  # (c, 784)
-                fz.append((x @ logits.T - F.softplus(logits).sum(-1)).double())  # (B, c)
-            Fz = torch.cat(fz, 1)  # (B, C)
-            Zall = ((torch.arange(C, device=self.device)[:, None] // powers) % 2).double()
-        logq = a @ Zall.T - F.softplus(a).sum(-1, keepdim=True)  # (B, C)
-        objective = (logq.exp() * Fz).sum()
-        grad = flat_grad(objective, params).float()
-        return Reference(grad, exact=True, n_samples=None)
+        idx = torch.arange(start, stop, device=self.device)
+        return ((idx[:, None] // powers) % 2).to(self.prior_logits.dtype)
 
-    def _sampled_reference(self, x):
-        """Unbiased score-function estimate with a leave-one-out baseline, R chunks of S samples.
-
-        For chunk r and image b: g_rb = 1/S sum_s (f_s - mean_{s' != s} f_s') (z_s - sigmoid(a_b)),
-        an unbiased estimate of d/da_b E_q[f] (the baseline uses only the other samples); the R
-        chunk estimates are carried back to the encoder in one batched VJP.
-        """
-        R, S = self.config["ref_chunks"], self.config["ref_chunk_samples"]
-        params = self.estimated_parameters()
-        a = self.encode(x)  # (B, L)
-        B, L = a.shape
-        per_group = max(1, CHUNK_ROWS // (S * B))
-        gs = []
-        with torch.no_grad():
-            q = torch.sigmoid(a)
-            for start in range(0, R, per_group):
-                r = min(per_group, R - start)
-                z = (torch.rand(r, S, B, L, device=a.device, dtype=a.dtype) < q).to(a.dtype)
-                fz = self.log_lik(x, z)  # (r, S, B)
-                loo = (fz.sum(1, keepdim=True) - fz) / (S - 1)
-                gs.append(((fz - loo).unsqueeze(-1) * (z - q)).mean(1))  # (r, B, L)
-        G = torch.cat(gs)  # (R, B, L)
-        try:
-            per = torch.autograd.grad(a, params, grad_outputs=G, is_grads_batched=True)
-            rows = torch.cat([p.reshape(R, -1) for p in per], 1)
-        except RuntimeError:  # no batching rule: one VJP per chunk
-            rows = torch.stack([flat_grad(a, params, grad_outputs=G[i], retain_graph=True)
-                                for i in range(R)])
-        return Reference.from_chunks(rows, n_samples=R * S)
-
-    # ---- evaluation -----------------------------------------------------------------------------
-    def _chunks(self, x: torch.Tensor, K: int):
-        n = max(1, CHUNK_ROWS // K)
-        for i in range(0, x.shape[0], n):
-            yield x[i:i + n]
-
-    def _posterior_samples(self, x: torch.Tensor, K: int, generator: torch.Generator):
-        """Per chunk of images: (images, encoder logits, K samples z ~ q(z|x) from ``generator``)."""
-        for xc in self._chunks(x, K):
-            a = self.encode(xc)
-            u = torch.rand(K, *a.shape, generator=generator, device=a.device, dtype=a.dtype)
-            yield xc, a, (u < torch.sigmoid(a)).to(a.dtype)
-
-    @torch.no_grad()
-    def elbo(self, x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        """Per-image ELBO: exact -KL + mean of K reconstruction samples, shape (N,)."""
-        return torch.cat([self.log_lik(xc, z).mean(0) - self.kl(a)
-                          for xc, a, z in self._posterior_samples(x, K, generator)])
-
-    @torch.no_grad()
-    def iwae(self, x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        """Per-image K-sample importance-weighted bound log 1/K sum_k p(x, z_k) / q(z_k|x), (N,)."""
-        out = []
-        for xc, a, z in self._posterior_samples(x, K, generator):
-            logw = (self.log_lik(xc, z) + _log_bernoulli(z, self.prior_logits)
-                    - _log_bernoulli(z, a))
-            out.append(torch.logsumexp(logw, 0) - math.log(K))
-        return torch.cat(out)
-
-    def _eval_gen(self, offset: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(EVAL_SAMPLE_SEED + offset)
-
-    def _final_images(self, n: int) -> torch.Tensor:
-        if self.evaluation == "subset":
-            n = min(n, SUBSET_TEST_IMAGES)
-        return self._test[:n]
-
-    def evaluate(self, final=False):
-        x = self._final_images(len(self._test)) if final else self._val[: self.config["val_size"]]
-        return float(self.elbo(x, self.config["eval_samples"], self._eval_gen(int(final))).mean())
-
-    def final_metrics(self):
-        K = self.config["iwae_samples"]
-        x = self._final_images(self.config["iwae_images"])
-        return {f"test_iwae{K}": float(self.iwae(x, K, self._eval_gen(2)).mean())}
+    def configuration_log_q(self, a, n):
+        """z . a - sum softplus(a) for every configuration at once, (B, 2^L)."""
+        a = a.double()
+        return a @ self.configurations(0, n).double().T - F.softplus(a).sum(-1, keepdim=True)

@@ -5,65 +5,35 @@ Gu & Poole 2017, Sec. 4.2; Fan et al. 2022, Sec. 6; Liu et al. 2023, Sec. 6.2; c
 LiyuanLucasLiu/ReinMax mnist_vae/model/vae.py, itself modified from chijames/GST): L categorical
 latents of C classes, a uniform prior, an MLP encoder 784-512-256-(L*C) and decoder
 (L*C)-256-512-784 with ReLU, Bernoulli pixels.  The papers name a configuration "C x L"
-(``categorical_8_latent_4``: 8 classes, 4 latents); ``size`` takes those presets.
+(``categorical_8_latent_4``: 8 classes, 4 latents); ``size`` takes those presets.  The data, the
+training order, the reference-gradient scaffolding and the evaluation are the MNIST VAE's
+(tasks/mnist_vae.py); this module holds the one-hot latents, the uniform prior and the networks.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import distributions as D, nn
 from torch.distributions import constraints
 
-from estbench.core.plugins import Option, integer_at_least
+from estbench.core.plugins import Option
 
-from .base import Problem, Reference, Task, flat_grad
-from .data import mnist
+from .mnist_vae import (CHUNK_ROWS, N_TEST, N_TRAIN, N_VAL, PIXELS, SUBSET_TEST_IMAGES, MNISTVAE,
+                        evaluation_options, reference_options)
+
+__all__ = ["CategoricalVAE", "SIZES", "CHUNK_ROWS", "N_TEST", "N_TRAIN", "N_VAL", "PIXELS",
+           "SUBSET_TEST_IMAGES"]
 
 #: the C x L configurations of the ReinMax and GST experiments (C classes, L latents)
 SIZES = ("8x4", "4x24", "8x16", "16x12", "64x8", "10x30")
-N_TRAIN, N_VAL, N_TEST, PIXELS = 50_000, 10_000, 10_000, 784
 #: seeds of the one fixed binarisation of the validation and test images, and of the latent
 #: samples of the evaluations (common random numbers across checkpoints and estimators)
 EVAL_BINARISATION_SEED = 20_230_412
 EVAL_SAMPLE_SEED = 4_410_237
 #: configurations C^L up to which the reference gradient is exact (8x4: 4096)
 MAX_EXACT_CONFIGS = 65_536
-#: rows (samples x images, or configurations) pushed through the decoder at once
-CHUNK_ROWS = 16_384
-#: test images of the final figures in a *subset* evaluation (the quick budget)
-SUBSET_TEST_IMAGES = 1000
-
-_DATA_CACHE: dict[tuple, tuple] = {}
-
-
-def _prepare(images_u8: torch.Tensor, binarize: str, generator: torch.Generator) -> torch.Tensor:
-    """Images (N, 784) in [0, 1] as the model sees them: a Bernoulli draw per pixel (dynamic
-    binarisation, here drawn once), thresholded at 1/2, or the grey levels themselves (``none``:
-    the ReinMax / GST code, whose BCE takes the intensities as targets)."""
-    p = images_u8.reshape(-1, PIXELS).float() / 255
-    if binarize == "dynamic":
-        return (torch.rand(p.shape, generator=generator) < p).float()
-    if binarize == "threshold":
-        return (p > 0.5).float()
-    return p
-
-
-def _fixed_data(data_dir: str, binarize: str):
-    """(train uint8 (50000, 784), validation and test images as the model sees them), on the CPU,
-    cached per data folder and binarisation (deterministic)."""
-    key = (str(data_dir or mnist.DEFAULT_DIR), binarize)
-    if key not in _DATA_CACHE:
-        images, _ = mnist.load("train", data_dir or None)
-        test_images, _ = mnist.load("test", data_dir or None)
-        flat = images.reshape(-1, PIXELS)
-        g = torch.Generator().manual_seed(EVAL_BINARISATION_SEED)
-        val = _prepare(flat[N_TRAIN:], binarize, g)
-        test = _prepare(test_images, binarize, g)
-        _DATA_CACHE[key] = (flat[:N_TRAIN], val, test)
-    return _DATA_CACHE[key]
 
 
 def _torch_default_linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
@@ -86,7 +56,7 @@ def _mlp(sizes: list[int], generator: torch.Generator) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class CategoricalVAE(Task):
+class CategoricalVAE(MNISTVAE):
     """Categorical-latent VAE on MNIST; f(z) = log p(x|z), the KL to the uniform prior is exact.
 
     Data.  The first 50k MNIST training images train, the last 10k validate, the 10k test images
@@ -137,21 +107,8 @@ class CategoricalVAE(Task):
                              constraint=constraints.integer_interval(1, N_TRAIN)),
         "lr": Option(1e-3, "Adam learning rate (the ReinMax code's default)",
                      constraint=constraints.positive),
-        "data_dir": Option("", "folder with the 4 MNIST gzip IDX files (default: shipped copy)"),
-        "val_size": Option(1000, "validation images used by evaluate(final=False)",
-                           constraint=constraints.integer_interval(1, N_VAL)),
-        "eval_samples": Option(10, "reconstruction samples per image in evaluate()",
-                               constraint=constraints.positive_integer),
-        "iwae_samples": Option(100, "importance samples of the final test IWAE bound",
-                               constraint=constraints.positive_integer),
-        "measure_size": Option(8, "validation images in the measurement batch",
-                               constraint=constraints.integer_interval(1, N_VAL)),
-        "reference": Option("auto", "auto (exact iff C^L <= 65536) | exact | sampled",
-                            choices=("auto", "exact", "sampled")),
-        "ref_chunks": Option(32, "sampled reference: independent chunks R",
-                             constraint=integer_at_least(2)),
-        "ref_chunk_samples": Option(64, "sampled reference: samples per chunk S (>= 2)",
-                                    constraint=integer_at_least(2)),
+        **evaluation_options(),
+        **reference_options("C^L <= 65536"),
     }
     lr = 1e-3
     budgets = {
@@ -162,169 +119,78 @@ class CategoricalVAE(Task):
         # here 50k, the last 10k validate)
         "standard": {"steps": 80_000, "n_samples": 6, "checkpoints": 21, "measure_samples": 256},
     }
+    eval_binarisation_seed = EVAL_BINARISATION_SEED
+    eval_sample_seed = EVAL_SAMPLE_SEED
 
     def __init__(self, **options):
         super().__init__(**options)
         c = self.config
         self.classes, self.latents = map(int, c["size"].split("x"))
-        self.lr = c["lr"]
         if c["reference"] == "exact" and self.classes ** self.latents > MAX_EXACT_CONFIGS:
             raise ValueError(f"task 'categorical_vae': reference=exact enumerates C^L = "
                              f"{self.classes}^{self.latents} configurations, more than "
                              f"{MAX_EXACT_CONFIGS}")
 
     # ---- setup ---------------------------------------------------------------------------------
-    def setup(self, device, generator):
-        self.device = torch.device(device)
-        c = self.config
-        self._train_u8, val, test = _fixed_data(c["data_dir"], c["binarize"])
-        self._val, self._test = val.to(self.device), test.to(self.device)
+    def binarize(self):
+        return self.config["binarize"]
+
+    def build(self, generator):
         k = self.latents * self.classes
         self.encoder = _mlp([PIXELS, 512, 256, k], generator).to(self.device)
         self.decoder = _mlp([k, 256, 512, PIXELS], generator).to(self.device)
 
-    def parameters(self):
-        return [*self.encoder.parameters(), *self.decoder.parameters()]
-
-    def estimated_parameters(self):
-        return list(self.encoder.parameters())
-
-    # ---- data ----------------------------------------------------------------------------------
-    def train_batches(self, generator) -> Iterator[torch.Tensor]:
-        """Epochs of a random permutation of the 50k training images (incomplete last batch
-        dropped), prepared as ``binarize`` says with a CPU generator seeded from ``generator``."""
-        B = self.config["batch_size"]
-        bin_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        while True:
-            perm = torch.randperm(N_TRAIN, generator=generator)
-            for i in range(0, N_TRAIN - B + 1, B):
-                yield _prepare(self._train_u8[perm[i:i + B]], self.config["binarize"],
-                               bin_gen).to(self.device)
-
-    def measure_batch(self):
-        return self._val[: self.config["measure_size"]]
-
-    # ---- model ---------------------------------------------------------------------------------
+    # ---- the one-hot latents and the uniform prior ----------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(z|x), shape (*x.shape[:-1], L, C)."""
         return self.encoder(x).unflatten(-1, (self.latents, self.classes))
 
-    def log_lik(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) for one-hot z of shape (..., B, L, C) against x (B, 784): (..., B)."""
-        logits = self.decoder(z.flatten(-2).to(x.dtype))
-        return ((x * logits).sum(-1) - F.softplus(logits).sum(-1)).to(z.dtype)
+    def decoder_input(self, z, x):
+        """The flattened one-hot (..., L*C), in the images' dtype."""
+        return z.flatten(-2).to(x.dtype)
+
+    def posterior(self, a):
+        return D.Independent(D.OneHotCategorical(logits=a, validate_args=False), 1)
 
     def kl(self, a: torch.Tensor) -> torch.Tensor:
         """KL(q || uniform) per image: sum_l sum_c q log q + L log C, (B,)."""
         logq = torch.log_softmax(a, -1)
         return (logq.exp() * logq).sum((-2, -1)) + self.latents * math.log(self.classes)
 
-    def problem(self, batch):
-        x = batch
-        a = self.encode(x)
-        dist = D.Independent(D.OneHotCategorical(logits=a, validate_args=False), 1)
+    def log_prior(self, z):
+        return -self.latents * math.log(self.classes)
 
-        def f(z):
-            return self.log_lik(x, z)
+    def log_q(self, z, a):
+        return (z * torch.log_softmax(a, -1)).sum((-2, -1))
 
-        return Problem(dist, f, context=x, analytic=-self.kl(a).sum())
+    def posterior_mean(self, a):
+        return torch.softmax(a, -1)
 
-    # ---- reference gradient ---------------------------------------------------------------------
-    def reference_gradient(self, batch):
-        mode = self.config["reference"]
-        if mode == "auto":
-            mode = "exact" if self.classes ** self.latents <= MAX_EXACT_CONFIGS else "sampled"
-        return self._exact_reference(batch) if mode == "exact" else self._sampled_reference(batch)
+    def sampler(self, q):
+        return D.OneHotCategorical(probs=q, validate_args=False).sample
 
-    def _configurations(self, start: int, stop: int) -> torch.Tensor:
+    def sample_from_uniforms(self, a, u):
+        """Gumbel-max: the one-hot argmax of a + Gumbel noise made from ``u``."""
+        gumbel = -(-u.clamp_min(torch.finfo(a.dtype).tiny).log()).log()
+        return F.one_hot((a + gumbel).argmax(-1), self.classes).to(a.dtype)
+
+    # ---- enumeration (the exact reference) ------------------------------------------------------
+    def exact_by_default(self):
+        return self.classes ** self.latents <= MAX_EXACT_CONFIGS
+
+    def n_configurations(self):
+        return self.classes ** self.latents
+
+    def configurations(self, start: int, stop: int) -> torch.Tensor:
         """One-hot configurations ``start..stop-1`` in base C, (n, L, C)."""
         idx = torch.arange(start, stop, device=self.device)
         powers = self.classes ** torch.arange(self.latents - 1, -1, -1, device=self.device)
         digits = (idx[:, None] // powers) % self.classes
         return F.one_hot(digits, self.classes).float()
 
-    def _exact_reference(self, x):
-        """grad of sum_b sum_z q(z|x_b) log p(x_b|z) by enumerating the C^L configurations."""
-        params = self.estimated_parameters()
-        n = self.classes ** self.latents
-        fz, logq = [], []
-        logp = torch.log_softmax(self.encode(x).double(), -1)  # (B, L, C)
-        for start in range(0, n, CHUNK_ROWS):
-            Z = self._configurations(start, min(n, start + CHUNK_ROWS))  # (c, L, C)
-            with torch.no_grad():
-                logits = self.decoder(Z.flatten(-2))  # (c, 784)
-                fz.append((x @ logits.T - F.softplus(logits).sum(-1)).double())  # (B, c)
-            logq.append(torch.einsum("blc,nlc->bn", logp, Z.double()))
-        objective = (torch.cat(logq, 1).exp() * torch.cat(fz, 1)).sum()
-        return Reference(flat_grad(objective, params).float(), exact=True, n_samples=None)
-
-    def _sampled_reference(self, x):
-        """Unbiased score-function estimate with a leave-one-out baseline, R chunks of S samples:
-        g_rb = 1/S sum_s (f_s - mean_{s' != s} f_s') (z_s - softmax(a_b)), d/da_b E_q[f] (the score
-        of a one-hot categorical w.r.t. its logits is z - softmax(a)), carried to the encoder in one
-        batched VJP."""
-        R, S = self.config["ref_chunks"], self.config["ref_chunk_samples"]
-        params = self.estimated_parameters()
-        a = self.encode(x)  # (B, L, C)
-        B = a.shape[0]
-        per_group = max(1, CHUNK_ROWS // (S * B))
-        gs = []
-        with torch.no_grad():
-            q = torch.softmax(a, -1)
-            cat = D.OneHotCategorical(probs=q, validate_args=False)
-            for start in range(0, R, per_group):
-                r = min(per_group, R - start)
-                z = cat.sample((r, S))  # (r, S, B, L, C)
-                fz = self.log_lik(x, z)  # (r, S, B)
-                loo = (fz.sum(1, keepdim=True) - fz) / (S - 1)
-                gs.append(((fz - loo)[..., None, None] * (z - q)).mean(1))  # (r, B, L, C)
-        G = torch.cat(gs)
-        try:
-            per = torch.autograd.grad(a, params, grad_outputs=G, is_grads_batched=True)
-            rows = torch.cat([p.reshape(R, -1) for p in per], 1)
-        except RuntimeError:  # no batching rule: one VJP per chunk
-            rows = torch.stack([flat_grad(a, params, grad_outputs=G[i], retain_graph=True)
-                                for i in range(R)])
-        return Reference.from_chunks(rows, n_samples=R * S)
-
-    # ---- evaluation -----------------------------------------------------------------------------
-    def _posterior_samples(self, x: torch.Tensor, K: int, generator: torch.Generator):
-        """Per chunk of images: (images, encoder logits, K one-hot samples of q from ``generator``)."""
-        n = max(1, CHUNK_ROWS // K)
-        for i in range(0, x.shape[0], n):
-            xc = x[i:i + n]
-            a = self.encode(xc)
-            u = torch.rand(K, *a.shape, generator=generator, device=a.device, dtype=a.dtype)
-            gumbel = -(-u.clamp_min(torch.finfo(a.dtype).tiny).log()).log()
-            yield xc, a, F.one_hot((a + gumbel).argmax(-1), self.classes).to(a.dtype)
-
-    @torch.no_grad()
-    def elbo(self, x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        """Per-image ELBO: exact -KL + mean of K reconstruction samples, (N,)."""
-        return torch.cat([self.log_lik(xc, z).mean(0) - self.kl(a)
-                          for xc, a, z in self._posterior_samples(x, K, generator)])
-
-    @torch.no_grad()
-    def iwae(self, x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-        """Per-image K-sample importance-weighted bound log 1/K sum_k p(x, z_k) / q(z_k|x), (N,)."""
-        out = []
-        log_prior = -self.latents * math.log(self.classes)
-        for xc, a, z in self._posterior_samples(x, K, generator):
-            logq = (z * torch.log_softmax(a, -1)).sum((-2, -1))
-            logw = self.log_lik(xc, z) + log_prior - logq
-            out.append(torch.logsumexp(logw, 0) - math.log(K))
-        return torch.cat(out)
-
-    def _eval_gen(self, offset: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(EVAL_SAMPLE_SEED + offset)
-
-    def _final_images(self) -> torch.Tensor:
-        return self._test[:SUBSET_TEST_IMAGES] if self.evaluation == "subset" else self._test
-
-    def evaluate(self, final=False):
-        x = self._final_images() if final else self._val[: self.config["val_size"]]
-        return float(self.elbo(x, self.config["eval_samples"], self._eval_gen(int(final))).mean())
-
-    def final_metrics(self):
-        K = self.config["iwae_samples"]
-        return {f"test_iwae{K}": float(self.iwae(self._final_images(), K, self._eval_gen(2)).mean())}
+    def configuration_log_q(self, a, n):
+        """sum_l log q_l(z_l) for every configuration, chunk by chunk, (B, C^L)."""
+        logp = torch.log_softmax(a.double(), -1)  # (B, L, C)
+        return torch.cat([torch.einsum("blc,nlc->bn", logp,
+                                       self.configurations(s, min(n, s + CHUNK_ROWS)).double())
+                          for s in range(0, n, CHUNK_ROWS)], 1)

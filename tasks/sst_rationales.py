@@ -44,7 +44,7 @@ the vector stays small (vocabulary x dim would be ~1M coordinates).
 
 Reference gradients (of sum_b E_q[f] w.r.t. the encoder layers, on ``measure_batch()``, the first
 ``measure_size`` dev sentences): exact for the categorical variant (enumeration); for the Bernoulli
-variants an unbiased estimate: R = ``ref_chunks`` independent chunks of S = ``ref_samples`` samples,
+variants an unbiased estimate: R = ``ref_chunks`` independent chunks of S = ``ref_chunk_samples`` samples,
 in each the score-function estimate at the logits with a leave-one-out baseline
 (1/S sum_s (f_s - mean_{s' != s} f_s') (z_s - sigmoid(logits))), carried to the parameters by a
 vector-Jacobian product; reported as the mean over chunks with standard error std / sqrt(R).
@@ -185,12 +185,12 @@ class _SSTRationales(Task):
         "min_count": Option(1, "keep training tokens seen at least this often; others -> <unk>", constraint=constraints.positive_integer),
         "batch_size": Option(32, "training sentences per batch", constraint=constraints.positive_integer),
         "max_train": Option(0, "use only the first N training sentences (0: all 8544)", constraint=constraints.nonnegative_integer),
-        "eval_dev": Option(500, "dev sentences (the first N) of the per-checkpoint ELBO", constraint=constraints.positive_integer),
+        "val_size": Option(500, "dev sentences (the first N) of the per-checkpoint ELBO, evaluate(final=False)", constraint=constraints.positive_integer),
         "eval_samples": Option(8, "z samples per sentence in the per-checkpoint dev ELBO (MC variants)", constraint=constraints.positive_integer),
         "final_samples": Option(64, "z samples per sentence in the final test ELBO (MC variants)", constraint=constraints.positive_integer),
         "measure_size": Option(8, "sentences (the first N of dev) in the measurement batch", constraint=constraints.positive_integer),
         "ref_chunks": Option(32, "reference gradient: independent chunks R (MC variants)", constraint=integer_at_least(2)),
-        "ref_samples": Option(64, "reference gradient: samples per chunk S (MC variants)", constraint=integer_at_least(2)),
+        "ref_chunk_samples": Option(64, "reference gradient: samples per chunk S (MC variants)", constraint=integer_at_least(2)),
         "prior_p": Option(0.3, "prior selection probability per token", constraint=open_interval(0.0, 1.0)),
         "lr": Option(1e-3, "Adam learning rate, the same for every estimator (the dgm4nlp notebook: "
                      "2e-4)", constraint=constraints.positive),
@@ -328,13 +328,13 @@ class _SSTRationales(Task):
         return 256
 
     def evaluate(self, final=False):
-        """Held-out ELBO per sentence: a fixed dev subset (``eval_dev``, ``eval_samples`` samples) at
+        """Held-out ELBO per sentence: a fixed dev subset (``val_size``, ``eval_samples`` samples) at
         checkpoints, the test set with ``final_samples`` samples at the end.  The z samples come from
         a fixed generator, so the figure is a deterministic function of the parameters."""
         c = self.config
         if final:
             return self._elbo(self.test, c["final_samples"], None, seed=1)
-        return self._elbo(self.dev, c["eval_samples"], c["eval_dev"] or None, seed=0)
+        return self._elbo(self.dev, c["eval_samples"], c["val_size"] or None, seed=0)
 
     @torch.no_grad()
     def _predict(self, batch: Batch, gen: Optional[torch.Generator] = None):
@@ -411,7 +411,7 @@ class _SSTRationales(Task):
     def reference_gradient(self, batch):
         """Unbiased score-function reference with a leave-one-out baseline at the logits (see the
         module docstring): R chunks x S samples, per-coordinate stderr from the chunks."""
-        R, S = self.config["ref_chunks"], self.config["ref_samples"]
+        R, S = self.config["ref_chunks"], self.config["ref_chunk_samples"]
         targets = self.estimated_parameters()
         prob = self.problem(batch)
         logits = prob.dist.base_dist.logits  # (B, L)

@@ -74,7 +74,7 @@ class TextVAE(Task):
     training batches.  context = h(x) (B, hidden) for input-dependent baselines (NVIL).
     estimated_parameters() = the encoder (its embeddings, RNN, loc and scale layers).
 
-    **Reference gradient.**  On ``measure_batch()`` (the first ``measure_sentences`` = 4 validation
+    **Reference gradient.**  On ``measure_batch()`` (the first ``measure_size`` = 4 validation
     sentences): an unbiased reparameterisation estimate of d/d(encoder) sum_b E_q[f], from
     ``ref_chunks`` = R independent chunks of ``ref_chunk_samples`` = S samples each; the mean of the
     chunk gradients with stderr std/sqrt(R), n_samples = R*S (exact=False).  Defaults R*S = 8*8:
@@ -84,7 +84,7 @@ class TextVAE(Task):
 
     **Evaluation.**  evaluate(final=False): ELBO per sentence (true KL, 1 sample of z from a fixed
     private seed, so checkpoints are comparable and the training RNG is untouched) on the first
-    ``val_sentences`` = 100 validation sentences.  evaluate(final=True): test ELBO per sentence with
+    ``val_size`` = 100 validation sentences.  evaluate(final=True): test ELBO per sentence with
     ``is_samples`` samples on the first ``test_sentences`` test sentences (0 = all 3761).
     final_metrics(): test_kl (mean KL per sentence), test_nll (reconstruction NLL per sentence,
     -E_q log p(x|z)), test_ppl_is = exp(-sum_x log p_IS(x) / #tokens), #tokens counting ``</s>``
@@ -110,8 +110,8 @@ class TextVAE(Task):
     the standard budget.  (An earlier run without free bits collapsed the KL -- test KL 0.02 --
     which is why ``free_bits`` defaults to 5 nats as in the reference.)  standard (stated, not run
     here; GPU):
-    ``text_vae[emb=256,hidden=256,free_bits=5,word_dropout=0.5,dropout=0.4,val_sentences=200,
-    test_sentences=0,is_samples=50,measure_sentences=8,ref_chunks=32,ref_chunk_samples=64]``
+    ``text_vae[emb=256,hidden=256,free_bits=5,word_dropout=0.5,dropout=0.4,val_size=200,
+    test_sentences=0,is_samples=50,measure_size=8,ref_chunks=32,ref_chunk_samples=64]``
     for 26,280 steps (20 epochs of 1,314
     batches of 32), 4 samples, 11 checkpoints with M = 64.  The encoder here is unidirectional:
     the one deliberate difference from the reference above.  ``max_len`` (words) drops longer
@@ -135,10 +135,10 @@ class TextVAE(Task):
                                  choices=("total", "dim")),
         "word_dropout": Option(0.0, "probability of replacing a decoder input word by <unk>", constraint=constraints.unit_interval),
         "dropout": Option(0.0, "dropout on the decoder LSTM outputs (training batches only)", constraint=constraints.half_open_interval(0.0, 1.0)),
-        "val_sentences": Option(100, "validation sentences of evaluate(final=False)", constraint=constraints.positive_integer),
+        "val_size": Option(100, "validation sentences (the first N) of evaluate(final=False)", constraint=constraints.positive_integer),
         "test_sentences": Option(200, "test sentences of the final evaluation (0: all 3761)", constraint=constraints.nonnegative_integer),
         "is_samples": Option(5, "importance samples per test sentence in the final evaluation", constraint=constraints.positive_integer),
-        "measure_sentences": Option(4, "validation sentences in the measurement batch", constraint=constraints.positive_integer),
+        "measure_size": Option(4, "validation sentences (the first N) in the measurement batch", constraint=constraints.positive_integer),
         "ref_chunks": Option(8, "reference gradient: independent chunks R", constraint=integer_at_least(2)),
         "ref_chunk_samples": Option(8, "reference gradient: samples per chunk S", constraint=constraints.positive_integer),
         "lr": Option(1e-3, "Adam learning rate (the same for every estimator)", constraint=constraints.positive),
@@ -196,9 +196,9 @@ class TextVAE(Task):
             raise ValueError(f"task 'text_vae': only {len(lens)} training sentences of at most "
                              f"{c['max_len']} words, fewer than batch_size={c['batch_size']}")
         self.train_ids, self.train_len = ids.to(self.device), lens.to(self.device)
-        self.valid = self._subset(enc["valid"], c["val_sentences"])
+        self.valid = self._subset(enc["valid"], c["val_size"])
         self.test = self._subset(enc["test"], c["test_sentences"])
-        self._measure = self._subset(enc["valid"], c["measure_sentences"])
+        self._measure = self._subset(enc["valid"], c["measure_size"])
         self._final_cache = None
 
     def _subset(self, split, n):

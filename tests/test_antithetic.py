@@ -18,9 +18,7 @@ import torch
 from torch import distributions as D
 
 import estimators
-from problems import bernoulli_problem, categorical_problem, estimates, z_scores
-
-Z_TOL = 4.5
+from problems import Z_TOL, bernoulli_problem, categorical_problem, estimates, z_scores
 M = 4000
 
 
@@ -128,6 +126,7 @@ def _exact_grads(family, prob, K):
     return total.detach(), {"logits": g_l, "theta": g_t.reshape(1)}
 
 
+@pytest.mark.slow
 def test_brute_force_agrees_with_problem_gradient():
     """Sanity check of the enumeration helper: K=1 reproduces the problem's exact grad E[f]."""
     for family in ("bernoulli", "categorical"):

@@ -21,9 +21,7 @@ import torch
 import estimators
 from estimators import arms as A
 from estimators.antithetic import disarm_weight
-from problems import bernoulli_problem, categorical_problem, estimates, z_scores
-
-Z_TOL = 4.5
+from problems import Z_TOL, bernoulli_problem, categorical_problem, estimates, z_scores
 M = 4000
 COPULAS = ["dirichlet", "gaussian"]
 F64 = torch.float64
@@ -97,6 +95,7 @@ def test_bivariate_normal_cdf_against_scipy():
 # ---- pairwise joint probabilities -------------------------------------------------------------
 @pytest.mark.parametrize("copula", COPULAS)
 @pytest.mark.parametrize("n", [2, 3, 4, 6])
+@pytest.mark.slow
 def test_arms_pair_probability_matches_simulation(copula, n):
     p = torch.tensor([0.03, 0.2, 0.45, 0.5, 0.7, 0.97], dtype=F64)
     N = 100_000
@@ -239,6 +238,7 @@ def test_carms_variance_below_rloo():
 @pytest.mark.parametrize("n", [3, 4, 6])
 @pytest.mark.parametrize("copula", COPULAS)
 @pytest.mark.parametrize("name,maker", [("arms", bernoulli_problem), ("carms", categorical_problem)])
+@pytest.mark.slow
 def test_unbiased_at_several_budgets(name, maker, copula, n):
     prob = maker(seed=2, offset=50.0 if n == 3 else 0.0)
     torch.manual_seed(90 + n)
@@ -247,6 +247,7 @@ def test_unbiased_at_several_budgets(name, maker, copula, n):
     assert z.abs().max().item() < Z_TOL, f"{name}[{copula}] n={n}: {z.abs().max():.2f} SE"
 
 
+@pytest.mark.slow
 def test_carms_unbiased_with_five_classes():
     """Five classes: ten orderings per cell, some pairs of categories both in the middle."""
     prob = categorical_problem(seed=4, classes=5)

@@ -23,6 +23,7 @@ def run_cli(*args, cwd=None):
                           cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_run_end_to_end_table_and_parquet_schema(tmp_path):
     out = tmp_path / "run"
     p = run_cli("run", "--tasks", "toy_binary[t=0.49],toy_gaussian",
@@ -55,6 +56,7 @@ def test_run_end_to_end_table_and_parquet_schema(tmp_path):
     assert json.loads(md[b"estbench.cell"])["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_run_again_reuses_finished_cells(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--tasks", "toy_binary", "--estimators", "rloo", *TINY, "--out", str(out)]
@@ -99,6 +101,7 @@ def test_bad_values_get_one_clear_message(args, message, tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_device_choice_is_rejected_by_argparse():
     p = run_cli("run", "--device", "tpu")
     assert p.returncode == 2 and "invalid choice: 'tpu'" in p.stderr and "Traceback" not in p.stderr
@@ -112,6 +115,7 @@ def test_cuda_request_without_cuda_is_clear(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_failed_cells_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
     import estimators
 
@@ -130,6 +134,7 @@ def test_failed_cells_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeyp
     assert "\nreinforce " in out  # the other estimator still ran
 
 
+@pytest.mark.slow
 def test_infeasible_budget_is_reported_not_failed(tmp_path, capsys):
     code = main(["run", "--tasks", "toy_binary", "--estimators", "rloo,reinforce", "--n-samples", "1",
                  *TINY, "--out", str(tmp_path), "--quiet"])
@@ -143,6 +148,7 @@ def test_infeasible_budget_is_reported_not_failed(tmp_path, capsys):
     assert "rloo: estimator 'rloo' cannot spend a budget of 1" in out
 
 
+@pytest.mark.slow
 def test_list_shows_everything_with_options():
     p = run_cli("list")
     assert p.returncode == 0, p.stderr
@@ -155,6 +161,7 @@ def test_list_shows_everything_with_options():
     assert data["tasks"]["toy_binary"]["family"] == "bernoulli"
 
 
+@pytest.mark.slow
 def test_default_run_covers_toys_and_all_compatible_estimators(tmp_path):
     """`estbench run` with no selection: every toy x every compatible estimator (tiny budget here)."""
     import estimators
@@ -171,7 +178,7 @@ def test_default_run_covers_toys_and_all_compatible_estimators(tmp_path):
 
 def test_eta_weights_cells_by_task_cost():
     """The ETA uses each task's own mean cell time, skips cached cells and divides by workers."""
-    from estbench.cli.commands import Eta, _fmt_duration
+    from estbench.engine.progress import Eta, _fmt_duration
 
     class C:
         def __init__(self, task):
@@ -190,7 +197,7 @@ def test_progress_on_a_terminal_is_a_bar_with_failures_above_it(tmp_path):
     cells printed above the bar; elsewhere one line per computed cell."""
     import io
 
-    from estbench.cli.commands import Progress
+    from estbench.engine.progress import Progress
     from estbench.engine.train import Cell, CellResult
 
     cells = [Cell("toy_binary", e, 0, "cpu", Budget(steps=1)) for e in ("a", "b", "c", "d")]
@@ -278,7 +285,7 @@ def test_progress_shows_what_long_running_cells_are_doing(tmp_path, monkeypatch)
     import time
 
     from estbench.engine import store
-    from estbench.cli.commands import Progress
+    from estbench.engine.progress import Progress
     from estbench.engine.train import Cell
 
     monkeypatch.setattr(Progress, "POLL_LOG", 0.05)
@@ -360,6 +367,7 @@ json: true
     assert meta["config"]["path"] == config and meta["config"]["options"]["seeds"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_flags_on_the_command_line_override_the_file(tmp_path):
     """The shipped example, through the console script, with the budget and seeds cut down on the
     command line: the flags win, the file's other keys (tasks, estimators) stay."""

@@ -108,6 +108,7 @@ def _json(capsys, a, b, *extra):
 
 
 # ---- an incomplete gate fails: settings, seeds, damaged cells, nothing compared -----------------
+@pytest.mark.slow
 def test_a_vanished_estimator_fails_the_gate_and_a_new_one_is_shown(runs, capsys):
     rc, out, _ = _compare(capsys, runs["a"], runs["plugin_only"])
     assert quality_and_gate(rc) == 8, out
@@ -126,6 +127,7 @@ def test_a_vanished_estimator_fails_the_gate_and_a_new_one_is_shown(runs, capsys
         "toy_binary x disarm [cpu]: only in A: missing from B (an estimator or task vanished)"]
 
 
+@pytest.mark.slow
 def test_a_vanished_task_fails_the_gate(tmp_path, capsys):
     a = _run(tmp_path / "a", estimators_="rloo", tasks="toy_binary,toy_categorical")
     b = _run(tmp_path / "b", estimators_="rloo", tasks="toy_binary")
@@ -144,6 +146,7 @@ def test_nothing_compared_fails_the_gate(runs, capsys):
            "or task vanished)" in lines
 
 
+@pytest.mark.slow
 def test_a_damaged_cell_of_b_fails_the_gate_in_one_line_without_python_warnings(runs, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(runs["a"], b)
@@ -181,6 +184,7 @@ def test_different_budgets_everywhere_are_refused(runs, capsys):
                                "25 in B (toy_binary)")
 
 
+@pytest.mark.slow
 def test_a_setting_on_another_budget_is_not_comparable_and_fails_the_gate(runs, capsys):
     rc, payload = _json(capsys, runs["a"], runs["mixed"])
     assert quality_and_gate(rc) == 8  # no quality regression counted: disarm is not judged
@@ -207,6 +211,7 @@ def _row(payload, metric):
     return row
 
 
+@pytest.mark.slow
 def test_a_4_nat_loss_on_binary_vae_regresses_a_half_nat_one_does_not(tmp_path, capsys):
     a = _elbo_run(tmp_path / "a", "binary_vae", -200.0)
     worse4 = _elbo_run(tmp_path / "b4", "binary_vae", -204.0)      # 2% of the ELBO: passed before
@@ -226,6 +231,7 @@ def test_a_4_nat_loss_on_binary_vae_regresses_a_half_nat_one_does_not(tmp_path, 
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_a_toy_has_its_own_tolerance(tmp_path, capsys):
     """toy_binary's E[f] spans a few hundredths between estimators: 0.02 worse is a regression
     (2.4%, under the old 10% threshold), 0.005 is not."""
@@ -272,6 +278,7 @@ def test_a_noisier_unbiased_rloo_is_no_bias_regression(runs, capsys):
     assert len(bias_lines) == 2 and not [x for x in bias_lines if "REGRESSED" in x]
 
 
+@pytest.mark.slow
 def test_an_estimator_that_becomes_biased_regresses(runs, capsys):
     """Twice the gradient: the bias test rejects in every cell of B, in none of A."""
     rc, payload = _json(capsys, runs["a"], runs["biased"])
@@ -285,6 +292,7 @@ def test_an_estimator_that_becomes_biased_regresses(runs, capsys):
 
 
 # ---- marks: better and worse apart, with a legend ------------------------------------------------
+@pytest.mark.slow
 def test_improvements_and_regressions_have_distinct_marks(runs, capsys):
     rc, out, _ = _compare(capsys, runs["half"], runs["a"])  # B improves on A
     assert quality_and_gate(rc) == 0

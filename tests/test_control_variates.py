@@ -14,7 +14,7 @@ import torch
 import estimators
 from estimators import control_variates as cv
 
-from problems import bernoulli_problem, categorical_problem, estimates
+from problems import Z_TOL, bernoulli_problem, categorical_problem, estimates
 
 M_VAR = 3000
 
@@ -59,7 +59,7 @@ def test_bernoulli_conditional_sample_is_consistent_and_has_the_right_marginal()
         emp = (zt <= x).to(theta.dtype).mean(0)
         exact = torch.sigmoid(x - theta)
         se = (exact * (1 - exact) / N).sqrt()
-        assert ((emp - exact).abs() < 4.5 * se).all(), (x, emp, exact)
+        assert ((emp - exact).abs() < Z_TOL * se).all(), (x, emp, exact)
 
 
 def test_categorical_conditional_gumbel_is_consistent_and_has_the_right_marginal():
@@ -74,7 +74,7 @@ def test_categorical_conditional_gumbel_is_consistent_and_has_the_right_marginal
         emp = (zt <= x).to(logp.dtype).mean(0)
         exact = torch.exp(-torch.exp(-(x - logp)))  # Gumbel(log p_i) CDF
         se = (exact * (1 - exact) / N).sqrt()
-        assert ((emp - exact).abs() < 4.5 * se).all(), (x, emp, exact)
+        assert ((emp - exact).abs() < Z_TOL * se).all(), (x, emp, exact)
 
 
 def test_rebar_beats_reinforce_at_equal_budget_on_bernoulli():
@@ -102,6 +102,7 @@ def test_variance_gradient_points_towards_the_optimal_eta():
     assert signs == [-1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_relax_variance_falls_as_its_control_variate_trains():
     prob = bernoulli_problem(offset=10.0)
     est = estimators.get("relax")
@@ -113,6 +114,7 @@ def test_relax_variance_falls_as_its_control_variate_trains():
     assert dec > 0.03 * before.mean().item()  # a real reduction, not a rounding effect
 
 
+@pytest.mark.slow
 def test_relax_learns_away_a_bad_initial_scale():
     """Started at eta = 0 (c = r_rho = 0: plain REINFORCE, offset 10 uncancelled) the variance collapses."""
     prob = bernoulli_problem(offset=10.0)
@@ -124,6 +126,7 @@ def test_relax_learns_away_a_bad_initial_scale():
     assert est.eta.item() > 0.1
 
 
+@pytest.mark.slow
 def test_rebar_learning_does_not_increase_variance():
     prob = categorical_problem(offset=5.0)
     est = estimators.get("rebar", learn=True)

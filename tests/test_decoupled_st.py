@@ -8,7 +8,7 @@ from torch import distributions as D
 
 import estimators
 from estbench.core.budget import EvaluationCounter
-from estbench.engine.problems import estimates, problem, z_scores
+from estbench.engine.problems import Z_TOL, estimates, problem, z_scores
 from estimators.decoupled_st import decoupled_st, gumbel_noise
 
 FAMILIES = ["bernoulli", "categorical"]
@@ -133,7 +133,7 @@ def test_forward_sample_follows_the_tempered_distribution(family, tf):
     else:
         target, q = torch.softmax(logits / tf, -1), torch.softmax(logits, -1)
     se = (target * (1 - target) / m).sqrt().clamp_min(1e-12)
-    assert ((freq - target).abs() / se).max() < 4.5
+    assert ((freq - target).abs() / se).max() < Z_TOL
     assert ((freq - q).abs() / se).max() > 10
 
 

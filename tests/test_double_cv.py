@@ -8,10 +8,8 @@ from torch import distributions as D
 
 import estimators
 from estbench.core.budget import EvaluationCounter
-from estbench.engine.problems import estimates, problem, z_scores
+from estbench.engine.problems import Z_TOL, estimates, problem, z_scores
 from estimators.double_cv import DoubleCV
-
-Z_TOL = 4.5
 M = 4000
 
 
@@ -22,6 +20,7 @@ def bern(logits):
 @pytest.mark.parametrize("offset", [0.0, 50.0], ids=["f", "f+50"])
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_unbiased_against_exact_gradients(n, offset, seed):
     torch.manual_seed(100 + n)
     prob = problem("bernoulli", seed=seed, offset=offset)

@@ -115,13 +115,13 @@ class Recording(executors.Executor):
         super().__init__()
         self.given, self.lose = [], set(lose)
 
-    def run_cells(self, cells, run_dir, version, force=False):
+    def run_cells(self, cells, run_dir, force=False):
         self.given.extend(cells)
         for c in cells:
             if c in self.lose:
                 yield c, executors._lost(c, "killed")
             else:
-                yield executors.run_and_store(c, str(run_dir), version, force)
+                yield executors.run_and_store(c, str(run_dir), force)
 
 
 def test_stored_cells_are_filtered_before_submission_and_lost_cells_raise(tmp_path):
@@ -183,6 +183,7 @@ def test_interleave_spreads_gpu_cells():
 
 # ----------------------------------------------------------------------------- the engines
 
+@pytest.mark.slow
 def test_loky_j2_through_the_cli_matches_serial(tmp_path, serial, capsys):
     pytest.importorskip("joblib")
     out = tmp_path / "loky"
@@ -204,6 +205,7 @@ def test_submitit_debug_executor_matches_serial_and_skips_stored(tmp_path, seria
     assert sweep.run(plan4(), tmp_path, executor=ex) == []  # everything stored: nothing submitted
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_matches_serial(tmp_path, serial):
     pytest.importorskip("submitit")
     plan = plan4()
@@ -217,6 +219,7 @@ def test_submitit_local_executor_matches_serial(tmp_path, serial):
     same(got, want)
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_matches_serial(tmp_path, serial):
     pytest.importorskip("dask.distributed")
     ex = executors.make_executor(config={"backend": "dask", "dask_n_workers": 2})
@@ -249,7 +252,7 @@ def test_serial_sweep_summarises_warnings_too(tmp_path, monkeypatch, capsys):
     """The serial loop runs cells through the same worker function as the parallel backends."""
     import warnings
 
-    def warn_then_run(cell, report=None):
+    def warn_then_run(cell, report=None, threads=1):
         for n in range(30):
             warnings.warn(f"did not converge for {n} chain(s)", UserWarning)
         return CellResult(cell, "ok")
@@ -328,8 +331,9 @@ def test_a_killed_loky_worker_costs_its_cell_not_the_sweep(tmp_path, monkeypatch
 
 def test_a_cell_past_its_memory_limit_fails_with_the_reason_and_the_limit_is_restored(
         tmp_path, monkeypatch):
-    """A cell that allocates past ``ESTBENCH_CELL_MEMORY`` is recorded as failed with the
-    allocator's message (the OS would otherwise kill the worker and the cells beside it)."""
+    """A cell that allocates past its memory limit (``--cell-memory``, handed to the worker in its
+    settings) is recorded as failed with the allocator's message (the OS would otherwise kill the
+    worker and the cells beside it)."""
     resource = pytest.importorskip("resource")
     import estimators
     import torch
@@ -346,18 +350,30 @@ def test_a_cell_past_its_memory_limit_fails_with_the_reason_and_the_limit_is_res
             raise AssertionError("the allocation should have failed")
 
     try:
-        monkeypatch.setenv("ESTBENCH_CELL_MEMORY", "1G")
-        assert executors.cell_memory_limit() == 2**30
+        settings = executors.make_executor(1, cell_memory="1G").settings
+        assert settings.memory_limit == 2**30 == executors.cell_memory_limit(1, "1G")
         before = resource.getrlimit(resource.RLIMIT_DATA)
         (cell,) = sweep.expand(parse_list("toy_binary"), parse_list("greedy_test_only"), [0], ["cpu"],
                                TINY).cells
-        _, res = executors.run_and_store(cell.with_code(), str(tmp_path))
+        _, res = executors.run_and_store(cell.with_code(), str(tmp_path), settings=settings)
         assert res.status == "failed" and "allocate" in res.error, res.error
         assert resource.getrlimit(resource.RLIMIT_DATA) == before
-        _, ok = executors.run_and_store(plan4().cells[0].with_code(), str(tmp_path))
+        _, ok = executors.run_and_store(plan4().cells[0].with_code(), str(tmp_path),
+                                        settings=settings)
         assert ok.status == "ok"  # an ordinary cell fits
     finally:
         estimators.unregister("greedy_test_only")
-    monkeypatch.setenv("ESTBENCH_CELL_MEMORY", "lots")
-    with pytest.raises(executors.ConfigError, match="ESTBENCH_CELL_MEMORY"):
-        executors.cell_memory_limit()
+    with pytest.raises(executors.ConfigError, match="cell_memory must be a number of bytes"):
+        executors.make_executor(1, cell_memory="lots")
+    with pytest.raises(executors.ConfigError, match="parallel config: cell_memory"):
+        executors.make_executor(config={"backend": "loky", "cell_memory": "-1G"})
+
+
+def test_the_memory_share_divides_among_the_jobs_asked_for():
+    """Without --cell-memory, each of N cells running at once may take MEMORY_SHARE / N of the
+    machine's memory: the jobs reach the worker with its settings (estbench.run(jobs=4) included),
+    so a worker never assumes it runs alone."""
+    one, four = executors.cell_memory_limit(1), executors.cell_memory_limit(4)
+    assert one > 0 and abs(four * 4 - one) <= 4
+    settings = executors.make_executor(4).settings
+    assert settings.jobs == 4 and settings.memory_limit is None  # the worker's machine decides

@@ -23,6 +23,7 @@ import pytest
 from estbench.engine import executors, store, sweep
 from estbench.cli import commands as cli
 from estbench.cli.commands import main
+from estbench.core import spec
 from estbench.core.errors import ConfigError
 
 TINY = ["run", "--tasks", "toy_binary", "--estimators", "rloo", "--steps", "3", "--checkpoints", "0"]
@@ -64,6 +65,7 @@ def _wrong_schema(path):  # estbench metadata, but the record columns are gone
 
 
 @pytest.mark.parametrize("damage", [_garbage, _truncated, _foreign, _wrong_schema])
+@pytest.mark.slow
 def test_damaged_cell_file_is_recomputed_not_cached(tmp_path, capsys, damage):
     out = tmp_path / "run"
     assert run(out) == 0
@@ -107,6 +109,7 @@ def _umask() -> int:
     return old
 
 
+@pytest.mark.slow
 def test_stored_files_get_the_umask_permissions(tmp_path):
     old = os.umask(0o027)  # a group-shared results folder
     try:
@@ -218,7 +221,7 @@ def test_plan_over_the_limit_is_refused_before_it_is_built(tmp_path, capsys, mon
     assert time.monotonic() - start < 2
     assert code == 2
     line = one_error_line(capsys.readouterr().err)
-    assert cli.MAX_CELLS == 100_000
+    assert spec.MAX_CELLS == 100_000
     assert "100002 cells" in line and "limit of 100000" in line
 
 
@@ -341,6 +344,7 @@ def _read_only_writes(monkeypatch):
 
 
 @pytest.mark.parametrize("make_read_only", [_read_only_probe, _read_only_writes])
+@pytest.mark.slow
 def test_read_only_out_with_every_cell_stored_shows_the_table(finished, capsys, monkeypatch,
                                                               make_read_only):
     out, snapshot = finished
@@ -356,6 +360,7 @@ def test_read_only_out_with_every_cell_stored_shows_the_table(finished, capsys, 
 
 
 @pytest.mark.parametrize("make_read_only", [_read_only_probe, _read_only_writes])
+@pytest.mark.slow
 def test_read_only_out_with_cells_to_compute_is_refused_up_front(finished, capsys, monkeypatch,
                                                                  make_read_only):
     out, snapshot = finished

@@ -18,7 +18,7 @@ from estbench.core.spec import SpecError, parse, parse_list
 from estbench.engine.train import Cell, run_cell
 from tasks import Reference
 
-from estbench.engine.problems import budget_for
+from estbench.engine.problems import Z_TOL, budget_for
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available")])
@@ -45,7 +45,7 @@ def test_toy_reference_matches_brute_force(name):
         torch.manual_seed(0)
         G, *_ = gradient_estimates(t, estimators.get("reparam"), None, 64, 4000)
         mean, se = G.mean(0), G.std(0) / math.sqrt(G.shape[0])
-        assert ((mean - ref.grad).abs() <= 4.5 * se).all()
+        assert ((mean - ref.grad).abs() <= Z_TOL * se).all()
     else:
         e = estimators.get("exact").estimate(prob.dist, prob.f, 1)
         g = tasks.flat_grad(e.surrogate, t.estimated_parameters())
@@ -53,6 +53,7 @@ def test_toy_reference_matches_brute_force(name):
         assert t.evaluate() == pytest.approx(float(e.value), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_liu_toy_exact_gradient_and_unbiased_estimators():
     """Liu et al. (2019): theta = 0, p = (0.6, 0.51, 0.48): the exact gradient is -0.0450, and every
     unbiased estimator's mean matches it within 4.5 standard errors."""
@@ -66,7 +67,7 @@ def test_liu_toy_exact_gradient_and_unbiased_estimators():
             continue
         G, *_ = gradient_estimates(t, est, None, budget_for(est, dist=t.problem(None).dist), 4000)
         mean, se = float(G.mean()), float(G.std() / math.sqrt(G.shape[0]))
-        assert abs(mean - (-0.045)) <= max(4.5 * se, 1e-6), f"{name}: {mean} +- {se}"
+        assert abs(mean - (-0.045)) <= max(Z_TOL * se, 1e-6), f"{name}: {mean} +- {se}"
 
 
 def test_task_registry_errors():
@@ -82,6 +83,7 @@ def test_task_registry_errors():
 # ---- measurement ------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("task_name", ["toy_binary", "toy_categorical", "toy_gaussian"])
+@pytest.mark.slow
 def test_batched_measurement_equals_loop_in_distribution(task_name, device):
     """The one-pass M replicas give the same mean/variance as M separate estimate+backward calls."""
     t = setup_task(task_name, device)
@@ -92,10 +94,18 @@ def test_batched_measurement_equals_loop_in_distribution(task_name, device):
     Gl, *_ = gradient_estimates(t, est, None, 4, 3000, batched=False)
     assert Gb.shape == Gl.shape and Gb.device.type == device
     se = torch.sqrt(Gb.var(0) / 3000 + Gl.var(0) / 3000)
-    assert ((Gb.mean(0) - Gl.mean(0)).abs() <= 4.5 * se).all()
-    # variances agree within sampling error of a variance (~ sqrt(2/(M-1)) relative for near-normal data)
-    vb, vl = Gb.var(0).sum(), Gl.var(0).sum()
-    assert abs(float(vb / vl) - 1) < 6 * math.sqrt(2 / 2999) * 3
+    assert ((Gb.mean(0) - Gl.mean(0)).abs() <= Z_TOL * se).all()
+    # the variances (trace of the covariance) agree within the sampling error of a sample variance:
+    # tr Cov = E||g - mean||^2, estimated by the mean of d_i = ||g_i - mean||^2 (the unbiased
+    # M/(M-1) form); Var(d) is the 4th-moment term (mu_4 - sigma^4 for one coordinate), so the
+    # estimate's standard error is std(d)/sqrt(M) -- no normality assumed (REINFORCE's g is skewed)
+    def trace_var(G):
+        d = (G - G.mean(0)).square().sum(1)
+        M = G.shape[0]
+        return d.mean() * M / (M - 1), d.std() / math.sqrt(M)
+    (vb, sb), (vl, sl) = trace_var(Gb), trace_var(Gl)
+    z = float((vb - vl) / torch.hypot(sb, sl))
+    assert abs(z) < Z_TOL, f"variances {float(vb):.4g} (batched) vs {float(vl):.4g} (loop): z = {z:.2f}"
 
 
 def test_summarise_known_values():
@@ -173,6 +183,7 @@ def test_same_seed_same_result_different_seed_different():
     assert va != _frame(c).query("metric == 'final_elbo'").value.item()
 
 
+@pytest.mark.slow
 def test_every_estimator_trains_on_a_compatible_toy():
     """Same budget, every estimator, no estimator-specific code: each cell finishes or fails clearly."""
     for name in estimators.available():
@@ -356,30 +367,7 @@ def test_store_keeps_the_latest_version_of_a_cell(tmp_path):
     assert len(cells_all) == 2
 
 
-def test_cache_key_follows_the_code_of_the_cell_only(tmp_path, monkeypatch):
-    """A cell's key covers its own estimator's module (and the shared harness), not other modules:
-    fixing one estimator invalidates that estimator's cells only."""
-    import estimators.control_variates as cv
-
-    relax, rloo = _cell(est="relax"), _cell(est="rloo")
-    assert relax.key() != rloo.key()
-    k_relax, k_rloo = relax.key(), rloo.key()
-    src = tmp_path / "control_variates.py"
-    src.write_text(open(cv.__file__).read() + "\n# a change\n")
-    monkeypatch.setattr(store, "_plugin_files", lambda kind, text: (
-        [src if f.name == "control_variates.py" else f for f in _orig_plugin_files(kind, text)]
-        if text == "relax" else _orig_plugin_files(kind, text)))
-    store.code_version.cache_clear()
-    try:
-        assert _cell(est="relax").key() != k_relax
-        assert _cell(est="rloo").key() == k_rloo
-    finally:
-        store.code_version.cache_clear()
-
-
-_orig_plugin_files = store._plugin_files
-
-
+@pytest.mark.slow
 def test_a_cell_does_not_depend_on_earlier_cells_in_the_process():
     """RELAX initialises its network in __init__: the draw must come from the cell's seed, so the
     same cell gives the same record whatever ran before it (serial vs parallel sweeps)."""

@@ -84,6 +84,7 @@ def _tree_digest(folder: Path) -> str:
 LIAR = "if type(self).calls > 1:\n            [f(dist.sample((n,))) for _ in range(7)]"
 
 
+@pytest.mark.slow
 def test_an_estimator_spending_8x_its_budget_after_an_honest_first_call_fails_the_cell(
         tmp_path, reference, forget, capsys):
     path = plugin(tmp_path, "liar_test_only", LIAR)
@@ -223,6 +224,7 @@ def test_registering_a_taken_name_fails_and_the_same_class_may_register_again():
     assert estimators.get_class("rloo") is rloo
 
 
+@pytest.mark.slow
 def test_a_module_inside_the_package_cannot_replace_a_builtin(tmp_path):
     """A file dropped into estimators/ declaring a built-in's name: a warning naming both, and the
     name refuses to resolve, instead of silently swapping the estimator."""
@@ -255,6 +257,7 @@ def test_a_name_outside_the_spec_grammar_is_refused_at_definition(tmp_path, refe
 
 
 # ---- rank reads the reference, writes elsewhere ------------------------------------------------
+@pytest.mark.slow
 def test_rank_never_writes_into_the_reference_set(tmp_path, reference, forget, capsys):
     before = _tree_digest(reference)
     path = plugin(tmp_path, "fine_test_only")
@@ -288,6 +291,7 @@ def test_rank_target_without_py_is_one_line(tmp_path, capsys):
 
 
 # ---- a time limit per cell ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_hung_estimator_times_out_and_the_sweep_goes_on(tmp_path, reference, forget, capsys):
     path = plugin(tmp_path, "hangs_test_only", "if type(self).calls > 1:\n            time.sleep(600)")
     forget.append("hangs_test_only")
@@ -302,6 +306,7 @@ def test_a_hung_estimator_times_out_and_the_sweep_goes_on(tmp_path, reference, f
     assert (cells[cells.estimator != "hangs_test_only"].status == "ok").all()
 
 
+@pytest.mark.slow
 def test_the_time_limit_holds_in_a_worker_thread_too(forget):
     """dask runs cells in worker threads, where no signal can be delivered."""
     class Spins(estimators.get_class("reinforce")):
@@ -357,6 +362,7 @@ def test_an_empty_estimator_list_is_an_error_not_everything(capsys):
     assert main(["run", "--tasks", " "]) == 2
 
 
+@pytest.mark.slow
 def test_default_options_name_one_configuration(tmp_path, capsys):
     out = tmp_path / "o"
     base = ["--estimators", "rloo", *TINY, "--out", str(out)]
@@ -384,21 +390,7 @@ def test_cli_report_does_not_import_the_cli():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
-def test_a_cells_code_version_follows_its_classes_not_a_list_of_file_names():
-    """The harness lists only its own files; a plug-in's key covers the files of its class and
-    everything it inherits from or imports from its package."""
-    assert all(f.startswith("estbench/") for f in store._COMMON_CODE)
-    files = set()
-    for kind, name in (("estimator", "rloo"), ("task", "binary_vae")):
-        for path in store._plugin_files(kind, name):
-            store._module_files(path, files)
-    rel = {str(p.relative_to(ROOT)) for p in files}
-    assert {"estimators/score_function.py", "estimators/base.py", "estimators/families.py",
-            "estimators/baselines.py", "tasks/binary_vae.py", "tasks/base.py",
-            "tasks/data/mnist.py"} <= rel
-    assert "estimators/antithetic.py" not in rel  # another estimator's module: not its code
-
-
+@pytest.mark.slow
 def test_rank_of_an_estimator_that_cannot_spend_the_budget_says_not_run(tmp_path, reference,
                                                                         forget, capsys):
     path = tmp_path / "greedy.py"

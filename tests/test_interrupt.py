@@ -30,6 +30,7 @@ def cell_files(out):
 
 
 @pytest.mark.parametrize("to", ["process", "group"])
+@pytest.mark.slow
 def test_ctrl_c_under_two_jobs_stops_at_once_and_keeps_the_finished_cells(tmp_path, to):
     """``process``: SIGINT to the estbench process alone; ``group``: to its process group, as a
     terminal sends Ctrl-C (the workers get it too)."""

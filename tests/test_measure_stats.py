@@ -12,6 +12,7 @@ import torch
 import estimators
 import tasks
 from estbench.engine.measure import BIAS_TEST_FLOAT_TOL, bias_test, measure, summarise
+from estbench.engine.problems import Z_TOL
 from tasks import Reference
 
 ALPHA = 0.05
@@ -43,7 +44,7 @@ def test_grad_error_is_squared_bias_plus_variance_in_expectation():
             vals.append(summarise(G, ref)["grad_error"])
         v = torch.tensor(vals)
         se = float(v.std() / math.sqrt(runs))
-        assert abs(float(v.mean()) - truth) < 4.5 * se, (sampled, float(v.mean()), truth, se)
+        assert abs(float(v.mean()) - truth) < Z_TOL * se, (sampled, float(v.mean()), truth, se)
 
 
 def test_grad_error_of_a_deterministic_estimate_is_its_squared_error_exactly():

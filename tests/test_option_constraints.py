@@ -72,6 +72,7 @@ def test_out_of_range_estimator_option_is_one_line_and_exit_2(tmp_path, capsys, 
     assert not (out / "cells").exists()
 
 
+@pytest.mark.slow
 def test_values_at_the_bounds_run_to_the_end(tmp_path, capsys):
     """The bounds are not too tight to be safe: f, the gradients and the measurements stay
     finite at every one of them (each cell finishes, none diverges)."""

@@ -131,6 +131,7 @@ def test_binary_vae_prior_lr_trains_the_prior_by_plain_sgd():
     assert isinstance(plain.make_optimizer(), torch.optim.Adam)
 
 
+@pytest.mark.slow
 def test_run_paper_budget_end_to_end(tmp_path, capsys):
     """`estbench run --budget paper` runs the protocol's settings, cut short here."""
     out = tmp_path / "paper"

@@ -40,6 +40,7 @@ def cleanup():
         estimators.unregister(n)
 
 
+@pytest.mark.slow
 def test_rank_a_file_estimator_and_reuse_cells(tmp_path, capsys, cleanup):
     f = tmp_path / "my_est.py"
     f.write_text(textwrap.dedent(GOOD))
@@ -59,6 +60,7 @@ def test_rank_a_file_estimator_and_reuse_cells(tmp_path, capsys, cleanup):
     assert "where rloo ranks" in cap.out
 
 
+@pytest.mark.slow
 def test_rank_reports_reuse_on_stderr(tmp_path, capsys, cleanup):
     f = tmp_path / "my_est.py"
     f.write_text(textwrap.dedent(GOOD))

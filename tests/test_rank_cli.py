@@ -100,6 +100,7 @@ def _rank(plugins, cls, reference, out, *extra):
 
 
 # ---- rank -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_biased_plugin_is_ranked_not_a_traceback(plugins, reference, tmp_path, capsys):
     # fb811d1: ValueError "'task' is both an index level and a column label" in rank.placement
     assert _rank(plugins, "HalfRLOO", reference, tmp_path / "out") == 0
@@ -111,6 +112,7 @@ def test_a_biased_plugin_is_ranked_not_a_traceback(plugins, reference, tmp_path,
 RIVALS = ["--estimators", "rloo,disarm,reinforce"]
 
 
+@pytest.mark.slow
 def test_ties_are_said_and_too_few_seeds_warned(plugins, reference, tmp_path, capsys):
     assert _rank(plugins, "HalfRLOO", reference, tmp_path / "out", *RIVALS) == 0
     out = capsys.readouterr().out
@@ -123,6 +125,7 @@ def test_ties_are_said_and_too_few_seeds_warned(plugins, reference, tmp_path, ca
     assert "warning: toy_binary: 2 seeds cannot separate a field of 4" in out
 
 
+@pytest.mark.slow
 def test_timings_from_another_environment_are_not_ranked(plugins, reference, tmp_path, capsys):
     # the reference's rivals were timed under -j 2, the plug-in serially: no by-time verdict
     assert _rank(plugins, "HalfRLOO", reference, tmp_path / "out", *RIVALS) == 0
@@ -149,6 +152,7 @@ def test_a_reference_that_is_not_there_is_an_error(plugins, tmp_path, capsys, ma
     assert not (tmp_path / "out" / "cells").exists()
 
 
+@pytest.mark.slow
 def test_the_shipped_reference_is_found_from_any_folder(plugins, reference, tmp_path, capsys,
                                                         monkeypatch):
     # fb811d1 read the relative results/reference: from elsewhere "0 reused", everything recomputed
@@ -160,6 +164,7 @@ def test_the_shipped_reference_is_found_from_any_folder(plugins, reference, tmp_
 
 
 @pytest.mark.parametrize("cls, status", [("Needy", "not run"), ("Diverges", "diverged")])
+@pytest.mark.slow
 def test_a_plugin_that_finishes_nothing_costs_no_rivals_cell(plugins, reference, tmp_path, capsys,
                                                              cls, status):
     # fb811d1 computed every rival's cell, then printed "has no finished cell, so it has no rank:"
@@ -173,6 +178,7 @@ def test_a_plugin_that_finishes_nothing_costs_no_rivals_cell(plugins, reference,
     assert set(cells.estimator) == {cls.lower() + "_t"}
 
 
+@pytest.mark.slow
 def test_rank_takes_estimators_and_the_paper_budget(plugins, reference, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["rank", f"{plugins}:HalfRLOO", "--tasks", "toy_binary", "--estimators", "rloo",
@@ -187,6 +193,7 @@ def test_rank_takes_estimators_and_the_paper_budget(plugins, reference, tmp_path
 
 
 # ---- run: the table and the runs where nothing finishes ------------------------------------------
+@pytest.mark.slow
 def test_the_run_table_shows_ties_the_bias_verdict_and_the_oracle(tmp_path, capsys):
     assert main(["run", "--tasks", "toy_binary", "--estimators", "rloo,reinforce,exact",
                  "--seeds", "0,1", *TINY, "--out", str(tmp_path / "r")]) == 0
@@ -220,6 +227,7 @@ def test_a_rerun_says_it_reused_failed_cells(tmp_path, capsys):
     assert "1 failed cell in" in err and "failed in an earlier run and were reused" in err
 
 
+@pytest.mark.slow
 def test_warnings_are_one_line_without_source_paths(tmp_path, capsys):
     run = tmp_path / "r"
     assert main(["run", "--tasks", "toy_binary", "--estimators", "rloo,disarm", "--seeds", "0",

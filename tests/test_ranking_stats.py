@@ -27,6 +27,7 @@ def _ranks(per_estimator: dict, higher: bool = True) -> dict:
 
 
 # ---- Holm ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_holm_step_down_by_hand_and_against_statsmodels():
     # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04): in input order
     assert lb.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
@@ -198,6 +199,7 @@ def test_performance_profiles_read_raw_values_and_fail_what_did_not_run():
     assert a.tau.tolist() == [1.0] and a.rho.tolist() == [1.0]
 
 
+@pytest.mark.slow
 def test_two_seeds_never_make_a_ranking_stable():
     # two seeds that agree: every bootstrap draw keeps the order, so the resamples alone would say
     # "stable" (the old verdict); the word needs MIN_STABLE_SEEDS seeds

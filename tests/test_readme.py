@@ -8,7 +8,7 @@ import torch
 
 import estimators
 
-from estbench.engine.problems import estimates, problem, z_scores
+from estbench.engine.problems import Z_TOL, estimates, problem, z_scores
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -27,7 +27,7 @@ def test_readme_example_estimator_works_verbatim():
         for fam in ["bernoulli", "categorical", "gaussian"]:
             G, e = estimates(est, problem(fam, offset=10.0), 4000, 4)
             z, _ = z_scores(G, problem(fam, offset=10.0).exact)
-            assert z.abs().max() < 4.5
+            assert z.abs().max() < Z_TOL
     finally:
         estimators.unregister("half_mean_baseline")
 

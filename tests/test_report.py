@@ -18,7 +18,9 @@ from estbench.cli.commands import main  # noqa: E402
 from estbench.analysis.compare import compare, render  # noqa: E402
 from estbench.report import build_report  # noqa: E402
 from estbench.analysis.leaderboard import leaderboard, rank_with_ties  # noqa: E402
-from estbench.analysis.tables import mean_ci, per_cell, task_tables  # noqa: E402
+from estbench.analysis.stats import mean_ci  # noqa: E402
+from estbench.analysis.figures import per_cell  # noqa: E402
+from estbench.analysis.tables import task_tables  # noqa: E402
 from estbench.engine.train import Cell, CellResult  # noqa: E402
 
 TINY = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--seeds", "0,1"]
@@ -35,6 +37,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_report_end_to_end(tiny_run, tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["report", str(tiny_run), "--out", str(out)]) == 0
@@ -202,6 +205,7 @@ def test_work_normalised_error_is_error_times_cost():
     assert dict(zip(r.estimator, r["rank"])) == {"cheap": 1, "dear": 2}
 
 
+@pytest.mark.slow
 def test_rank_stability_marks_a_clear_order_stable_and_noise_inconclusive():
     from estbench.analysis.leaderboard import stability
 
@@ -261,6 +265,7 @@ def _synthetic_run(run, elbo_e1=-10.0, elbo_e2=-20.0, var_e1=1.0, extra=None):
     return run
 
 
+@pytest.mark.slow
 def test_compare_flags_a_regression_not_noise(tmp_path, capsys):
     a = _synthetic_run(tmp_path / "a")
     # e1's ELBO 30% worse, clearly outside its tiny noise; e2's shifts 15% inside large noise
@@ -296,6 +301,7 @@ def test_compare_flags_a_regression_not_noise(tmp_path, capsys):
     assert "--threshold" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_one_seed_uses_the_threshold_and_variance_regressions(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _write_cell(a, "toy", "e", 0, -10.0, 1.0)
@@ -306,6 +312,7 @@ def test_compare_one_seed_uses_the_threshold_and_variance_regressions(tmp_path):
     assert math.isnan(row.loc["variance", "p_value"])
 
 
+@pytest.mark.slow
 def test_compare_cell_that_starts_failing_is_a_regression(tmp_path):
     a = _synthetic_run(tmp_path / "a")
     b = _synthetic_run(tmp_path / "b", extra=lambda r: _write_cell(
@@ -329,6 +336,7 @@ def test_missing_folder_one_clear_message(tmp_path, capsys):
         build_report(missing)
 
 
+@pytest.mark.slow
 def test_report_rationales_and_problem_cells(tmp_path):
     rationales = [{"tokens": ["a", "*great*", "film", "<b>"], "selected": [False, True, False, True],
                    "label": 4, "prediction": 3, "q": [0.1, 0.9, 0.3, 0.6]}]
@@ -362,6 +370,7 @@ def test_report_rationales_and_problem_cells(tmp_path):
     assert best == ["e1"]
 
 
+@pytest.mark.slow
 def test_report_shows_the_friedman_test_and_critical_differences_across_tasks(tmp_path):
     """Four tasks on which e1 > e2 > e3 every time: the Friedman statistic takes its largest value,
     N(k - 1) = 8 on 2 df (p = 0.018), and the report's section shows the test and its diagram
@@ -395,6 +404,7 @@ def test_report_shows_the_friedman_test_and_critical_differences_across_tasks(tm
     assert html.count('src="data:image/png;base64,') == len(re.findall(r"!\[[^\]]*\]\(", md)) == 3
 
 
+@pytest.mark.slow
 def test_compare_ignores_float_noise_on_zero_bias_and_variance(tmp_path):
     """An exact estimator's bias moving from 6e-9 to 6e-8 is float noise, not a 900% regression
     (the bias is compared net of its noise floor, here 0)."""
@@ -429,6 +439,7 @@ def test_every_estimator_has_its_own_look_and_neighbours_differ():
     colours are shades of one hue is test_report_views' colour test; an oracle is a black
     reference line.)"""
     import estimators
+    import numpy as np
     from estbench.report.plots import Style, to_lab
 
     names = estimators.available()
@@ -439,4 +450,16 @@ def test_every_estimator_has_its_own_look_and_neighbours_differ():
     for a, b in zip(rivals, rivals[1:]):  # e.g. arm / arms, reinforce / reinforce_ema
         assert float(((to_lab(st.colour[a]) - to_lab(st.colour[b])) ** 2).sum() ** 0.5) > 20, (a, b)
         assert st.marker[a] != st.marker[b] and st.linestyle[a] != st.linestyle[b]
-    assert st.line_kw("arm")["linestyle"] in ("-", "--", "-.", ":")
+    # line_kw draws each estimator in its own look; the oracles are the reference lines: black /
+    # grey, dashed, no marker, and no rival is drawn in a colour that could pass for one
+    for e in names:
+        kw = st.line_kw(e)
+        assert (kw["color"], kw["marker"] or "", kw["linestyle"]) == (st.colour[e], st.marker[e], st.linestyle[e])
+    oracles = [e for e in names if st.is_oracle(e)]
+    assert oracles == ["exact"]
+    assert st.line_kw("exact")["color"] == (0.0, 0.0, 0.0) and st.line_kw("exact")["marker"] is None
+    assert st.line_kw("exact")["linestyle"] == "--" and st.label("exact") == "exact (oracle reference)"
+    for e in rivals:
+        assert st.marker[e] and st.label(e) == e
+        # far from black and the oracles' greys (CIELAB chroma): never mistaken for a reference line
+        assert float(np.hypot(*to_lab(st.colour[e])[1:])) >= 20, (e, st.colour[e])

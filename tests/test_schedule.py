@@ -98,6 +98,7 @@ def test_cli_seconds_bad_input_is_one_line(value, message, tmp_path, capsys):
     assert "--seconds" in err and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_seconds_runs_a_time_budget(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["run", "--tasks", "toy_binary", "--estimators", "rloo,reinforce", "--seeds", "0",

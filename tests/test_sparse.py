@@ -255,6 +255,7 @@ def test_viterbi_matches_the_loop_reference(Dn, transition):
     (0.8, 4, 50),
     (-1.5, 1, 50),  # bare cells
 ])
+@pytest.mark.slow
 def test_sparsemap_solver_matches_the_reference(transition, Dn, max_iter, sync_every):
     g = torch.Generator().manual_seed(Dn)
     theta = torch.randn(6, Dn, dtype=torch.float64, generator=g) * 0.8

@@ -51,6 +51,7 @@ def check_store(out, n):
     assert len(records[["estimator", "seed"]].drop_duplicates()) == n
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_restart_loses_and_recomputes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     proc = cli(out)
@@ -81,6 +82,7 @@ def test_sigkill_mid_sweep_then_restart_loses_and_recomputes_nothing(tmp_path, c
             assert (p.stat().st_mtime_ns, p.read_bytes()) == before[p.name]
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_on_one_folder_never_corrupt_it(tmp_path, capsys):
     out = tmp_path / "run"
     short = [a if a != "150" else "20" for a in SWEEP]  # short cells: the two race on the same ones

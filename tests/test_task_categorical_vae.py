@@ -9,6 +9,7 @@ from torch import distributions as D
 
 import tasks
 from estbench.core.budget import Budget
+from estbench.engine.problems import Z_TOL
 from estbench.engine.train import Cell, run_cell
 from tasks.data import mnist
 
@@ -37,6 +38,7 @@ def test_sizes_are_c_by_l_and_the_architecture_is_the_reinmax_codes():
 
 
 @pytest.mark.parametrize("binarize", ["dynamic", "threshold", "none"])
+@pytest.mark.slow
 def test_binarisations(binarize):
     t = _task(binarize=binarize)
     full = mnist.load("train")[0].reshape(-1, 784)
@@ -71,6 +73,7 @@ def test_problem_contract_and_exact_kl():
     torch.testing.assert_close(fz, ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_exact_and_sampled_references_agree_within_their_standard_errors():
     t = _task(ref_chunks=32, ref_chunk_samples=256)
     x = t.measure_batch()
@@ -87,6 +90,7 @@ def test_exact_and_sampled_references_agree_within_their_standard_errors():
     assert float(cos) > 0.9
 
 
+@pytest.mark.slow
 def test_iwae_bound_is_at_least_the_elbo_and_training_improves_it():
     res = run_cell(Cell("categorical_vae[batch_size=32,val_size=200,iwae_samples=20]", "rloo", 0,
                         "cpu", Budget(steps=60, n_samples=4, checkpoints=2, measure_samples=8,
@@ -107,7 +111,7 @@ def test_poly_toy_expectation_and_gradient_are_exact():
     fz = t.f(z)
     assert fz.shape == (200_000,)
     se = float(fz.std()) / math.sqrt(len(fz))
-    assert abs(float(fz.mean()) - float(t.expected().detach())) < 4.5 * se
+    assert abs(float(fz.mean()) - float(t.expected().detach())) < Z_TOL * se
     # the exact gradient: d/dtheta E[f] against a score-function estimate with many samples
     ref = t.reference_gradient(None).grad
     logq = t.dist().log_prob(z)

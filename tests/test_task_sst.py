@@ -11,13 +11,14 @@ from torch import distributions as D
 
 import tasks
 from estbench.core.budget import Budget
+from estbench.engine.problems import Z_TOL
 from estbench.engine.train import Cell, run_cell
 from estimators import families as fam
 from tasks.data import sst
 from tasks.sst_rationales import PAD_LOGIT
 
-TINY = dict(emb=8, hidden=8, max_train=256, eval_dev=64, final_samples=4, eval_samples=4,
-            measure_size=4, ref_chunks=4, ref_samples=8)
+TINY = dict(emb=8, hidden=8, max_train=256, val_size=64, final_samples=4, eval_samples=4,
+            measure_size=4, ref_chunks=4, ref_chunk_samples=8)
 SHA256 = {
     "train": "e2f3f41b0b1e6d4dddc0effe3bfc2d27ed8928079aa9a03d652311614fc5feb7",
     "dev": "0e9336aed6e4730e19f58d00a77b3f0297efdb755f7b5e598c98a05e3f97ea40",
@@ -191,27 +192,49 @@ def test_categorical_two_draws_reference_exact():
 
 
 @pytest.mark.parametrize("name,encoder", [("sst_rationales", "bow"), ("sst_rationales_structured", "lstm")])
+@pytest.mark.slow
 def test_bernoulli_reference_agrees_with_exact_enumeration(name, encoder):
+    """The Monte Carlo reference is unbiased and its standard error is right, against exact
+    enumeration, from K independent references of R chunks each."""
     torch.manual_seed(0)
-    t = make(name, encoder=encoder, emb=4, hidden=3, ref_chunks=64, ref_samples=32)
+    K, R, S = 64, 16, 32
+    t = make(name, encoder=encoder, emb=4, hidden=3, ref_chunks=R, ref_chunk_samples=S)
     batch = _short_batch(t, 6, 3)
-    ref = t.reference_gradient(batch)
-    assert not ref.exact and ref.n_samples == 64 * 32
     prob = t.problem(batch)
     z = fam.enumerate_events(prob.dist)  # (2^L, B, L): exact E_q[f]
     exact = tasks.flat_grad((prob.dist.log_prob(z).exp() * prob.f(z)).sum(), t.estimated_parameters())
-    se = ref.stderr
-    live = se > 0
-    zs = (ref.grad - exact)[live] / se[live]
-    assert float(zs.abs().max()) < 4.5
-    assert float((zs**2).mean()) < 4  # about 1 when the stderr is right (coordinates correlate)
-    assert torch.allclose(ref.grad[~live], exact[~live], atol=1e-6)
-    assert float(exact.norm()) > 10 * float(se.norm()) / math.sqrt(live.sum().item())
+    refs = [t.reference_gradient(batch) for _ in range(K)]
+    assert all(not r.exact and r.n_samples == R * S for r in refs)
+    diff = torch.stack([r.grad - exact for r in refs]).double()  # (K, P)
+    se2 = torch.stack([r.stderr for r in refs]).double() ** 2
+    s2 = se2.mean(0)  # the pooled squared standard error of one reference, per coordinate
+    live = s2 > 0
+    assert torch.allclose(diff[:, ~live], torch.zeros(()).double(), atol=1e-6)
+    # one reference, and the mean of the K (K times the samples), within Z_TOL standard errors
+    assert float((diff[0, live] / se2[0, live].sqrt()).abs().max()) < Z_TOL
+    assert float((diff.mean(0)[live] / (s2[live] / K).sqrt()).abs().max()) < Z_TOL
+    # the standard error is right: per coordinate, E[(ref - exact)^2] = sigma^2 / R = E[stderr^2]
+    # (the ddof-1 variance of the chunks is unbiased), so the pooled ratio of squared errors to
+    # squared standard errors (each coordinate scaled by its pooled s2) is 1 in expectation.  Its
+    # log's standard error comes from the K independent references (delta method; the coordinates
+    # are strongly correlated -- all are VJPs of one (B, L) cotangent -- so each reference counts
+    # as ~5 degrees of freedom, not P): ~0.08 here.  A standard error off by a factor c moves the
+    # log ratio by -2 log c: 1.39 for c = 2, ~17 of its standard errors.
+    a = (diff[:, live] ** 2 / s2[live]).sum(1)
+    b = (se2[:, live] / s2[live]).sum(1)
+    ma, mb = a.mean(), b.mean()
+    cov = torch.cov(torch.stack([a / ma, b / mb]))
+    se_log = math.sqrt(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]) / K)
+    z_calib = math.log(float(ma / mb)) / se_log
+    assert abs(z_calib) < Z_TOL, (f"squared errors / squared stderrs = {float(ma / mb):.3f}: "
+                                  f"{z_calib:.1f} standard errors from 1")
+    # and the reference resolves the gradient: far above its noise
+    assert float(exact.norm()) > 10 * float(s2.sum().sqrt()) / math.sqrt(live.sum().item())
 
 
 def test_training_improves_the_objective():
-    cell = Cell("sst_rationales[emb=16,hidden=16,max_train=512,eval_dev=100,measure_size=4,"
-                "ref_chunks=4,ref_samples=8,final_samples=4]", "rloo", 0, "cpu",
+    cell = Cell("sst_rationales[emb=16,hidden=16,max_train=512,val_size=100,measure_size=4,"
+                "ref_chunks=4,ref_chunk_samples=8,final_samples=4]", "rloo", 0, "cpu",
                 Budget(steps=60, n_samples=4, checkpoints=3, measure_samples=4))
     res = run_cell(cell)
     assert res.status == "ok", res.error

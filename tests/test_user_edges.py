@@ -33,6 +33,7 @@ TINY_ARGS = ["--steps", "4", "--checkpoints", "2", "--measure-samples", "8", "--
 @pytest.mark.parametrize("seeds, expected", [
     ("12", [12]), ("0,1", [0, 1]), ("3-4", [3, 4]), (7, [7]), ([2, 0], [0, 2]),
 ])
+@pytest.mark.slow
 def test_api_seeds_are_parsed_as_the_command_line_parses_them(tmp_path, seeds, expected):
     records, cells = estbench.run(tasks="toy_binary", estimators="rloo", seeds=seeds,
                                   out=tmp_path / "run", **TINY)
@@ -75,6 +76,7 @@ def small_run(tmp_path_factory):
     (b"[1, 2]", "not a JSON object"),
     (b"\xff\xfe\x00junk", "invalid start byte"),
 ])
+@pytest.mark.slow
 def test_report_says_when_meta_json_is_unreadable(small_run, capsys, garbage, why):
     meta = small_run / "meta.json"
     good = meta.read_bytes()
@@ -114,6 +116,7 @@ def _checkpoint_steps(run_dir) -> list:
     return sorted(records[records.metric == "variance"].step.unique())
 
 
+@pytest.mark.slow
 def test_more_checkpoints_than_steps_allow_is_said_in_one_note(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--tasks", "toy_binary", "--estimators", "rloo", "--steps", "5",

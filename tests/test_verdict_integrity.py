@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("seaborn")
 
-from estbench.engine import store  # noqa: E402
+from estbench.engine import executors, store  # noqa: E402
 from estbench.analysis import table
 from estbench.core.budget import Budget  # noqa: E402
 from estbench.cli.commands import main  # noqa: E402
@@ -53,10 +53,11 @@ def _mixed_run(run):
 
 
 # ---- 1. failed and diverged cells are listed apart, never ranked --------------------------------
+@pytest.mark.slow
 def test_finished_keeps_only_ok_cells(tmp_path):
     records, cells = store.load(_mixed_run(tmp_path / "run"))
     assert {"reinforce", "gumbel_softmax"} <= set(records.estimator)  # their partial records
-    fin = table.finished(records, cells)
+    fin = store.finished(records, cells)
     assert set(fin.estimator) == {"rloo"} and list(fin.columns) == list(records.columns)
     assert len(fin) == len(records[records.estimator == "rloo"])
     summ = table.summary(fin)
@@ -66,6 +67,7 @@ def test_finished_keeps_only_ok_cells(tmp_path):
     assert "failed cells:" in text and "gumbel_softmax: failed" in text
 
 
+@pytest.mark.slow
 def test_report_ranks_and_tabulates_finished_cells_only(tmp_path):
     run = _mixed_run(tmp_path / "run")
     md = build_report(run).read_text()
@@ -82,9 +84,9 @@ def test_report_ranks_and_tabulates_finished_cells_only(tmp_path):
     assert "| `gumbel_softmax` | toy_binary | failed | 0,1 |" in problems
 
 
+@pytest.mark.slow
 def test_cli_summary_leaves_out_diverged_cells(tmp_path, capsys, monkeypatch):
     run = _mixed_run(tmp_path / "run")  # every cell of the selection is cached
-    monkeypatch.setenv("ESTBENCH_JOBS", "1")  # the CLI sets it; undone after the test
     argv = ["run", "--tasks", "toy_binary", "--estimators", "rloo,reinforce", "--seeds", "0,1",
             *TINY_ARGS, "--out", str(run), "--quiet"]
     assert main([*argv, "--json"]) == 0
@@ -115,7 +117,7 @@ def test_compare_ignores_partial_records_of_stopped_cells(tmp_path):
 
 
 # ---- 2. a '$' in a name is plain text in the figures --------------------------------------------
-def _hand_cell(run, task, est, seed, elbo, var, step_time=0.002, status="ok"):
+def _hand_cell(run, task, est, seed, elbo, var, step_time=0.002, status="ok", env=None):
     cell = Cell(task, est, seed, "cpu", TINY)
     recs = []
 
@@ -132,9 +134,10 @@ def _hand_cell(run, task, est, seed, elbo, var, step_time=0.002, status="ok"):
     rec(TINY.steps, "n_evals", 4)
     rec(TINY.steps, "step_time", step_time)
     rec(TINY.steps, "diverged", 0.0)
-    store.write_cell(run, cell.key(f"seed{seed}"), CellResult(cell, status, recs))
+    store.write_cell(run, cell.key(f"seed{seed}"), CellResult(cell, status, recs), env=env)
 
 
+@pytest.mark.slow
 def test_report_with_dollar_signs_in_names(tmp_path):
     run = tmp_path / "run"
     task, est = "toy_binary[data_dir=/tmp/a$_$b]", "rloo[tag=$^$]"
@@ -157,22 +160,25 @@ NOISE = [0.01, -0.008, 0.003]
 
 
 def _timed_run(run, monkeypatch, elbo=-10.0, step_time=0.002, jobs="1"):
-    monkeypatch.setenv("ESTBENCH_JOBS", jobs)
     for seed, n in enumerate(NOISE):
-        _hand_cell(run, "toy", "e", seed, elbo * (1 + n), 1.0 + n, step_time=step_time * (1 + n))
+        _hand_cell(run, "toy", "e", seed, elbo * (1 + n), 1.0 + n, step_time=step_time * (1 + n),
+                   env={"jobs": int(jobs)})
     return run
 
 
-def test_write_cell_records_the_timing_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("ESTBENCH_JOBS", "3")
-    monkeypatch.delenv("ESTBENCH_THREADS", raising=False)
-    cell = _cell("rloo")
-    store.write_cell(tmp_path, cell.key(), run_cell(cell))
+def test_a_worker_records_the_settings_it_was_handed(tmp_path):
+    """Threads and jobs reach the worker as arguments (executors.WorkerSettings), not through the
+    environment, and the cell's record keeps them: its time was measured under them."""
+    cell = _cell("rloo").with_code()
+    settings = executors.make_executor(3, threads=2).settings
+    assert (settings.jobs, settings.threads) == (3, 2)
+    executors.run_and_store(cell, str(tmp_path), settings=settings)
     _, cells = store.load(tmp_path)
     env = cells.env.iat[0]
-    assert env == {"cpu": store._cpu_model(), "cuda_device": None, "threads": 1, "jobs": 3}
+    assert env == {"cpu": store._cpu_model(), "cuda_device": None, "threads": 2, "jobs": 3}
 
 
+@pytest.mark.slow
 def test_step_time_not_comparable_across_environments(tmp_path, monkeypatch, capsys):
     a = _timed_run(tmp_path / "a", monkeypatch, jobs="1")
     b = _timed_run(tmp_path / "b", monkeypatch, step_time=0.010, jobs="8")  # 5x: a busier machine
@@ -206,6 +212,7 @@ def test_step_time_of_runs_without_environment_not_comparable(tmp_path, monkeypa
     (-13.0, 0.010, 5, True, True),    # both: 1 | 4
     (-10.0, 0.002, 0, False, False),
 ])
+@pytest.mark.slow
 def test_compare_exit_codes_split_quality_and_speed(tmp_path, monkeypatch, capsys, elbo_b, step_b,
                                                     code, q, s):
     a = _timed_run(tmp_path / "a", monkeypatch)

@@ -15,7 +15,7 @@ metrics tested on log10, where their seed-to-seed spread is roughly symmetric), 
 than two seeds on either side, when it exceeds the tolerance.  A *regression* is a change for the
 worse beyond the tolerance AND outside the noise.  A cell that finished in A but failed or
 diverged in B is a regression too.  Only finished cells (status ``ok``) are measured: a failed or
-diverged cell's partial checkpoint records are no measurement (``estbench.analysis.table.finished``).
+diverged cell's partial checkpoint records are no measurement (``estbench.engine.store.finished``).
 
 Bias.  The measured bias of an unbiased estimator is its noise floor, which grows with its
 variance: a noisier but still unbiased estimator would look "more biased".  So the bias is
@@ -69,6 +69,7 @@ from estbench.core import metrics
 from estbench.engine import store
 from estbench.analysis import table
 from estbench.core.budget import Budget
+from estbench.core.records import SETTING_KEYS
 
 ALPHA = 0.05
 #: the exit bits of ``estbench compare`` (2, a usage error, is never combined with them)
@@ -78,9 +79,8 @@ METRICS = {q.name: (q.name, q.higher, q.scale == metrics.LOG10)
            for q in map(metrics.get, metrics.COMPARED)}
 #: the row of the bias test's verdict (beside the metrics; not a per-cell column)
 BIAS_TEST = "bias_test"
-#: what one compared row is about: a setting (table.SETTING_KEYS) and one of its metrics
-KEYS = list(table.SETTING_KEYS)
-COLUMNS = [*KEYS, "metric", "a", "b", "change", "rel_change", "p_value", "seeds_a", "seeds_b",
+#: what one compared row is about: a setting (SETTING_KEYS) and one of its metrics
+COLUMNS = [*SETTING_KEYS, "metric", "a", "b", "change", "rel_change", "p_value", "seeds_a", "seeds_b",
            "tolerance", "tolerance_kind", "outside_noise", "worse", "regressed", "mark", "note"]
 #: metrics whose regression is one of speed (exit bit 4): the measured times, which depend on the
 #: machine; every other one is of quality (bit 1)
@@ -201,7 +201,7 @@ def _one_line(text: str) -> str:
 def _load(run_dir, side: str) -> dict:
     """A run's per-cell figures, status rows and problems: its damaged cell files (``store.load``
     warns about them; caught here, so that they are problems of the gate, never Python warnings)."""
-    from estbench.analysis.tables import per_cell  # lazy: keeps this module light to import
+    from estbench.analysis.figures import per_cell  # lazy: keeps this module light to import
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no results folder at {run_dir}")
@@ -227,13 +227,13 @@ def _load(run_dir, side: str) -> dict:
         extra = f" ({len(damaged)} damaged cell file(s))" if damaged else ""
         raise ValueError(f"no results in {run_dir} (no cell records under {run_dir / 'cells'})"
                          + extra)
-    fin = table.finished(records, cells)  # failed / diverged cells count in 'status' only
+    fin = store.finished(records, cells)  # failed / diverged cells count in 'status' only
     return {"pc": per_cell(fin), "cells": cells, "damaged": damaged, "notices": notices}
 
 
 def _ran(cells: pd.DataFrame) -> pd.DataFrame:
     if cells is None or cells.empty or "status" not in cells:
-        return pd.DataFrame(columns=[*KEYS, "seed", "status"])
+        return pd.DataFrame(columns=[*SETTING_KEYS, "seed", "status"])
     return cells[cells.status.isin(RAN)]
 
 
@@ -243,7 +243,7 @@ def _settings(cells: pd.DataFrame) -> dict:
     ran = _ran(cells)
     fields = [f for f in BUDGET_FIELDS if f in ran.columns]
     out = {}
-    for key, d in ran.groupby(KEYS, sort=True):
+    for key, d in ran.groupby(SETTING_KEYS, sort=True):
         budgets = {f: {v for v in d[f] if not (isinstance(v, float) and math.isnan(v))}
                    for f in fields}
         out[key] = {"seeds": set(d["seed"]), "budgets": budgets}
@@ -273,7 +273,7 @@ def timing_envs(cells: pd.DataFrame) -> dict:
     ok = cells[cells.status == "ok"]
     env = ok["env"] if "env" in ok else pd.Series([None] * len(ok), index=ok.index)
     out: dict = {}
-    for key, e in zip(ok[KEYS].itertuples(index=False, name=None), env):
+    for key, e in zip(ok[SETTING_KEYS].itertuples(index=False, name=None), env):
         out.setdefault(key, []).append(e if isinstance(e, dict) else None)
     return out
 
@@ -296,7 +296,7 @@ def _bad_cells(cells: pd.DataFrame) -> dict:
     if cells is None or cells.empty or "status" not in cells:
         return {}
     bad = cells[cells.status.isin(["failed", "diverged"])]
-    return bad.groupby(KEYS).size().to_dict()
+    return bad.groupby(SETTING_KEYS).size().to_dict()
 
 
 def _verdicts(pc: pd.DataFrame) -> dict:
@@ -305,7 +305,7 @@ def _verdicts(pc: pd.DataFrame) -> dict:
     out = {}
     if pc.empty or "bias_p" not in pc:
         return out
-    for key, d in pc.groupby(KEYS, sort=True):
+    for key, d in pc.groupby(SETTING_KEYS, sort=True):
         v = table.estimator_bias(d)
         if not v.empty:
             out[key] = v.iloc[0]
@@ -329,7 +329,7 @@ def noise_test(a, b, log: bool = False) -> float:
 
 
 def _label(key) -> str:
-    task, est, device = (dict(zip(KEYS, key))[k] for k in ("task", "estimator", "device"))
+    task, est, device = (dict(zip(SETTING_KEYS, key))[k] for k in ("task", "estimator", "device"))
     return f"{task} x {est} [{device}]"
 
 
@@ -422,22 +422,22 @@ def _compare(run_a, run_b, tolerances, alpha, atol) -> Comparison:
     if shared and len(budget_diff) == len(shared):
         by_text: dict = {}
         for k, d in budget_diff.items():
-            by_text.setdefault(d, set()).add(dict(zip(KEYS, k))["task"])
+            by_text.setdefault(d, set()).add(dict(zip(SETTING_KEYS, k))["task"])
         raise NotComparable("A and B ran different budgets: " + "; ".join(
             f"{d} ({', '.join(sorted(tasks))})" for d, tasks in sorted(by_text.items()))
             + "; nothing is comparable: rerun B with A's budget")
     bad_a, bad_b = _bad_cells(A["cells"]), _bad_cells(B["cells"])
     env_a, env_b = timing_envs(A["cells"]), timing_envs(B["cells"])
     ver_a, ver_b = _verdicts(pa), _verdicts(pb)
-    ga = dict(list(pa.groupby(KEYS, sort=True)))
-    gb = dict(list(pb.groupby(KEYS, sort=True)))
+    ga = dict(list(pa.groupby(SETTING_KEYS, sort=True)))
+    gb = dict(list(pb.groupby(SETTING_KEYS, sort=True)))
     empty = pa.iloc[0:0]
     rows = []
     applied: dict = {m: {"kind": metrics.get(m).tolerance_kind,
                          "default": tolerances.get(m, metrics.get(m).tolerance), "tasks": {}}
                      for m in METRICS}
     for key in sorted(set(keys_a) | set(keys_b)):
-        base = dict(zip(KEYS, key))
+        base = dict(zip(SETTING_KEYS, key))
         label = _label(key)
         blank = {"outside_noise": False, "worse": False, "regressed": False, "mark": ""}
         if key not in keys_b or key not in keys_a:
@@ -521,7 +521,7 @@ def _compare(run_a, run_b, tolerances, alpha, atol) -> Comparison:
     if compared.empty:
         problems.append(Problem("nothing was compared: no (task, estimator, device) finished in "
                                 "both A and B"))
-    thin = sorted({_label(k) for k, d in compared.groupby(KEYS)
+    thin = sorted({_label(k) for k, d in compared.groupby(SETTING_KEYS)
                    if min(d.seeds_a.min(), d.seeds_b.min()) < 2})
     if thin:
         problems.append(Problem(

@@ -18,28 +18,27 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from estbench.analysis import table
+from estbench.core.records import CELL_KEYS
 
 #: the columns that identify a cell in the report's frames
-CELL = list(table.CELL_KEYS)
 
 
 def curves(records: pd.DataFrame) -> pd.DataFrame:
     """Each cell's held-out ELBO against its training time: columns ``task, estimator, device,
     seed, step, wall_time, elbo``, sorted by time within a cell."""
-    cols = [*CELL, "step", "wall_time", "elbo"]
+    cols = [*CELL_KEYS, "step", "wall_time", "elbo"]
     r = records[records.metric.isin(["elbo", "wall_time"])]
     if r.empty:
         return pd.DataFrame(columns=cols)
-    wide = r.pivot_table(index=[*CELL, "step"], columns="metric", values="value", aggfunc="mean")
+    wide = r.pivot_table(index=[*CELL_KEYS, "step"], columns="metric", values="value", aggfunc="mean")
     wide = wide.reindex(columns=["wall_time", "elbo"]).dropna().reset_index()
-    return wide.sort_values([*CELL, "wall_time"], ignore_index=True)[cols]
+    return wide.sort_values([*CELL_KEYS, "wall_time"], ignore_index=True)[cols]
 
 
 def common_times(curve: pd.DataFrame) -> pd.DataFrame:
     """Per (task, device): ``common_time`` (the shortest training time of any cell there, the
     longest every curve reaches) and ``median_time`` (the median cell's training time), seconds."""
-    total = curve.groupby(CELL)["wall_time"].max().reset_index()
+    total = curve.groupby(CELL_KEYS)["wall_time"].max().reset_index()
     g = total.groupby(["task", "device"])["wall_time"]
     return pd.DataFrame({"common_time": g.min(), "median_time": g.median()}).reset_index()
 
@@ -47,14 +46,14 @@ def common_times(curve: pd.DataFrame) -> pd.DataFrame:
 def elbo_at_common_time(records: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: ``elbo_at_time``, its curve read at its task's common time (linear
     interpolation between evaluation points), with ``common_time`` and ``median_time``."""
-    cols = [*CELL, "elbo_at_time", "common_time", "median_time"]
+    cols = [*CELL_KEYS, "elbo_at_time", "common_time", "median_time"]
     curve = curves(records)
     if curve.empty:
         return pd.DataFrame(columns=cols)
     times = common_times(curve)
     curve = curve.merge(times, on=["task", "device"])
     rows = []
-    for key, c in curve.groupby(CELL, sort=True):
+    for key, c in curve.groupby(CELL_KEYS, sort=True):
         t = float(c.common_time.iloc[0])
         rows.append((*key, float(np.interp(t, c.wall_time.to_numpy(float), c.elbo.to_numpy(float))),
                      t, float(c.median_time.iloc[0])))

@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from estbench.analysis.table import biased_set
 from estbench.core import metrics
 
 ALPHA = 0.05
@@ -256,7 +257,6 @@ def _criterion_values(pc: pd.DataFrame, clip: bool = True):
     _LOG10_FLOOR (an exactly zero variance stays comparable) unless ``clip`` is False.  What the
     leaderboard ranks, the stability check resamples and the across-task tests compare."""
     import estimators
-    from estbench.analysis.table import biased_set
 
     biased_pairs = biased_set(pc)
     # an oracle (``exact``) is a reference line, outside the budget and outside every ranking

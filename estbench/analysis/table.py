@@ -7,80 +7,17 @@ ELBO is the task's test figure at the end (higher is better).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pandas as pd
 
+from estbench.analysis import figures
 from estbench.core import metrics
-from estbench.core.budget import Budget
-from estbench.engine.store import RECORD_IDENTITY
+from estbench.core.records import CELL_KEYS, SETTING_KEYS
 
 #: the per-cell columns of the summary, declared in estbench.core.metrics (``metrics.SUMMARY``)
 SUMMARY_METRICS = list(metrics.SUMMARY)
 
-#: one cell of a setting: a record's identity less its budget (where a folder holds a task under
-#: several budgets, the task's label names the budget: report.tables.label_settings)
-CELL_KEYS = [c for c in RECORD_IDENTITY if c not in {f.name for f in dataclasses.fields(Budget)}]
-#: what the seeds of a setting are averaged over: a cell's keys less its seed
-SETTING_KEYS = [c for c in CELL_KEYS if c != "seed"]
-#: the budget columns of a record's identity
-RECORD_BUDGET = [c for c in RECORD_IDENTITY if c not in CELL_KEYS]
-
-
-def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
-    """The records of the cells that finished (status ``ok``) only.
-
-    A failed or diverged cell keeps the checkpoint records it made before it stopped; they are no
-    measurement of the estimator, so rankings, tables, plots and comparisons must not see them.
-    Joined with the status rows of ``store.load`` on ``store.RECORD_IDENTITY``.  Without status
-    rows (``cells`` None) the records are returned as they are; with an empty frame, none.
-    """
-    if cells is None:
-        return records
-    if records.empty or cells.empty or "status" not in cells:
-        return records.iloc[0:0]
-    ok = cells.loc[cells.status == "ok", RECORD_IDENTITY].drop_duplicates()
-    ok = ok.astype({c: records[c].dtype for c in RECORD_IDENTITY})
-    return records.merge(ok, on=RECORD_IDENTITY, how="inner")[list(records.columns)]
-
-
-def per_cell(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell (index task, estimator, seed, device), a column per summary metric: the
-    mean over the cell's checkpoints for checkpoint metrics, the value for end-of-cell ones; plus
-    ``net_bias`` (``net_bias``'s declaration in estbench.core.metrics) and ``bias_p``, the cell's bias
-    test (``cell_bias_p``)."""
-    wide = (records[records.metric.isin(SUMMARY_METRICS)]
-            .groupby(CELL_KEYS + ["metric"])["value"].mean().unstack("metric"))
-    wide = wide.reindex(columns=SUMMARY_METRICS)
-    wide["net_bias"] = net_bias(records).reindex(wide.index)
-    wide["bias_p"] = cell_bias_p(records).reindex(wide.index)
-    return wide
-
-
-def net_bias(records: pd.DataFrame) -> pd.Series:
-    """Per cell (index ``CELL_KEYS``), the bias beyond its Monte Carlo noise, averaged over the
-    checkpoints: sqrt(max(0, bias^2 - bias_noise^2)) at each one.  The measured ``bias`` of an
-    unbiased estimator is its noise floor (the norm of the mean of M noisy estimates), which grows
-    with its variance; net of the floor it is 0 up to noise, and a real bias stands out.  NaN
-    for records without a noise floor."""
-    both = records[records.metric.isin(["bias", "bias_noise"])]
-    if both.empty:
-        return pd.Series(dtype=float, index=pd.MultiIndex.from_tuples([], names=CELL_KEYS))
-    at = both.pivot_table(index=CELL_KEYS + ["step"], columns="metric", values="value",
-                          aggfunc="mean").reindex(columns=["bias", "bias_noise"])
-    net = (at["bias"] ** 2 - at["bias_noise"] ** 2).clip(lower=0.0) ** 0.5
-    return net.groupby(level=CELL_KEYS).mean()
-
-
-def cell_bias_p(records: pd.DataFrame) -> pd.Series:
-    """Per cell (index ``CELL_KEYS``), the bias test over its checkpoints: Bonferroni's
-    min(1, k min_j p_j) over the k checkpoints' p-values (empty for records made before the test
-    existed)."""
-    p = records[records.metric == "bias_p"]
-    if p.empty:
-        return pd.Series(dtype=float, index=pd.MultiIndex.from_tuples([], names=CELL_KEYS))
-    return p.groupby(CELL_KEYS)["value"].agg(lambda v: min(1.0, float(v.min()) * len(v)))
 
 
 #: a cell's bias test rejects "unbiased" below this p (after Bonferroni over its checkpoints)
@@ -120,7 +57,7 @@ def summary(records: pd.DataFrame) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS, "net_bias",
                                      "biased"])
-    pc = per_cell(records)
+    pc = figures.per_cell(records).set_index(CELL_KEYS)[[*SUMMARY_METRICS, "net_bias", "bias_p"]]
     grouped = pc.drop(columns="bias_p").groupby(SETTING_KEYS)
     out = grouped.mean()
     # one uncertainty convention everywhere (CLI table, report, leaderboard): the half-width of
@@ -137,7 +74,7 @@ def summary(records: pd.DataFrame) -> pd.DataFrame:
 
 def _ci95(v) -> float:
     """Half-width of the Student-t 95% confidence interval of the mean (NaN below two values)."""
-    from estbench.analysis.tables import mean_ci  # lazy: scipy
+    from estbench.analysis.stats import mean_ci  # lazy: scipy
 
     return mean_ci(v)[1]
 

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 import estimators
 from estbench.core import metrics
 from estbench.analysis import table
-from estbench.analysis import curves
+from estbench.analysis.stats import ci_frame
+from estbench.core.records import CELL_KEYS, RECORD_BUDGET
 
-CELL_KEYS = list(table.CELL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ def label_settings(records: pd.DataFrame, cells: pd.DataFrame | None = None):
     """
     if records.empty:
         return records.copy(), (cells.copy() if cells is not None else None)
-    budgets = records[["task", *table.RECORD_BUDGET]].drop_duplicates()
+    budgets = records[["task", *RECORD_BUDGET]].drop_duplicates()
     multi_budget = set(budgets.task[budgets.task.duplicated()])
     multi_device = records.device.nunique() > 1
 
@@ -65,78 +64,6 @@ def label_settings(records: pd.DataFrame, cells: pd.DataFrame | None = None):
         if (multi_budget or multi_device) and not cel.empty:
             cel["task"] = [label(*t) for t in zip(cel.task, cel.device, cel.n_samples, cel.steps)]
     return rec, cel
-
-
-# ---- per cell -----------------------------------------------------------------------------------
-def per_cell(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell (task, estimator, device, seed) with estbench.analysis.table's per-cell figures.
-
-    bias / variance / cosine are means over the cell's checkpoints; final_elbo, step_time, n_evals,
-    diverged as recorded at the end.  Adds ``log10_variance`` (``-inf`` for an exactly zero
-    variance), ``step_ms`` and ``bias_noise``, the bias's Monte Carlo noise floor averaged over the
-    checkpoints like the bias itself (what the bias-vs-variance figure draws beside it).
-    """
-    cols = CELL_KEYS + list(table.SUMMARY_METRICS) + ["net_bias", "bias_p"]
-    out = pd.DataFrame(columns=cols) if records.empty else table.per_cell(records).reset_index()
-    out = out.reindex(columns=cols)
-    noise = records[records.metric == "bias_noise"].groupby(CELL_KEYS)["value"].mean() \
-        if not records.empty else pd.Series(dtype=float)
-    out["bias_noise"] = [noise.get(tuple(k), np.nan)
-                         for k in out[CELL_KEYS].itertuples(index=False)] if len(out) else []
-    for metric in ("variance", "grad_error"):
-        v = out[metric].astype(float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[f"log10_{metric}"] = np.where(v > 0, np.log10(v.where(v > 0, 1.0)),
-                                              np.where(v == 0, -np.inf, np.nan))
-    out["step_ms"] = out["step_time"].astype(float) * 1e3
-    # work-normalised error (Glynn & Whitt 1992): the error of one estimate times its cost, i.e.
-    # the error of an average of estimates at equal compute -- for unbiased estimators exactly
-    # (averaging k estimates divides the variance by k), for biased ones only its variance part
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for name, cost in (("ms", out["step_ms"]), ("evals", out["n_evals"])):
-            v = out["grad_error"].astype(float) * cost.astype(float)
-            out[f"log10_error_x_{name}"] = np.where(v > 0, np.log10(v.where(v > 0, 1.0)),
-                                                    np.where(v == 0, -np.inf, np.nan))
-    # the held-out ELBO at equal training time: each curve read at its task's common time
-    at_time = curves.elbo_at_common_time(records) if not records.empty else None
-    if at_time is not None and not at_time.empty:
-        out = out.drop(columns=["elbo_at_time", "common_time", "median_time"], errors="ignore").merge(
-            at_time[[*curves.CELL, "elbo_at_time", "common_time", "median_time"]], on=curves.CELL,
-            how="left")
-    else:
-        out["elbo_at_time"] = out["common_time"] = out["median_time"] = np.nan
-    return out.sort_values(CELL_KEYS, ignore_index=True)
-
-
-# ---- statistics ---------------------------------------------------------------------------------
-def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
-    """Mean, half-width of the Student-t confidence interval, and the number of finite values.
-
-    NaNs are dropped; the half-width is NaN with fewer than two values (or a non-finite mean).
-    """
-    v = np.asarray(values, dtype=float)
-    v = v[~np.isnan(v)]
-    n = len(v)
-    if n == 0:
-        return math.nan, math.nan, 0
-    with np.errstate(invalid="ignore"):
-        m = float(v.mean())
-    if n < 2 or not math.isfinite(m):
-        return m, math.nan, n
-    sd = float(v.std(ddof=1))
-    return m, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)), n
-
-
-def ci_frame(pc: pd.DataFrame, metrics: list[str], by: list[str], level: float = 0.95) -> pd.DataFrame:
-    """``{metric}_mean``, ``{metric}_ci`` (half-width) and ``{metric}_n`` per group of ``by``."""
-    rows = []
-    for key, df in pc.groupby(by, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, key))
-        for m in metrics:
-            row[f"{m}_mean"], row[f"{m}_ci"], row[f"{m}_n"] = mean_ci(df[m], level)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=by + [f"{m}_{s}" for m in metrics for s in ("mean", "ci", "n")])
 
 
 #: means this close (relative) to the best of a column are marked best too (floating-point noise)

@@ -10,79 +10,25 @@ Bad input gets one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
-import threading
 import time
 import warnings
-from collections import Counter
-from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import estimators
 import tasks
-from estbench.engine import executors, protocols, store, sweep
+from estbench.engine import executors, protocols, runs, store, sweep
 from estbench.analysis import table
 from estbench.core.budget import Budget
 from estbench.cli.report import add_parsers
-from estbench.core.errors import ConfigError, RankError, SpecError, UsageError, WorkerError
-from estbench.core.spec import parse_list, split_list
+from estbench.core.errors import ConfigError, RankError, ResultsWriteError, SpecError, UsageError, WorkerError
+from estbench.core.spec import parse_list, parse_seeds
+from estbench.engine.progress import Progress
 
 DEFAULTS = Budget()
 DEFAULT_SEEDS = "0,1,2"
-#: the most cells one command plans (seeds x tasks x estimators x devices): a typo such as
-#: ``--seeds 0-100000000`` is refused at once instead of building the plan for minutes
-MAX_CELLS = 100_000
-#: the largest seed: every stream a cell derives from it still fits torch's 64-bit seeds
-MAX_SEED = 2 ** 32 - 1
-
-
-def _ints(text: str, what: str, limit: int = MAX_CELLS) -> list[int]:
-    """Comma-separated integers and ranges ``a-b``, each a 64-bit integer; at most ``limit`` values,
-    counted from the range bounds before any range is expanded."""
-    try:
-        parts = []
-        for part in split_list(text):
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                parts.append((int(lo), int(hi)))
-            else:
-                parts.append((int(part), int(part)))
-    except (ValueError, SpecError):
-        raise UsageError(f"{what} must be comma-separated integers (or ranges a-b), got {text!r}") from None
-    for lo, hi in parts:
-        for v in (lo, hi):
-            if not -2 ** 63 <= v < 2 ** 63:
-                raise UsageError(f"{what}: {v} does not fit in a 64-bit integer")
-    for lo, hi in parts:
-        if hi < lo:
-            raise UsageError(f"{what}: the range {lo}-{hi} is empty (a range a-b needs a <= b)")
-    n = sum(max(0, hi - lo + 1) for lo, hi in parts)
-    if n > limit:
-        raise UsageError(f"{what} {text!r} has {n} values, more than the limit of {limit}; "
-                         "split the sweep")
-    out = [v for lo, hi in parts for v in range(lo, hi + 1)]
-    if not out:
-        raise UsageError(f"{what} is empty")
-    if len(set(out)) != len(out):
-        raise UsageError(f"{what} lists a value twice: {text!r}")
-    return out
-
-
-def parse_seeds(text: str, what: str = "--seeds") -> list[int]:
-    """Seeds as ``--seeds`` takes them (``0,1,2``, ``0-4``, ``7``), each from 0 to MAX_SEED;
-    UsageError naming ``what`` otherwise.  ``estbench.run(seeds="0-4")`` parses its strings here."""
-    seeds = _ints(text, what)
-    if any(s < 0 or s > MAX_SEED for s in seeds):
-        # a cell derives its random streams from its seed (cell.seed * 7919 + step for the
-        # measurements), which torch takes as a 64-bit integer
-        raise UsageError(f"{what} must be integers from 0 to {MAX_SEED}")
-    return seeds
-
-
 def _positive(text: str, what: str, minimum: int = 1) -> int:
     try:
         v = int(text)
@@ -93,178 +39,15 @@ def _positive(text: str, what: str, minimum: int = 1) -> int:
     return v
 
 
-def default_tasks() -> list[str]:
-    return [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
-
-
-class Eta:
-    """Remaining time of a sweep from the cells computed so far.
-
-    Cells of different tasks differ in cost by orders of magnitude (a toy cell takes a second, a
-    text_vae cell minutes), and cached cells cost nothing, so "elapsed / done * left" misleads.
-    Instead: the mean time of the computed cells of each task times that task's cells left
-    (a task with none computed yet borrows the slowest task mean seen, an upper-ish guess),
-    divided by the number of cells running at once.  None until one cell has been computed.
-    """
-
-    def __init__(self, cells, workers: int = 1):
-        self.left = Counter(c.task for c in cells)
-        self.times: dict = {}
-        self.workers = max(1, int(workers))
-
-    def done(self, cell, seconds: Optional[float]) -> Optional[float]:
-        self.left[cell.task] -= 1
-        if seconds is not None:
-            self.times.setdefault(cell.task, []).append(float(seconds))
-        if not self.times:
-            return None
-        means = {t: sum(v) / len(v) for t, v in self.times.items()}
-        fallback = max(means.values())
-        total = sum(n * means.get(t, fallback) for t, n in self.left.items() if n > 0)
-        return total / self.workers
-
-
-def _fmt_duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-class Progress:
-    """What a person watching a sweep sees: one line for the cells already stored, then the cells
-    as they are computed -- a tqdm bar on a terminal (failures printed above it), one line per cell
-    elsewhere (logs, CI) -- with an ETA from :class:`Eta`, which ignores the stored cells; and,
-    read from the cells' heartbeats in the results folder (store.Heartbeat), what the running
-    cells are doing: on the bar, the longest-running cell's step and phase, refreshed every
-    second; in a log, a line every minute for each cell running longer than a minute.
-
-    ``sweep.run`` reports every stored cell before any computed one, so the stored cells are
-    summed up in one line as soon as the first computed cell (or the end) arrives.
-    """
-
-    #: seconds between looks at the heartbeats (terminal, log) and a log line's minimum cell age
-    POLL_BAR, POLL_LOG, LONG_CELL = 1.0, 60.0, 60.0
-
-    def __init__(self, stream, quiet: bool, cells=(), workers: int = 1, where=None,
-                 bar: Optional[bool] = None):
-        self.stream, self.quiet, self.where = stream, quiet, where
-        cells = list(cells)
-        self.n = len(cells)
-        self.eta = Eta(cells, workers)
-        self.cached = 0
-        self.flushed = False
-        self.bar = None
-        if bar is None:
-            bar = bool(getattr(stream, "isatty", lambda: False)())
-        self.use_bar = bar
-        self._lock = threading.RLock()
-        self._eta_text = "ETA ?"
-        self._since = time.time()  # heartbeats of cells started before this sweep are stale
-        self._stop = threading.Event()
-        if not quiet and where is not None:
-            threading.Thread(target=self._watch, name="estbench-progress", daemon=True).start()
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def _flush_cached(self, n: int) -> None:
-        if self.flushed:
-            return
-        self.flushed = True
-        if self.cached and not self.quiet:
-            where = f" in {self.where}" if self.where else ""
-            print(f"{self.cached} of {n} cells already stored{where}: reused (--force recomputes them)",
-                  file=self.stream, flush=True)
-
-    def _ensure_bar(self, n: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=n - self.cached, file=self.stream, unit="cell",
-                            dynamic_ncols=True, leave=True)
-
-    @staticmethod
-    def describe(beat: dict, now: float) -> str:
-        """One running cell as a person reads it: label, time so far, step and phase."""
-        return (f"{beat.get('label', beat.get('key', '?'))} {_fmt_duration(now - beat['started'])}: "
-                f"step {beat.get('step', '?')}"
-                + (f" of {beat['steps']}" if beat.get("steps") else "")
-                + f", {beat.get('phase', '?')}")
-
-    def _running(self) -> list[dict]:
-        return [b for b in store.running(self.where) if b.get("started", 0) >= self._since - 1]
-
-    def _watch(self) -> None:
-        period = self.POLL_BAR if self.use_bar else self.POLL_LOG
-        while not self._stop.wait(period):
-            try:
-                beats, now = self._running(), time.time()
-                with self._lock:
-                    if self._stop.is_set():
-                        return
-                    if self.use_bar:
-                        if not beats:
-                            continue
-                        self._flush_cached(self.n)
-                        self._ensure_bar(self.n)
-                        more = f" (+{len(beats) - 1} running)" if len(beats) > 1 else ""
-                        self.bar.set_postfix_str(f"{self.describe(beats[0], now)}{more}, "
-                                                 f"{self._eta_text}", refresh=True)
-                    else:
-                        for beat in beats:
-                            if now - beat["started"] >= self.LONG_CELL:
-                                print(f"  running {self.describe(beat, now)}", file=self.stream,
-                                      flush=True)
-            except Exception:  # never let the display take a sweep down
-                pass
-
-    def __call__(self, i, n, cell, res, cached):
-        with self._lock:
-            self._record(i, n, cell, res, cached)
-            if i == n:
-                self.close()
-
-    def _record(self, i, n, cell, res, cached):
-        left = self.eta.done(cell, None if cached or res is None else res.seconds)
-        if cached:
-            self.cached += 1
-            if i == n:
-                self._flush_cached(n)
-            return
-        self._flush_cached(n)
-        if self.quiet:
-            return
-        status = (res.status if res is not None else "stored by another worker") + \
-            (f": {res.error}" if res is not None and res.error else "") + \
-            (f" ({res.seconds:.1f}s)" if res is not None else "")
-        eta = self._eta_text = f"ETA {_fmt_duration(left if i < n else 0)}"
-        if self.use_bar:
-            self._ensure_bar(n)
-            if res is not None and res.status != "ok":
-                self.bar.write(f"{cell.label()} ... {status}", file=self.stream)
-            self.bar.set_postfix_str(f"{cell.task} x {cell.estimator}: {res.status if res else '-'}"
-                                     f", {eta}", refresh=False)
-            self.bar.update(1)
-            if i == n:
-                self.bar.close()
-        else:
-            print(f"[{i}/{n}] {cell.label()} ... {status}  {eta}", file=self.stream, flush=True)
-
-
 def _common(args):
     """Seeds, devices, executor and budget overrides shared by ``run`` and ``rank``."""
-    if args.threads is not None:
-        os.environ["ESTBENCH_THREADS"] = str(_positive(args.threads, "--threads"))
+    threads = _positive(args.threads, "--threads") if args.threads is not None else None
     seeds = parse_seeds(args.seeds)
-    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}[args.device]
+    devices = runs.DEVICES[args.device]
     try:
-        executor = executors.from_args(args)
+        executor = executors.from_args(args, threads)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    os.environ["ESTBENCH_JOBS"] = str(executor.n_jobs)
     overrides = {}
     for key, flag, minimum in [("steps", "--steps", 0), ("n_samples", "--n-samples", 1),
                                ("checkpoints", "--checkpoints", 0),
@@ -275,8 +58,6 @@ def _common(args):
             overrides[key] = _positive(value, flag, minimum)
     if args.seconds is not None:
         overrides["train_seconds"] = _seconds(args.seconds, "--seconds")
-        # a time budget trains until the time is spent: no step cap unless one is given
-        overrides.setdefault("steps", 0)
     return seeds, devices, executor, overrides
 
 
@@ -308,196 +89,62 @@ def _cell_timeout(text: Optional[str]) -> Optional[float]:
     return None if text is None else _seconds(text, "--cell-timeout", zero="no limit")
 
 
-def _results_folder(out: Path) -> Path:
-    """``--out``: a folder, existing or to be made; a file there is bad input."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a results folder")
-    return out
-
-
 def _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped: bool):
-    n = len(task_specs) * len(est_specs) * len(seeds) * len(devices)
-    if n > MAX_CELLS:  # before the plan is built: it instantiates every cell
-        raise UsageError(f"the plan would have up to {n} cells ({len(task_specs)} tasks x "
-                         f"{len(est_specs)} estimators x {len(seeds)} seeds x {len(devices)} devices), "
-                         f"more than the limit of {MAX_CELLS}; split the sweep")
-    try:
-        plan = sweep.expand(task_specs, est_specs, seeds, devices, args.budget, overrides,
-                            timeout=_cell_timeout(args.cell_timeout))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    err = sys.stderr
-    if plan.missing_devices:
-        if args.device == "cuda":
-            raise UsageError("--device cuda: CUDA is not available on this machine")
-        print("note: CUDA not available, running on cpu only", file=err)
-    if not plan.cells:
-        why = "; ".join(f"{e} {r}" for _, e, r in plan.skipped[:3])
-        raise UsageError(f"nothing to run: no selected estimator supports the selected tasks' latent "
-                         f"family ({why})")
-    if show_skipped and not args.quiet:
-        for t, e, why in plan.skipped:
-            print(f"note: skipping {t} x {e}: {why}", file=err)
-    for line in _fewer_points(plan, overrides):
-        print(line, file=err)
-    return plan
-
-
-#: budget counts of evenly spaced points of a step budget: (flag, what one point is called)
-_POINTS = {"checkpoints": ("--checkpoints", "checkpoints"),
-           "eval_points": ("--eval-points", "evaluation points")}
-
-
-def _fewer_points(plan, overrides: dict) -> list[str]:
-    """One note for each ``--checkpoints`` / ``--eval-points`` given that a step budget cannot
-    hold: k evenly spaced points of steps 0..N are at most N + 1 distinct steps (the budget rounds
-    them to steps), so more than N + 1 silently became every step and the start."""
-    notes = []
-    for key, (flag, name) in _POINTS.items():
-        asked = overrides.get(key)
-        if not asked:
-            continue
-        short: dict = {}  # steps -> tasks
-        for c in plan.cells:
-            if not c.budget.timed and asked > c.budget.steps + 1:  # a time budget's are times
-                short.setdefault(c.budget.steps, set()).add(c.task)
-        for steps, on in sorted(short.items()):
-            every = len(short) == 1 and on == {c.task for c in plan.cells}
-            where = "" if every else f" ({', '.join(sorted(on))})"
-            notes.append(f"note: {flag} {asked} is more than {steps} steps allow{where}: "
-                         + (f"{steps + 1} {name} (every step and the start)" if steps
-                            else f"1 {name[:-1]} (the start only)"))
-    return notes
+    """The plan of a selection (``runs.plan``), its notes on stderr."""
+    planned = runs.plan(task_specs, est_specs, seeds, devices, args.budget, overrides,
+                        timeout=_cell_timeout(args.cell_timeout),
+                        list_skipped=show_skipped and not args.quiet)
+    for line in planned.notes:
+        print(line, file=sys.stderr)
+    return planned.plan
 
 
 def _execute(args, plan, out: Path, executor, meta: dict):
-    """Run the plan into ``out``; returns (exit status or None, the plan's records, its cells).
-
-    Finished cells are always kept.  A folder that cannot be written (read-only, disk full) gets
-    one line, never a traceback: refused before anything runs when cells need computing (exit 2),
-    an error when a write fails mid-sweep (exit 1), and when every cell is already stored the table
-    is shown from the stored cells with a note that meta.json and results.parquet were not updated.
-    """
-    import errno
-
+    """Run the plan into ``out`` (``runs.run_into``); returns (exit status or None, the plan's
+    finished records, its status rows).  What stops a sweep is one line: a worker that died or a
+    folder that stopped taking writes (exit 1), an interrupt (130); finished cells are kept."""
     err = sys.stderr
-    read_only = {errno.EROFS, errno.EACCES, errno.EPERM}
-    write_errors = read_only | {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
-
-    def reason(e: OSError) -> str:
-        if e.errno:
-            return os.strerror(e.errno)
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-    def not_updated(e: Optional[OSError]) -> str:
-        if e is None or e.errno in read_only:
-            return f"note: {out} is read-only: meta.json and results.parquet not updated"
-        return f"note: cannot write to {out} ({reason(e)}): meta.json and results.parquet not updated"
-
-    if not out.is_dir():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create results folder {out}: {reason(e)}") from None
-    @functools.lru_cache(maxsize=None)
-    def todo() -> int:
-        """Cells to compute, counted only where a refused write needs it before the sweep (the
-        count reads every stored cell's footer, which the sweep does anyway)."""
-        return len(plan.cells) if args.force else sum(not store.has_cell(out, c.key())
-                                                      for c in plan.cells)
-
-    note = None
-    if not store.writable(out):
-        if todo():
-            raise UsageError(f"--out {out} is read-only and {todo()} of {len(plan.cells)} cells need "
-                             "computing; choose a writable --out")
-        note = not_updated(None)
-    else:
-        try:
-            store.write_meta(out, {**store.run_metadata(sys.argv), **meta,
-                                   "budgets": {c.task: c.budget.as_dict() for c in plan.cells}})
-        except OSError as e:
-            if todo():
-                raise UsageError(f"cannot write results to {out}: {reason(e)}; nothing was run") from None
-            note = not_updated(e)
-
-    def merge() -> Optional[OSError]:
-        """Rewrite results.parquet (unless the folder is known not to take it); the error if any."""
-        if note is not None:
-            return None
-        try:
-            store.write_merged(out)
-        except OSError as e:
-            return e
-        return None
-
     progress = Progress(err, args.quiet, plan.cells, executor.n_jobs, where=out)
     try:
-        computed = sweep.run(plan, out, force=args.force, progress=progress, executor=executor)
-    except WorkerError as e:
-        merge()
+        outcome = runs.run_into(plan, out, meta, executor, force=args.force, progress=progress)
+    except (WorkerError, ResultsWriteError) as e:
         print(f"estbench: error: {e}", file=err)
         return 1, None, None
     except KeyboardInterrupt:
-        merge()
         print(f"interrupted: finished cells are kept in {out}; rerun the same command to finish", file=err)
         return 130, None, None
     except ConfigError as e:  # raised once the backend starts (e.g. dask.distributed.Client)
-        merge()
         raise UsageError(str(e)) from None
-    except OSError as e:  # a cell's record could not be written: disk full, folder turned read-only
-        if e.errno not in write_errors:
-            raise
-        merge()
-        print(f"estbench: error: cannot write results to {out}: {reason(e)} (the finished cells are "
-              "kept; rerun the same command once there is room)", file=err)
-        return 1, None, None
     finally:
         progress.close()
-    failed = merge()
-    if failed is not None:
-        if computed:  # this run computed cells: a results.parquet that lags them is an error
-            print(f"estbench: error: cannot write results to {out}: {reason(failed)} (the cells are "
-                  f"stored; {out / 'results.parquet'} is not updated)", file=err)
-            return 1, None, None
-        note = not_updated(failed)
-    if note is not None:
-        print(note, file=err)
-    records, cells = store.load(out)
-    if not cells.empty:
-        cells = cells[cells.key.isin({c.key() for c in plan.cells})]
-    keep = table.finished(records, cells)  # finished cells only: failures are listed apart
-    return None, keep, cells
+    for line in outcome.notes:
+        print(line, file=err)
+    return None, outcome.records, outcome.cells
 
 
 def cmd_run(args) -> int:
     started = time.time()  # a stored cell that finished before this was reused, not computed now
     try:
-        if args.tasks is not None:
-            task_specs = _selection(args.tasks, "--tasks")
-        elif args.budget == protocols.PAPER:  # every task that follows a published protocol
-            task_specs = parse_list(",".join(protocols.available()))
-        else:
-            task_specs = parse_list(",".join(default_tasks()))
-        est_specs = _selection(args.estimators, "--estimators") if args.estimators is not None else parse_list(
-            ",".join(estimators.available()))
+        for given, flag in ((args.tasks, "--tasks"), (args.estimators, "--estimators")):
+            if given is not None:
+                _selection(given, flag)  # an empty list names its flag
+        task_specs, est_specs = runs.select(args.tasks, args.estimators, args.budget)
     except SpecError as e:  # ProtocolError too: a protocol file that does not load
         raise UsageError(str(e)) from None
     seeds, devices, executor, overrides = _common(args)
-    out = _results_folder(Path(args.out) if args.out else
-                          Path("results") / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = runs.check_out(args.out if args.out else runs.default_out())
     plan = _plan(args, task_specs, est_specs, seeds, devices, overrides,
                  show_skipped=bool(args.estimators and args.tasks))
     if not args.quiet:
         print(f"running {len(plan.cells)} cells ({len(task_specs)} tasks x {len(est_specs)} estimators"
               f" x {len(seeds)} seeds, budget {args.budget!r}"
               + "".join(f", {k}={v}" for k, v in overrides.items()) + f") -> {out}", file=sys.stderr)
-    status, keep, cells = _execute(args, plan, out, executor, {
-        "budget": args.budget, "tasks": [str(t) for t in task_specs],
-        "estimators": [str(e) for e in est_specs], "seeds": seeds, "devices": devices,
-        # the command line names the sweep file only: what it held is kept beside it
-        **({"config": {"path": args.config, "options": args.config_options}}
-           if getattr(args, "config", None) else {})})
+    # the command line names the sweep file only: what it held is kept beside it
+    config = ({"config": {"path": args.config, "options": args.config_options}}
+              if getattr(args, "config", None) else {})
+    meta = runs.sweep_meta(plan, args.budget, task_specs, est_specs, seeds, devices,
+                           command=store.typed_command(["estbench", *args.argv]), extra=config)
+    status, keep, cells = _execute(args, plan, out, executor, meta)
     if status is not None:
         return status
     summ = table.summary(keep)
@@ -514,12 +161,12 @@ def _final_elbo_ranks(records):
     None without the report extra (scipy)."""
     try:
         from estbench.analysis import leaderboard as lb
-        from estbench.analysis import tables as rt
+        from estbench.analysis import figures
     except ImportError:
         return None
     if records.empty:
         return None
-    board = lb.leaderboard(rt.per_cell(records))
+    board = lb.leaderboard(figures.per_cell(records))
     return board[(board.criterion == "final_elbo") & (board.task != "overall")]
 
 
@@ -568,8 +215,7 @@ def cmd_rank(args) -> int:
     if args.budget is None:
         named = ("quick", "standard", protocols.PAPER)
         args.budget = previous.get("budget") if previous.get("budget") in named else "quick"
-    out = Path(args.out) if args.out else (
-        Path("results") / "runs" / f"rank-{cls.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out) if args.out else runs.default_out(f"rank-{cls.name}-")
     same = reference is not None and out.resolve() == reference.resolve()
     if same and not args.in_place:
         raise UsageError(f"--out {out} is the reference set itself: pass --in-place to extend it "
@@ -605,15 +251,16 @@ def cmd_rank(args) -> int:
     mine_plan = _plan(args, task_specs, parse_list(cls.name), seeds, devices, overrides,
                       show_skipped=False)
     plan = _plan(args, task_specs, rivals, seeds, devices, overrides, show_skipped=False)
-    _results_folder(out)
+    runs.check_out(out)
     reused = 0 if same or reference is None else rank.reuse_cells(plan, reference, out)
     if reference is not None and not same and not reused and not args.quiet:
         print(f"note: none of the {len(plan.cells)} rivals' cells is in {reference}: it was made for "
               "other options or by other code (a cell's key covers the code that computes it); all "
               "are computed", file=sys.stderr)
-    meta = {"budget": args.budget, "tasks": [str(t) for t in task_specs], "seeds": seeds,
-            "devices": devices, "ranked": cls.name,
-            "reference": str(reference) if reference is not None else None}
+    meta = runs.sweep_meta(plan, args.budget, task_specs, [*parse_list(cls.name), *rivals], seeds,
+                           devices, command=store.typed_command(["estbench", *args.argv]),
+                           extra={"ranked": cls.name,
+                                  "reference": str(reference) if reference is not None else None})
     if not args.quiet:
         print(f"ranking {cls.name} on {len(task_specs)} tasks against {len(rivals)} estimators, "
               f"seeds {seeds}, budget {args.budget!r}: its {len(mine_plan.cells)} cells first, then "
@@ -638,11 +285,11 @@ def cmd_rank(args) -> int:
     if status is not None:
         return status
     from estbench.analysis import leaderboard as lb
-    from estbench.analysis import tables as rt
+    from estbench.analysis import figures
     records, cells = store.load(out)
     keys = {c.key() for c in [*mine_plan.cells, *plan.cells]}
     cells = cells[cells.key.isin(keys)] if not cells.empty else cells
-    pc = rt.per_cell(table.finished(records, cells))
+    pc = figures.per_cell(store.finished(records, cells))
     board = lb.leaderboard(pc)
     biased = frozenset(t for t, e in table.biased_set(pc) if e == cls.name)
     print(rank.render_placement(cls.name, board, rank.timing_difference(cells, cls.name), biased),
@@ -769,7 +416,7 @@ def _budget_arguments(r) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="estbench", description=__doc__.split("\n\n")[0])
-    from estbench import __version__
+    from estbench.core import __version__
 
     p.add_argument("--version", action="version", version=f"estbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -832,6 +479,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what meta.json records as the command: the words given, not the process's
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         # numpy / scipy / pandas on NaN or constant columns (means of absent metrics, tests on
@@ -843,6 +491,7 @@ def main(argv=None) -> int:
                 from estbench.cli import config as cli_config
 
                 args = cli_config.apply(parser, argv, args, args.command)
+                args.argv = argv
             return args.func(args)
         except UsageError as e:
             print(f"estbench: error: {e}", file=sys.stderr)

@@ -61,3 +61,8 @@ class OverBudgetError(RuntimeError):
 class CellTimeout(BaseException):
     """A cell ran past its time limit.  A BaseException, so that a plug-in's ``except Exception``
     cannot swallow it."""
+
+
+class ResultsWriteError(RuntimeError):
+    """A run folder stopped taking writes mid-sweep (disk full, turned read-only): the finished
+    cells are stored, the message says what was not written."""

@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
+
+import numpy as np
 
 #: when a metric is recorded
 CHECKPOINT = "checkpoint"  # along training: at each measurement checkpoint (the held-out curve's
@@ -128,11 +130,35 @@ class Metric(Quantity):
         return re.compile(regex)
 
 
+#: where a figure is computed: on each cell's values (its checkpoint metrics averaged first), or at
+#: each checkpoint and then averaged over the cell's checkpoints
+CELL = "cell"
+
+
+def log10(v):
+    """log10 of non-negative values: -inf for an exact 0 (a deterministic estimator's variance),
+    NaN for a negative or missing value."""
+    v = np.asarray(v, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(v > 0, np.log10(np.where(v > 0, v, 1.0)), np.where(v == 0, -np.inf, np.nan))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Figure(Quantity):
-    """A per-cell figure derived from metrics (a column of ``report.tables.per_cell``)."""
+    """A per-cell figure derived from metrics (a column of ``analysis.figures.per_cell``),
+    computed from this declaration: ``derive`` applied to the values of the metrics ``of`` (numpy
+    arrays, in that order), at ``CELL`` level or at each ``CHECKPOINT`` and then averaged over the
+    cell's checkpoints.  ``derive`` None: a figure of whole curves, computed by the analysis
+    layer under its name (``analysis.figures.CURVE_FIGURES``)."""
 
     of: tuple  # the metrics it is computed from
+    derive: Optional[Callable] = None
+    at: str = CELL
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.at not in (CELL, CHECKPOINT):
+            raise ValueError(f"{self.name}: at must be {CELL!r} or {CHECKPOINT!r}")
 
 
 METRICS: tuple[Metric, ...] = (
@@ -189,7 +215,7 @@ METRICS: tuple[Metric, ...] = (
            doc="the task's figure at the evaluation points along training, evaluate(final=False): "
                "the validation ELBO for the models (binary_vae, categorical_vae: the first val_size "
                "validation images; text_vae: the validation sentences, one sample; sst_*: the first "
-               "eval_dev dev sentences), the exact objective E_q[f] for the "
+               "val_size dev sentences), the exact objective E_q[f] for the "
                "closed-form toys.  Never the test split: final_elbo is"),
     Metric(name="wall_time", recorded=CHECKPOINT, direction=NONE, scale=LINEAR, unit="s",
            label="training time", timing=True,
@@ -242,24 +268,30 @@ FIGURES: tuple[Figure, ...] = (
     Figure(name="elbo_at_time", of=("elbo", "wall_time"), direction=HIGHER, scale=LINEAR,
            label="ELBO at equal time",
            doc="the held-out ELBO curve read at the task's common training time, the shortest of "
-               "any cell there (report.curves): equal wall-clock instead of equal steps"),
+               "any cell there (analysis.curves): equal wall-clock instead of equal steps"),
     Figure(name="net_bias", of=("bias", "bias_noise"), direction=LOWER, scale=LOG10,
-           label="bias beyond noise", tolerance=1.25, tolerance_kind=FACTOR,
-           doc="sqrt(max(0, bias^2 - bias_noise^2)) at each checkpoint, averaged (table.net_bias): "
-               "the measured bias less what Monte Carlo noise alone produces, 0 for an unbiased "
-               "estimator up to noise"),
+           label="bias beyond noise", tolerance=1.25, tolerance_kind=FACTOR, at=CHECKPOINT,
+           derive=lambda bias, noise: np.clip(bias ** 2 - noise ** 2, 0.0, None) ** 0.5,
+           doc="sqrt(max(0, bias^2 - bias_noise^2)) at each checkpoint, averaged: the measured "
+               "bias less what Monte Carlo noise alone produces, 0 for an unbiased estimator up "
+               "to noise"),
     Figure(name="log10_variance", of=("variance",), direction=LOWER, scale=LINEAR,
-           label="log10 variance", doc="-inf for an exactly zero variance"),
+           label="log10 variance", derive=log10, doc="-inf for an exactly zero variance"),
     Figure(name="log10_grad_error", of=("grad_error",), direction=LOWER, scale=LINEAR,
-           label="log10 gradient error", doc="-inf for an exactly zero error"),
+           label="log10 gradient error", derive=log10, doc="-inf for an exactly zero error"),
     Figure(name="step_ms", of=("step_time",), direction=LOWER, scale=LINEAR, unit="ms",
            label="step time", timing=True, tolerance=1.25, tolerance_kind=FACTOR,
-           doc="milliseconds per training step"),
+           derive=lambda seconds: seconds * 1e3, doc="milliseconds per training step"),
+    # work-normalised error (Glynn & Whitt 1992): the error of one estimate times its cost, i.e.
+    # the error of an average of estimates at equal compute -- for unbiased estimators exactly
+    # (averaging k estimates divides the variance by k), for biased ones only its variance part
     Figure(name="log10_error_x_ms", of=("grad_error", "step_time"), direction=LOWER, scale=LINEAR,
            label="log10 gradient error x ms a step", timing=True,
+           derive=lambda error, seconds: log10(error * (seconds * 1e3)),
            doc="work-normalised error (Glynn & Whitt 1992): the error at equal compute time"),
     Figure(name="log10_error_x_evals", of=("grad_error", "n_evals"), direction=LOWER,
            scale=LINEAR, label="log10 gradient error x f-evals",
+           derive=lambda error, evals: log10(error * evals),
            doc="work-normalised error: the error at equal f-evaluations"),
 )
 

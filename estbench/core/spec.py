@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from estbench.core.errors import SpecError
+from estbench.core.errors import SpecError, UsageError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -80,3 +80,55 @@ def parse_list(text: str) -> list[Spec]:
             raise SpecError(f"{s.text!r} listed twice")
         seen.add(s.text)
     return specs
+
+
+# ----------------------------------------------------------------------------- lists of integers
+
+#: the most cells one command plans (seeds x tasks x estimators x devices): a typo such as
+#: ``--seeds 0-100000000`` is refused at once instead of building the plan for minutes
+MAX_CELLS = 100_000
+#: the largest seed: every stream a cell derives from it still fits torch's 64-bit seeds
+MAX_SEED = 2 ** 32 - 1
+
+
+def _ints(text: str, what: str, limit: int = MAX_CELLS) -> list[int]:
+    """Comma-separated integers and ranges ``a-b``, each a 64-bit integer; at most ``limit`` values,
+    counted from the range bounds before any range is expanded."""
+    try:
+        parts = []
+        for part in split_list(text):
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                parts.append((int(lo), int(hi)))
+            else:
+                parts.append((int(part), int(part)))
+    except (ValueError, SpecError):
+        raise UsageError(f"{what} must be comma-separated integers (or ranges a-b), got {text!r}") from None
+    for lo, hi in parts:
+        for v in (lo, hi):
+            if not -2 ** 63 <= v < 2 ** 63:
+                raise UsageError(f"{what}: {v} does not fit in a 64-bit integer")
+    for lo, hi in parts:
+        if hi < lo:
+            raise UsageError(f"{what}: the range {lo}-{hi} is empty (a range a-b needs a <= b)")
+    n = sum(max(0, hi - lo + 1) for lo, hi in parts)
+    if n > limit:
+        raise UsageError(f"{what} {text!r} has {n} values, more than the limit of {limit}; "
+                         "split the sweep")
+    out = [v for lo, hi in parts for v in range(lo, hi + 1)]
+    if not out:
+        raise UsageError(f"{what} is empty")
+    if len(set(out)) != len(out):
+        raise UsageError(f"{what} lists a value twice: {text!r}")
+    return out
+
+
+def parse_seeds(text: str, what: str = "--seeds") -> list[int]:
+    """Seeds as ``--seeds`` takes them (``0,1,2``, ``0-4``, ``7``), each from 0 to MAX_SEED;
+    UsageError naming ``what`` otherwise.  ``estbench.run(seeds="0-4")`` parses its strings here."""
+    seeds = _ints(text, what)
+    if any(s < 0 or s > MAX_SEED for s in seeds):
+        # a cell derives its random streams from its seed (cell.seed * 7919 + step for the
+        # measurements), which torch takes as a 64-bit integer
+        raise UsageError(f"{what} must be integers from 0 to {MAX_SEED}")
+    return seeds

@@ -10,9 +10,7 @@ import torch
 import estimators
 from estbench.core.budget import EvaluationCounter
 from estbench.core.plugins import NAME_PATTERN
-from estbench.engine.problems import budget_for, estimates, problem, z_scores
-
-Z_TOL = 4.5
+from estbench.engine.problems import Z_TOL, budget_for, estimates, problem, z_scores
 
 
 def check_declarations(cls) -> list[str]:

@@ -11,7 +11,9 @@ Select a backend with ``-j N`` (a local process pool, loky) or ``--parallel-conf
     backend: loky            # loky | submitit | dask
     n_jobs: 4                # loky processes / submitit local jobs at once (``-j`` overrides it)
     cells_per_gpu: 1         # CUDA cells sharing one GPU at a time (default 1: never two per GPU)
-    threads_per_cell: 1      # torch threads per CPU cell (default: ESTBENCH_THREADS / --threads, else 1)
+    threads_per_cell: 1      # torch threads per CPU cell (default: --threads, else 1)
+    cell_memory: 4G          # memory one CPU cell may allocate (default: 80% of the machine's
+                             # memory shared among the cells running at once; 0: no limit)
 
     backend: submitit        # Slurm (job arrays), or cluster: local | debug for tests
     cluster: slurm           # debug | local | slurm | auto
@@ -45,10 +47,11 @@ from typing import Iterator, Optional
 
 from estbench.engine import store
 from estbench.core.errors import ConfigError, WorkerError  # noqa: F401 (WorkerError re-exported)
-from estbench.engine.train import Cell, CellResult, run_cell
+from estbench.engine.cell import Cell, CellResult
+from estbench.engine.train import DEFAULT_THREADS, run_cell
 
 BACKENDS = ("loky", "submitit", "dask")
-COMMON_KEYS = {"backend", "n_jobs", "cells_per_gpu", "threads_per_cell"}
+COMMON_KEYS = {"backend", "n_jobs", "cells_per_gpu", "threads_per_cell", "cell_memory"}
 BACKEND_KEYS = {
     "loky": set(),
     "submitit": {"cluster", "folder", "poll_interval", "gpus_per_cell"},
@@ -117,8 +120,28 @@ def gpu_slot(device: str, slots: int = 1, lock_dir: Optional[str] = None, poll: 
         time.sleep(poll)
 
 
-def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: int = 1,
-                  threads: Optional[int] = None):
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs besides the cell, handed to it with every cell (never through the
+    environment, which a worker on another machine does not share): set by the executor."""
+
+    #: torch intra-op threads of a CPU cell
+    threads: int = DEFAULT_THREADS
+    #: CUDA cells sharing one GPU at a time
+    cells_per_gpu: int = 1
+    #: bytes of memory a CPU cell may allocate (0: no limit; None: ``MEMORY_SHARE`` of the memory
+    #: of the machine the worker runs on, shared among ``jobs`` cells)
+    memory_limit: Optional[int] = None
+    #: cells that run at once: recorded with each cell, as the conditions its time was measured in
+    jobs: int = 1
+
+    def environment(self) -> dict:
+        """What of these a cell's record keeps (``store.write_cell``'s ``env``)."""
+        return {"threads": self.threads, "jobs": self.jobs}
+
+
+def run_and_store(cell: Cell, run_dir: str, force: bool = False,
+                  settings: WorkerSettings = WorkerSettings()):
     """Run one cell and write its record to the store; the function every worker runs.
 
     Returns ``(cell, result)``; ``result`` is None when the cell's record appeared in the meantime
@@ -126,18 +149,18 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: 
     """
     if not force and store.has_cell(Path(run_dir), cell.key(), report=False):  # the sweep reported it
         return cell, None
-    if threads:  # run_cell reads it (estbench.engine.train.cpu_threads); otherwise inherited from the parent
-        os.environ["ESTBENCH_THREADS"] = str(int(threads))
     heartbeat = store.Heartbeat(run_dir, cell.key(), cell.label())
     try:
-        with gpu_slot(cell.device, cells_per_gpu), memory_limit(cell.device), \
+        with gpu_slot(cell.device, settings.cells_per_gpu), \
+                memory_limit(cell_memory_limit(settings.jobs, settings.memory_limit)
+                             if cell.device == "cpu" else 0), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = run_cell(cell, report=heartbeat)
+            res = run_cell(cell, report=heartbeat, threads=settings.threads)
     finally:
         heartbeat.close()
     _summarise_warnings(cell, caught)
-    store.write_cell(Path(run_dir), cell.key(), res)
+    store.write_cell(Path(run_dir), cell.key(), res, env=settings.environment())
     return cell, res
 
 
@@ -145,29 +168,38 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False, cells_per_gpu: 
 MEMORY_SHARE = 0.8
 
 
-def cell_memory_limit() -> int:
-    """Bytes of memory one CPU cell may allocate: ``ESTBENCH_CELL_MEMORY`` (bytes, or with a
-    K/M/G suffix; 0: no limit), else ``MEMORY_SHARE`` of the machine's memory divided among the
-    ``ESTBENCH_JOBS`` cells that run at once (the CLI sets it from ``-j``)."""
-    text = os.environ.get("ESTBENCH_CELL_MEMORY", "").strip().upper()
-    if text:
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
-        try:
-            return int(float(text[:-1] if scale > 1 else text) * scale)
-        except ValueError:
-            raise ConfigError(f"ESTBENCH_CELL_MEMORY must be a number of bytes (or 4G, 512M), "
-                              f"got {text!r}") from None
+def parse_memory(value, what: str = "cell_memory") -> int:
+    """A memory size as bytes: an int, or text with a K/M/G suffix (``4G``, ``512M``); 0: none."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a number of bytes (or 4G, 512M), got {value!r}")
+    text = str(value).strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    try:
+        size = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        size = float("nan")
+    if not 0 <= size < float("inf"):
+        raise ConfigError(f"{what} must be a number of bytes (or 4G, 512M), got {value!r}")
+    return int(size)
+
+
+def cell_memory_limit(jobs: int = 1, cell_memory=None) -> int:
+    """Bytes of memory one CPU cell may allocate: ``cell_memory`` when given (:func:`parse_memory`;
+    0: no limit), else ``MEMORY_SHARE`` of the machine's memory divided among the ``jobs`` cells
+    that run at once."""
+    if cell_memory is not None:
+        return parse_memory(cell_memory)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
-    jobs = max(1, int(os.environ.get("ESTBENCH_JOBS", "1") or 1))
-    return int(MEMORY_SHARE * total / jobs)
+    return int(MEMORY_SHARE * total / max(1, int(jobs)))
 
 
 @contextlib.contextmanager
-def memory_limit(device: str):
-    """Hold a CPU cell to :func:`cell_memory_limit` (the data-segment limit, ``RLIMIT_DATA``,
+def memory_limit(limit: int):
+    """Hold a CPU cell to ``limit`` bytes (0: none; :func:`cell_memory_limit`): the data-segment
+    limit, ``RLIMIT_DATA``,
     which covers every heap and anonymous mapping of the process): an allocation past it fails
     inside the cell, which is then recorded as failed with the allocator's message, instead of the
     operating system killing the worker and the cells running beside it (a sparsemax cell on
@@ -179,7 +211,6 @@ def memory_limit(device: str):
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    limit = cell_memory_limit() if device == "cpu" else 0
     if limit <= 0:
         yield
         return
@@ -244,8 +275,19 @@ class Executor:
     n_jobs: int = 1
     cells_per_gpu: int = 1
     threads_per_cell: Optional[int] = None
+    #: memory one CPU cell may allocate (:func:`parse_memory`); None: a share of the machine's
+    cell_memory: Optional[object] = None
     options: dict = field(default_factory=dict)
     name = "serial"
+
+    @property
+    def settings(self) -> WorkerSettings:
+        """What every worker of this executor is handed with each cell."""
+        return WorkerSettings(threads=self.threads_per_cell or DEFAULT_THREADS,
+                              cells_per_gpu=self.cells_per_gpu,
+                              memory_limit=None if self.cell_memory is None
+                              else parse_memory(self.cell_memory),
+                              jobs=self.n_jobs)
 
     @property
     def serial(self) -> bool:
@@ -256,7 +298,7 @@ class Executor:
     def run_cells(self, cells: list[Cell], run_dir: Path, force: bool = False
                   ) -> Iterator[tuple[Cell, Optional[CellResult]]]:
         for cell in cells:
-            yield run_and_store(cell, str(run_dir), force, self.cells_per_gpu, self.threads_per_cell)
+            yield run_and_store(cell, str(run_dir), force, self.settings)
 
 
 class SerialExecutor(Executor):
@@ -304,7 +346,7 @@ def _stop_pool(pool) -> None:
 class LokyExecutor(Executor):
     """A local process pool: ``joblib.Parallel(backend="loky", n_jobs=N)``, results as they finish.
 
-    Workers inherit the environment, hence ``ESTBENCH_THREADS`` (one intra-op thread per cell by
+    Each worker is handed the executor's settings with every cell (one intra-op thread per cell by
     default), so N workers use N cores.
     """
 
@@ -332,8 +374,8 @@ class LokyExecutor(Executor):
             pool = get_reusable_executor(max_workers=self.n_jobs, reuse=False,
                                          initializer=_ignore_interrupts)
             try:
-                futures = {pool.submit(run_and_store, c, str(run_dir), force, self.cells_per_gpu,
-                                       self.threads_per_cell): c for c in todo}
+                futures = {pool.submit(run_and_store, c, str(run_dir), force, self.settings): c
+                           for c in todo}
                 todo, running = [], None  # running: the cells with a heartbeat when it broke
                 pending = set(futures)
                 while pending:
@@ -398,12 +440,11 @@ class SubmititExecutor(Executor):
         window = self.n_jobs if cluster == "local" else None
         queue = [(c, gpu) for gpu, group in enumerate(groups) for c in group]
         execs = {gpu: self._executor(run_dir, bool(gpu)) for gpu, g in enumerate(groups) if g}
-        threads = self.threads_per_cell
+        settings = self.settings
 
         def args(group):
             n = len(group)
-            return (group, [str(run_dir)] * n, [force] * n, [self.cells_per_gpu] * n,
-                    [threads] * n)
+            return group, [str(run_dir)] * n, [force] * n, [settings] * n
 
         running: dict = {}
         try:
@@ -462,7 +503,7 @@ class DaskExecutor(Executor):
         gpu_cells = any(c.device.startswith("cuda") for c in cells)
         kw = self.client_kwargs(gpu_cells)
         own = "address" not in kw
-        threads = self.threads_per_cell
+        settings = self.settings
         try:
             client = Client(**kw)
         except (TypeError, ValueError) as exc:  # a dask_* key Client does not take, or a bad value
@@ -484,8 +525,8 @@ class DaskExecutor(Executor):
             for c in _interleave(cells):
                 extra = {"resources": {"GPU": 1.0 / max(1, self.cells_per_gpu)}} \
                     if c.device.startswith("cuda") else {}
-                fut = client.submit(run_and_store, c, str(run_dir), force,
-                                    self.cells_per_gpu, threads, pure=False, **extra)
+                fut = client.submit(run_and_store, c, str(run_dir), force, settings,
+                                    pure=False, **extra)
                 futures[fut] = c
             for fut in as_completed(list(futures)):
                 c = futures[fut]
@@ -565,6 +606,8 @@ def _check(config: dict, where: str) -> dict:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool)
                               or (v < 1 and not (k == "n_jobs" and v == -1))):
             raise ConfigError(f"{where}: {k} must be a positive integer, got {v!r}")
+    if config.get("cell_memory") is not None:
+        parse_memory(config["cell_memory"], f"{where}: cell_memory")
     v = config.get("poll_interval")
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                           or not 0 < v < float("inf")):
@@ -601,11 +644,14 @@ def load_config(path) -> dict:
     return _check(config, f"parallel config {path}")
 
 
-def make_executor(n_jobs: Optional[int] = None, config: Optional[dict] = None) -> Executor:
+def make_executor(n_jobs: Optional[int] = None, config: Optional[dict] = None,
+                  threads: Optional[int] = None, cell_memory=None) -> Executor:
     """The executor for ``-j n_jobs`` and an optional config (from :func:`load_config`).
 
     ``n_jobs`` (when given) overrides the config's; without a config, n_jobs > 1 means loky and
-    1 the plain serial loop.  -1 means one job per core.
+    1 the plain serial loop.  -1 means one job per core.  ``threads`` (torch threads per CPU cell)
+    and ``cell_memory`` (:func:`parse_memory`), when given, override the config's
+    ``threads_per_cell`` and ``cell_memory``.
     """
     if config is not None:
         config = _check(config, "parallel config")
@@ -616,8 +662,14 @@ def make_executor(n_jobs: Optional[int] = None, config: Optional[dict] = None) -
     if n == -1:
         n = os.cpu_count() or 1
     backend = config.get("backend") or ("loky" if n > 1 else "serial")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
+    memory = cell_memory if cell_memory is not None else config.get("cell_memory")
+    if memory is not None:
+        parse_memory(memory)  # refused here, before any cell runs
     common = dict(n_jobs=n, cells_per_gpu=config.get("cells_per_gpu", 1),
-                  threads_per_cell=config.get("threads_per_cell"),
+                  threads_per_cell=threads if threads is not None else config.get("threads_per_cell"),
+                  cell_memory=memory,
                   options={k: v for k, v in config.items() if k not in COMMON_KEYS})
     cls = {"serial": SerialExecutor, "loky": LokyExecutor, "submitit": SubmititExecutor,
            "dask": DaskExecutor}[backend]
@@ -631,10 +683,15 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--parallel-config", dest="parallel_config", metavar="FILE.yml",
                         help="run the cells with submitit (Slurm) or dask instead; see "
                              "examples/parallel/*.yml")
+    parser.add_argument("--cell-memory", dest="cell_memory", metavar="SIZE", default=None,
+                        help="memory one CPU cell may allocate, e.g. 4G (0: no limit; default 80%% "
+                             "of the machine's memory shared among the cells running at once)")
 
 
-def from_args(args) -> Executor:
-    """The executor of parsed ``-j`` / ``--parallel-config`` arguments (ConfigError if malformed)."""
+def from_args(args, threads: Optional[int] = None) -> Executor:
+    """The executor of parsed ``-j`` / ``--parallel-config`` / ``--cell-memory`` arguments, with
+    ``threads`` per CPU cell (ConfigError if malformed)."""
     path = getattr(args, "parallel_config", None)
     config = load_config(path) if path else None
-    return make_executor(getattr(args, "jobs", None), config)
+    return make_executor(getattr(args, "jobs", None), config, threads=threads,
+                         cell_memory=getattr(args, "cell_memory", None))

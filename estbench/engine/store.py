@@ -14,10 +14,7 @@ a half-written record, and a cell whose file exists is not recomputed.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
-import re
 import os
 import platform
 import subprocess
@@ -33,12 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from estbench import __version__
+from estbench.core import __version__
 from estbench.core.budget import Budget
+from estbench.engine.cell import cell_code_version, code_version
+from estbench.core.records import RECORD_COLUMNS, RECORD_IDENTITY
 
-#: the columns of a record that identify its cell (those a cell's status row shares with it)
-RECORD_IDENTITY = ["task", "estimator", "seed", "device", "n_samples", "steps"]
-RECORD_COLUMNS = [*RECORD_IDENTITY, "step", "metric", "value"]
 _CELL_KEY = b"estbench.cell"
 
 
@@ -72,100 +68,6 @@ def git_commit(root=None) -> str:
         return sha + ("-dirty" if source_changes(here) else "")
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-#: the harness code every cell depends on; a cell's task and estimator add their own modules (their
-#: classes' whole inheritance chain, and what those import from their packages)
-_COMMON_CODE = ["estbench/engine/train.py", "estbench/engine/measure.py", "estbench/core/budget.py", "estbench/core/spec.py",
-                "estbench/core/plugins.py", "estbench/core/errors.py"]
-_ROOT = Path(__file__).resolve().parents[2]
-#: harness files that describe results without computing them, kept out of every cell's code even
-#: if cell code comes to import them: relabelling a metric or changing its declared direction
-#: (estbench/core/metrics.py) changes how results are read, never a record, and must not recompute them
-_NOT_CELL_CODE = ("estbench/core/metrics.py",)
-_RELATIVE_IMPORT = re.compile(r"^from \.(\w*) import (\([^)]*\)|[\w, ]+)", re.M)
-
-
-def _module_files(path: Path, seen: set) -> None:
-    """``path`` and, recursively, the files of its package-relative imports (``from .x import``)."""
-    if path in seen or not path.is_file():
-        return
-    seen.add(path)
-    for mod, names in _RELATIVE_IMPORT.findall(path.read_text(errors="replace")):
-        base = path.parent / mod if mod else path.parent
-        candidates = [base.with_suffix(".py")] if mod else []
-        for name in names.strip("()").replace("\n", " ").split(","):
-            name = name.split(" as ")[0].strip()
-            if name:
-                candidates.append(base / f"{name}.py")
-        for c in candidates:
-            _module_files(c, seen)
-
-
-def _plugin_files(kind: str, spec_text: str) -> list:
-    """The source files of a plug-in class and of every class it inherits from (its base class,
-    e.g. ``estimators/base.py``, included): found from the class, never from a list of names."""
-    import inspect
-
-    import estimators
-    import tasks
-    from estbench.core.spec import parse
-
-    registry = estimators if kind == "estimator" else tasks
-    try:
-        cls = registry.get_class(parse(spec_text).name)
-    except ValueError:
-        return []
-    files = []
-    for klass in cls.__mro__:
-        if klass.__module__.split(".")[0] in ("builtins", "torch", "typing"):
-            continue
-        try:
-            files.append(Path(inspect.getsourcefile(klass)))
-        except (TypeError, OSError):
-            continue
-    return files
-
-
-@functools.lru_cache(maxsize=None)
-def code_version(task: str = "", estimator: str = "") -> str:
-    """What goes into a cell's cache key for 'the code': the estbench and torch versions and a hash
-    of the source that computes the cell -- the harness and plug-in machinery, plus the modules of
-    its task and its estimator and what they import from their packages.
-
-    A content hash, not the git commit: a commit touching docs, reports or tests keeps every cached
-    cell valid, and fixing one estimator invalidates that estimator's cells only.  Without a task and
-    estimator it covers every estimator and task module (the version of the code as a whole).
-    """
-    h = hashlib.sha256()
-    for path in code_files(task, estimator):
-        try:
-            h.update(str(path.relative_to(_ROOT)).encode())
-        except ValueError:  # a user's estimator file outside the project
-            h.update(str(path).encode())
-        h.update(path.read_bytes())
-    return f"{__version__}+torch{torch.__version__}+{h.hexdigest()[:16]}"
-
-
-def code_files(task: str = "", estimator: str = "") -> list[Path]:
-    """The source files ``code_version`` hashes, sorted: the harness's cell code, and the modules
-    of the task and the estimator (of every task and estimator without them)."""
-    files: set = set()
-    for rel in _COMMON_CODE:
-        _module_files(_ROOT / rel, files)
-    if task or estimator:
-        for kind, text in (("task", task), ("estimator", estimator)):
-            for path in (_plugin_files(kind, text) if text else []):
-                _module_files(path, files)
-    else:
-        for pkg in ("estimators", "tasks"):
-            for path in (_ROOT / pkg).glob("**/*.py"):
-                _module_files(path, files)
-    return sorted(files - {_ROOT / rel for rel in _NOT_CELL_CODE})
-
-
-def cell_code_version(cell) -> str:
-    return code_version(cell.task, cell.estimator)
 
 
 def _cpu_model() -> str:
@@ -349,15 +251,15 @@ def has_cell(run_dir: Path, key: str, report: bool = True) -> bool:
     return False
 
 
-def write_cell(run_dir: Path, key: str, result) -> Path:
-    """Write one finished cell's records atomically; returns the path."""
+def write_cell(run_dir: Path, key: str, result, env: dict | None = None) -> Path:
+    """Write one finished cell's records atomically; returns the path.  ``env``: the conditions the
+    worker ran it in (``threads``, ``jobs``: ``executors.WorkerSettings.environment``; default one
+    thread, one cell at a time), kept with the machine's CPU and GPU names."""
     table = pa.Table.from_pandas(records_frame(result.records), preserve_index=False)
-    from estbench.engine.train import cpu_threads  # lazy: train imports the plug-in packages
-
     cuda = str(result.cell.device).startswith("cuda") and torch.cuda.is_available()
     # where the cell's time was measured: compare only compares step times measured alike
     env = {"cpu": _cpu_model(), "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
-           "threads": cpu_threads(), "jobs": int(os.environ.get("ESTBENCH_JOBS", "1"))}
+           "threads": 1, "jobs": 1, **(env or {})}
     row = {**result.summary_row(), "key": key, "code_version": cell_code_version(result.cell),
            "finished": time.time(), "artifacts": result.artifacts, "env": env}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
@@ -547,3 +449,20 @@ def write_merged(run_dir: Path) -> Path:
     path = Path(run_dir) / "results.parquet"
     _atomic_write(path, lambda tmp: records.to_parquet(tmp, index=False))
     return path
+
+
+def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
+    """The records of the cells that finished (status ``ok``) only.
+
+    A failed or diverged cell keeps the checkpoint records it made before it stopped; they are no
+    measurement of the estimator, so rankings, tables, plots and comparisons must not see them.
+    Joined with the status rows of ``store.load`` on ``store.RECORD_IDENTITY``.  Without status
+    rows (``cells`` None) the records are returned as they are; with an empty frame, none.
+    """
+    if cells is None:
+        return records
+    if records.empty or cells.empty or "status" not in cells:
+        return records.iloc[0:0]
+    ok = cells.loc[cells.status == "ok", RECORD_IDENTITY].drop_duplicates()
+    ok = ok.astype({c: records[c].dtype for c in RECORD_IDENTITY})
+    return records.merge(ok, on=RECORD_IDENTITY, how="inner")[list(records.columns)]

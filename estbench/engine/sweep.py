@@ -16,6 +16,11 @@ from estbench.core.spec import Spec
 from estbench.engine.train import Cell, CellResult
 
 
+def default_tasks() -> list[str]:
+    """The tasks a run without ``--tasks`` trains: those that declare ``in_default_run``."""
+    return [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
+
+
 @dataclass
 class Plan:
     cells: list[Cell]

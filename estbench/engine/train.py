@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import hashlib
-import json
 import math
-import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -36,63 +33,10 @@ import estimators
 import tasks
 from estbench.core.budget import Budget, EvaluationCounter, over_budget_message
 from estbench.core.errors import BudgetError, CellTimeout, Diverged, InfeasibleError, OverBudgetError
+from estbench.engine.cell import Cell, CellResult
 from estbench.engine.measure import isolated_rng, measure
 from estbench.core.spec import parse
-from estbench.engine.store import RECORD_IDENTITY
-
-
-@dataclass(frozen=True)
-class Cell:
-    task: str
-    estimator: str
-    seed: int
-    device: str
-    budget: Budget
-    #: version of the code computing the cell (``store.cell_code_version``), fixed by the process
-    #: that plans a sweep so that workers elsewhere file the cell under the same key
-    code: str = ""
-    #: time limit of the whole cell in seconds (0: none); not part of the key (it does not change
-    #: a finished cell's result)
-    timeout: float = 0.0
-
-    def with_code(self) -> "Cell":
-        if self.code:
-            return self
-        from estbench.engine.store import cell_code_version
-
-        return dataclasses.replace(self, code=cell_code_version(self))
-
-    def key(self, code_version: str | None = None) -> str:
-        """Content hash of everything that changes the result (and nothing else): the cell's
-        specification and the version of the code that computes it (``store.cell_code_version``)."""
-        if code_version is None:
-            code_version = self.with_code().code
-        blob = json.dumps(
-            {"task": self.task, "estimator": self.estimator, "seed": self.seed,
-             "device": self.device, "budget": self.budget.as_dict(), "code": code_version},
-            sort_keys=True,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-    def label(self) -> str:
-        return f"{self.task} x {self.estimator} seed={self.seed} {self.device}"
-
-
-@dataclass
-class CellResult:
-    cell: Cell
-    status: str  # "ok" | "diverged" | "infeasible" (budget units or size do not fit) | "failed"
-    records: list[dict] = field(default_factory=list)
-    error: str = ""
-    seconds: float = 0.0
-    #: the task's non-numeric results (``Task.artifacts()``), stored with the cell
-    artifacts: dict = field(default_factory=dict)
-
-    def summary_row(self) -> dict:
-        d = {"task": self.cell.task, "estimator": self.cell.estimator, "seed": self.cell.seed,
-             "device": self.cell.device, **self.cell.budget.as_dict(),
-             "status": self.status, "error": self.error, "seconds": self.seconds}
-        return d
+from estbench.core.records import RECORD_IDENTITY
 
 
 def _sync(device: torch.device) -> None:
@@ -205,17 +149,10 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def cpu_threads() -> int:
-    """Intra-op threads of a CPU cell: ``ESTBENCH_THREADS`` (set by ``estbench run --threads``), else 1.
-
-    One thread per cell by default: cells are parallelised across processes (``-j``), the toy and
-    quick-budget models are too small to gain from intra-op threads, and on a loaded machine extra
-    threads make small ops an order of magnitude slower.  It does not enter the cache key.
-    """
-    try:
-        return max(1, int(os.environ.get("ESTBENCH_THREADS", "1")))
-    except ValueError:
-        return 1
+#: intra-op threads of a CPU cell unless told otherwise: cells are parallelised across processes
+#: (``-j``), the toy and quick-budget models are too small to gain from intra-op threads, and on a
+#: loaded machine extra threads make small ops an order of magnitude slower.  Not part of the key.
+DEFAULT_THREADS = 1
 
 
 #: where a cell keeps the record-identity columns that are not its own attributes
@@ -297,13 +234,14 @@ class Schedule:
         return "training"
 
 
-def run_cell(cell: Cell, report=None) -> CellResult:
+def run_cell(cell: Cell, report=None, threads: int = DEFAULT_THREADS) -> CellResult:
     """Run one cell; never raises for estimator/task failures (they become a 'failed' status),
     nor for a cell past its time limit.  ``report(step, steps, phase)``, if given, is told where
     the cell is (each training step, each measurement, the final evaluation); it must be cheap
-    (store.Heartbeat throttles itself) and is called outside the timed step."""
+    (store.Heartbeat throttles itself) and is called outside the timed step.  ``threads``: torch's
+    intra-op threads while the cell runs (restored afterwards)."""
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads())
+    torch.set_num_threads(max(1, int(threads)))
     t_start = time.perf_counter()
     try:
         with time_limit(cell.timeout):
@@ -350,10 +288,35 @@ def _run_cell(cell: Cell, t_start: float, report) -> CellResult:
     return res
 
 
-def _train(cell: Cell, rec, artifacts: dict, state: dict, report) -> None:
-    """Train and measure one cell, recording through ``rec`` and telling ``report`` where it is;
-    ``state`` exposes the divergence watch to the caller."""
-    budget = cell.budget
+@dataclass
+class _Training:
+    """One cell's training in progress: what the set-up, the measurements, the evaluations, the
+    steps and the end of the loop share.  The order of the random draws is the loop's, unchanged:
+    model init, data order and sampling each on their own stream seeded from the cell."""
+
+    cell: Cell
+    device: torch.device
+    task: object
+    est: object
+    optimizer: object
+    params: list
+    batches: Iterator
+    rec: Callable
+    report: Callable
+    #: the harness's own count of f-evaluations, never the plug-in's
+    counter: EvaluationCounter = field(default_factory=EvaluationCounter)
+    #: whether the budget of f-evaluations binds (not for oracles and marginalisers)
+    held: bool = True
+    step: int = 0
+    train_time: float = 0.0
+    n_evals: int = 0
+    #: training steps and summed objective since the last evaluation (read at evaluations)
+    since_eval_steps: int = 0
+    since_eval_obj: Optional[torch.Tensor] = None
+
+
+def _set_up(cell: Cell, rec, report) -> _Training:
+    """Build the task and the estimator, initialise the model and the data order."""
     device = resolve_device(cell.device)
     with torch.random.fork_rng(devices=[], device_type="cpu"):
         # plug-ins that initialise parameters in __init__ (RELAX's network) draw from the cell's
@@ -363,92 +326,123 @@ def _train(cell: Cell, rec, artifacts: dict, state: dict, report) -> None:
     # three independent, explicitly seeded streams: model init, data order, and sampling
     init_gen = torch.Generator().manual_seed(cell.seed)
     data_gen = torch.Generator().manual_seed(cell.seed + 1_000_003)
-    task.evaluation = budget.evaluation
+    task.evaluation = cell.budget.evaluation
     task.setup(device, init_gen)
     est.to(device)
     optimizer = task.make_optimizer()
     params = task.parameters()
     batches = task.train_batches(data_gen)
+    return _Training(cell, device, task, est, optimizer, params, batches, rec, report,
+                     held=not est.exceeds_budget)
+
+
+def _check_feasible(run: _Training) -> None:
+    """The estimator's feasibility rule (``skip``), before the step-0 measurement, whose reference
+    gradient is the costliest part of a measurement (a text_vae cell once spent 11 s only to find
+    the estimator cannot run); on the measurement batch, on its own RNG stream."""
+    with isolated_rng(run.cell.seed, run.device):
+        reason = run.est.skip(run.task.problem(run.task.measure_batch()).dist, run.cell.budget.n_samples)
+    if reason:
+        raise BudgetError(reason)
+
+
+def _measure_at(run: _Training, checkpoint: int) -> None:
+    """Bias, variance and the rest at a checkpoint (``measure``, on its own RNG stream), the
+    evaluations of f counted and held to the budget."""
+    budget, step = run.cell.budget, run.step
+    run.report(step, budget.steps, f"measuring (checkpoint {checkpoint} of {budget.checkpoints})")
+    m = measure(run.task, run.est, budget.n_samples, budget.measure_samples,
+                seed=run.cell.seed * 7919 + step, counter=run.counter)
+    spent, reported = int(m.pop("n_evals")), m.pop("n_evals_reported")
+    _check_spent(run.held, spent, budget, f"in the measurement at step {step}", reported)
+    for k, v in m.items():
+        run.rec(step, k, v)
+
+
+def _evaluate_at(run: _Training) -> None:
+    """The held-out figure along training, the training time so far, and the mean training
+    objective since the last evaluation."""
+    run.rec(run.step, "elbo", run.task.evaluate(final=False))
+    run.rec(run.step, "wall_time", run.train_time)
+    if run.since_eval_steps:
+        run.rec(run.step, "train_objective", float(run.since_eval_obj) / run.since_eval_steps)
+    run.since_eval_steps = 0
+    run.since_eval_obj = torch.zeros_like(run.since_eval_obj)
+
+
+def _train_step(run: _Training, watch: DivergenceWatch) -> None:
+    """One optimiser step on the estimator's gradient: the only timed part of a cell."""
+    budget = run.cell.budget
+    batch = next(run.batches)
+    _sync(run.device)
+    t0 = time.perf_counter()
+    prob = run.task.problem(batch)
+    run.counter.reset()
+    e = run.est.estimate(prob.dist, run.counter.wrap(prob.f, prob.dist), budget.n_samples,
+                         prob.context)
+    objective = e.surrogate
+    if prob.analytic is not None:
+        objective = objective + prob.analytic
+    run.optimizer.zero_grad(set_to_none=True)
+    (-objective).backward()
+    watch.note(run.step, objective)  # no host sync: read every few steps
+    run.optimizer.step()
+    run.est.update()
+    _sync(run.device)
+    dt = time.perf_counter() - t0
+    spent = run.counter.count
+    _check_spent(run.held, spent, budget, f"at training step {run.step}", e.n_evals)
+    run.n_evals = max(run.n_evals, spent)
+    run.train_time += dt
+    run.step += 1
+    run.since_eval_steps += 1
+    value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
+    run.since_eval_obj = run.since_eval_obj + value.double()
+
+
+def _finish(run: _Training, artifacts: dict) -> None:
+    """The task's final (test) figures and artifacts, and the cell's counts and step time."""
+    step = run.step
+    run.report(step, run.cell.budget.steps, "final evaluation")
+    final = run.task.evaluate(final=True)
+    if not math.isfinite(final):
+        raise Diverged("non-finite final evaluation")
+    run.rec(step, "final_elbo", final)
+    for k, v in run.task.final_metrics().items():
+        run.rec(step, k, v)
+    artifacts.update(run.task.artifacts())
+    run.rec(step, "n_evals", run.n_evals if step else float("nan"))
+    run.rec(step, "step_time", run.train_time / max(step, 1))
+    run.rec(step, "train_steps", step)
+
+
+def _train(cell: Cell, rec, artifacts: dict, state: dict, report) -> None:
+    """Train and measure one cell, recording through ``rec`` and telling ``report`` where it is;
+    ``state`` exposes the divergence watch to the caller."""
+    budget = cell.budget
+    run = _set_up(cell, rec, report)
     schedule = Schedule(budget)
     report(0, budget.steps, "setting up")
     if budget.checkpoints:
-        # the feasibility rule before the step-0 measurement, whose reference gradient is the
-        # costliest part of a measurement (11 s of a text_vae cell spent only to find the
-        # estimator cannot run); on the measurement batch, on its own RNG stream
-        with isolated_rng(cell.seed, device):
-            reason = est.skip(task.problem(task.measure_batch()).dist, budget.n_samples)
-        if reason:
-            raise BudgetError(reason)
-    counter = EvaluationCounter()  # the harness's own count of f-evaluations, never the plug-in's
-    held = not est.exceeds_budget
-
+        _check_feasible(run)
+    device = run.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                device_type="cuda" if device.type == "cuda" else "cpu"):
         torch.manual_seed(cell.seed)
-        train_time = 0.0
-        since_eval_steps = 0
-        since_eval_obj = torch.zeros((), dtype=torch.float64, device=device)  # read at evaluations
-        n_evals = 0
-        watch = state["watch"] = DivergenceWatch(device, params)
-        step = 0
+        run.since_eval_obj = torch.zeros((), dtype=torch.float64, device=device)
+        watch = state["watch"] = DivergenceWatch(device, run.params)
         while True:
-            done = schedule.done(step, train_time)
-            measuring = schedule.measure_due(step, train_time, done)
-            evaluating = schedule.eval_due(step, train_time, done) or measuring
-            if evaluating or done or step % DIVERGENCE_CHECK_EVERY == 0:
-                watch.check(step)
+            done = schedule.done(run.step, run.train_time)
+            measuring = schedule.measure_due(run.step, run.train_time, done)
+            evaluating = schedule.eval_due(run.step, run.train_time, done) or measuring
+            if evaluating or done or run.step % DIVERGENCE_CHECK_EVERY == 0:
+                watch.check(run.step)
             if measuring:
-                report(step, budget.steps, f"measuring (checkpoint {schedule.measured} of "
-                                           f"{budget.checkpoints})")
-                m = measure(task, est, budget.n_samples, budget.measure_samples,
-                            seed=cell.seed * 7919 + step, counter=counter)
-                spent, reported = int(m.pop("n_evals")), m.pop("n_evals_reported")
-                _check_spent(held, spent, budget, f"in the measurement at step {step}", reported)
-                for k, v in m.items():
-                    rec(step, k, v)
+                _measure_at(run, schedule.measured)
             if evaluating:
-                rec(step, "elbo", task.evaluate(final=False))
-                rec(step, "wall_time", train_time)
-                if since_eval_steps:
-                    rec(step, "train_objective", float(since_eval_obj) / since_eval_steps)
-                since_eval_steps = 0
-                since_eval_obj = torch.zeros_like(since_eval_obj)
+                _evaluate_at(run)
             if done:
                 break
-            batch = next(batches)
-            _sync(device)
-            t0 = time.perf_counter()
-            prob = task.problem(batch)
-            counter.reset()
-            e = est.estimate(prob.dist, counter.wrap(prob.f, prob.dist), budget.n_samples,
-                             prob.context)
-            objective = e.surrogate
-            if prob.analytic is not None:
-                objective = objective + prob.analytic
-            optimizer.zero_grad(set_to_none=True)
-            (-objective).backward()
-            watch.note(step, objective)  # no host sync: read every few steps
-            optimizer.step()
-            est.update()
-            _sync(device)
-            dt = time.perf_counter() - t0
-            spent = counter.count
-            _check_spent(held, spent, budget, f"at training step {step}", e.n_evals)
-            n_evals = max(n_evals, spent)
-            train_time += dt
-            step += 1
-            report(step, budget.steps, schedule.phase(train_time))
-            since_eval_steps += 1
-            value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
-            since_eval_obj = since_eval_obj + value.double()
-        report(step, budget.steps, "final evaluation")
-        final = task.evaluate(final=True)
-        if not math.isfinite(final):
-            raise Diverged("non-finite final evaluation")
-        rec(step, "final_elbo", final)
-        for k, v in task.final_metrics().items():
-            rec(step, k, v)
-        artifacts.update(task.artifacts())
-        rec(step, "n_evals", n_evals if step else float("nan"))
-        rec(step, "step_time", train_time / max(step, 1))
-        rec(step, "train_steps", step)
+            _train_step(run, watch)
+            report(run.step, budget.steps, schedule.phase(run.train_time))
+        _finish(run, artifacts)

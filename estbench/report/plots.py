@@ -8,7 +8,7 @@ share a hue's shades.  An oracle (``Estimator.oracle``: exact enumeration, outsi
 reference, drawn in black (dashed, without a marker) and never in a competitor's colour; the
 estimator being ranked (``estbench rank``'s meta.json ``ranked``) is drawn thicker with a black
 edge.  Confidence bands are the same Student-t 95% intervals over seeds as in the tables
-(``tables.mean_ci``).
+(``stats.mean_ci``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import pandas as pd  # noqa: E402
 import scikit_posthocs as sp  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from estbench.analysis.tables import elbo_labels, matches, mean_ci, slug  # noqa: E402
+from estbench.analysis.stats import mean_ci  # noqa: E402
+from estbench.analysis.tables import elbo_labels, matches, slug  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # 7: co-prime with the 4 line styles
 LINESTYLES = ["-", "--", "-.", ":"]  # 4: with the 7 markers, 28 distinct (marker, line) pairs
@@ -305,7 +306,7 @@ def bias_variance(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
     to its marker.  An estimator without bias sits on its floor; a bias shows as a marker above
     it.  Oracles (no variance, outside the budget) and estimators whose variance or bias is ~0 are
     named under the axis instead."""
-    from estbench.analysis.tables import ci_frame
+    from estbench.analysis.stats import ci_frame
     d = pc.dropna(subset=["bias", "variance"])
     if "bias_noise" not in d:
         d = d.assign(bias_noise=np.nan)
@@ -361,7 +362,7 @@ def bias_variance(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
 
 def step_time_bars(pc: pd.DataFrame, style: Style, out_dir: Path) -> list[Path]:
     """Per task: horizontal bars of the time per training step (ms) with CI whiskers."""
-    from estbench.analysis.tables import ci_frame
+    from estbench.analysis.stats import ci_frame
     d = pc.dropna(subset=["step_ms"])
     tasks = sorted(d.task.unique())
     if not tasks:

@@ -16,11 +16,12 @@ from pathlib import Path
 import pandas as pd
 
 from estbench.engine import measure as ms
-from estbench.analysis import compare, table
+from estbench.analysis import compare, figures
 from estbench.engine import store
 from estbench.analysis import leaderboard as lb
 from estbench.report import plots
 from estbench.analysis import tables as tb
+from estbench.core.records import CELL_KEYS
 
 MAX_RATIONALE_ESTIMATORS = 3
 MAX_RATIONALE_EXAMPLES = 3
@@ -760,31 +761,31 @@ def _curve_note(records: pd.DataFrame, task: str) -> str:
     """What a task's curves show against its final figure, and why the curves' last point and the
     final figure differ (or do not), with both figures: means over the cells that have both."""
     r = records[records.task == task]
-    keys = list(table.CELL_KEYS)
+    keys = list(CELL_KEYS)
     last = r[r.metric == "elbo"].sort_values("step").groupby(keys)["value"].last()
     final = r[r.metric == "final_elbo"].groupby(keys)["value"].last()
     both = pd.concat([last.rename("last"), final.rename("final")], axis=1).dropna()
     kind = tb.closed_form(task)
     if both.empty:
-        figures = ""
+        said = ""
     else:
         gap = float((both["final"] - both["last"]).mean())
-        figures = (f" The curves end at {both['last'].mean():.5g} and the final figure is "
+        said = (f" The curves end at {both['last'].mean():.5g} and the final figure is "
                    f"{both['final'].mean():.5g} (means over the {len(both)} cells): "
                    + (f"a gap of {gap:+.3g}." if gap else "no gap."))
     if kind:
         return ("Curves: the exact objective E_q[f] at each evaluation point (evaluate(final="
                 "False)); the final figure is the same objective after the last step "
                 "(evaluate(final=True)): a toy has no data to split, so the curve's last point is "
-                "the final figure." + figures)
+                "the final figure." + said)
     if kind is None:
         return ("Curves: the task's evaluate(final=False) along training; the final figure is "
-                "its evaluate(final=True), which may use other data." + figures)
+                "its evaluate(final=True), which may use other data." + said)
     return ("Curves: the validation ELBO along training (evaluate(final=False), on a validation "
             "split); the final ELBO is the test ELBO (evaluate(final=True), on the test split, "
             "with the task's final evaluation: its own number of samples and images). Both "
             "evaluate the same model after the last step, so the curve's last point and the final "
-            "ELBO differ by the split and the evaluation, not by training." + figures)
+            "ELBO differ by the split and the evaluation, not by training." + said)
 
 
 def build_report(run_dir, out_dir=None) -> Path:
@@ -807,11 +808,11 @@ def build_report(run_dir, out_dir=None) -> Path:
         meta = {"unreadable": unreadable}
     # finished cells only: a failed or diverged cell's partial checkpoint records are no
     # measurement (it is listed with the problem cells instead)
-    records = table.finished(records, cells)
+    records = store.finished(records, cells)
     records, cells = tb.label_settings(records, cells)
-    pc = tb.per_cell(records)
+    pc = figures.per_cell(records)
     tables = tb.task_tables(pc)
-    figures = tb.task_figures(records)
+    task_figures = tb.task_figures(records)
     board = lb.leaderboard(pc)
     all_est = set(records.estimator)
     if cells is not None and not cells.empty:
@@ -830,7 +831,7 @@ def build_report(run_dir, out_dir=None) -> Path:
                     *fdir.glob("*.svg")]:
             old.unlink()
     tb.to_csv_frame(tables).to_csv(tdir / "all_tasks.csv", index=False)
-    for task, t in figures.items():
+    for task, t in task_figures.items():
         t.to_csv(tdir / f"{tb.slug(task)}_figures.csv", index=False)
     for task, t in tables.items():
         t.to_csv(tdir / f"{tb.slug(task)}.csv", index=False)
@@ -913,8 +914,8 @@ def build_report(run_dir, out_dir=None) -> Path:
         doc.add(H(3, task), Table(header, rows, notes=tb.row_notes(t, ranked)),
                 P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]
                   + _common_time_note(common.get(task), median_train.get(task))))
-        if task in figures:
-            fh, frows = tb.figure_rows(figures[task], list(t.estimator))
+        if task in task_figures:
+            fh, frows = tb.figure_rows(task_figures[task], list(t.estimator))
             doc.add(P(["The task's own final figures, mean ± 95% CI over seeds (",
                        ("link", "CSV", f"tables/{s}_figures.csv"), "):"]),
                     Table(fh, frows))
