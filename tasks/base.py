@@ -81,6 +81,12 @@ class Task:
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
+    #: the declarations (``core.metrics.Metric``, ``source=TASK``, recorded at the END) of what
+    #: ``final_metrics`` records: how each is read, labelled and judged
+    final_figures: ClassVar[tuple] = ()
+    #: ``estbench compare``'s regression tolerances where this task's scale is not the declared
+    #: default's, {metric or figure: tolerance} (a toy's E[f] spans hundredths, a model's ELBO nats)
+    tolerances: ClassVar[dict] = {}
     #: the optimiser every estimator gets on this task (same for all: the budget is fair)
     optimizer: ClassVar[str] = "adam"
     lr: ClassVar[float] = 1e-2
@@ -132,12 +138,23 @@ class Task:
         raise NotImplementedError
 
     def final_metrics(self) -> dict[str, float]:
-        """Extra held-out figures recorded at the end of a cell (e.g. an IWAE bound, accuracy)."""
+        """Extra held-out figures recorded at the end of a cell (e.g. an IWAE bound, accuracy),
+        each declared in ``final_figures``."""
         return {}
 
     def artifacts(self) -> dict:
         """JSON-serialisable non-numeric results kept with the cell (e.g. example rationales)."""
         return {}
+
+    @classmethod
+    def report_section(cls, cells: list) -> Optional[tuple[str, str, list]]:
+        """The task's own part of a report, from what its finished cells kept (``artifacts``):
+        ``cells`` is [(estimator, seed, artifacts)], the estimators best first by final ELBO, one
+        cell each (its lowest seed).  Returns None, or ``(title, introduction, blocks)``: tasks that
+        give one title share one section, each under its own heading.  Blocks are plain data the
+        report renders: ``("text", items)`` (items: strings, ``("code", s)``, ``("b", s)``) and
+        ``("highlight", tokens, marked, caption)`` (a sentence with some tokens marked)."""
+        return None
 
     # ---- shared -------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import distributions as D
 from torch.distributions import constraints
 
+from estbench.core.metrics import END, HIGHER, LINEAR, TASK, Metric
 from estbench.core.plugins import Option, integer_at_least
 
 from .base import Problem, Reference, Task, flat_grad
@@ -131,6 +132,11 @@ class MNISTVAE(Task):
     eval_binarisation_seed: ClassVar[int]
     #: seed of the latent samples used by ``evaluate`` / ``final_metrics`` (common random numbers)
     eval_sample_seed: ClassVar[int]
+    final_figures = (
+        Metric(name="test_iwae{K}", recorded=END, direction=HIGHER, scale=LINEAR, source=TASK,
+               label="test IWAE bound", unit="nats per image",
+               doc="the K-sample importance-weighted bound (Burda et al. 2016) on the test images"),
+    )
 
     def __init__(self, **options):
         super().__init__(**options)

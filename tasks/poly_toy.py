@@ -26,6 +26,7 @@ class PolyToy(ClosedFormToy):
     Adam at ``lr``)."""
 
     name = "poly_toy"
+    tolerances = {"final_elbo": 0.005}  # compare's: E[f] spans a few hundredths between estimators
     family = "categorical"
     #: not in ``estbench run``'s default toys: with 128 latents gumbel_rao's cells take 2 minutes
     #: each (its conditional draws per latent), which would triple the default run

@@ -65,6 +65,7 @@ from torch.nn import functional as F
 
 from torch.distributions import constraints
 
+from estbench.core.metrics import END, HIGHER, LINEAR, NONE, TASK, Metric
 from estbench.core.plugins import Option, integer_at_least, open_interval
 
 from .base import Problem, Reference, Task, flat_grad
@@ -171,11 +172,51 @@ class TokenEncoder(nn.Module):
         return self.out(h).squeeze(-1), h
 
 
+def _rationale_mask(tokens: list, selected: list) -> list[bool]:
+    """``selected`` as a per-token mask (bools / 0-1 / gate values > 1/2) or a list of indices."""
+    if len(selected) == len(tokens) and all(isinstance(s, (bool, int, float)) and 0 <= s <= 1
+                                            for s in selected):
+        return [bool(s > 0.5) if isinstance(s, float) else bool(s) for s in selected]
+    idx = {int(i) for i in selected}
+    return [i in idx for i in range(len(tokens))]
+
+
+def _q_summary(tokens: list, q) -> str:
+    """The spread of the per-token selection probabilities and the most likely tokens: without it
+    an empty most-probable rationale (every q < 1/2) would hide what the encoder prefers."""
+    try:
+        q = [float(v) for v in q]
+    except (TypeError, ValueError):
+        return ""
+    if len(q) != len(tokens) or not q:
+        return ""
+    top = sorted(range(len(q)), key=lambda i: -q[i])[:3]
+    return (f"; q from {min(q):.2f} to {max(q):.2f}, highest: "
+            + ", ".join(f"'{tokens[i]}' {q[i]:.2f}" for i in top))
+
+
 class _SSTRationales(Task):
     """Shared machinery of the three SST rationale tasks (see the module docstring)."""
 
     family: ClassVar[str] = "bernoulli"
     latent: ClassVar[str] = ""
+    final_figures = tuple(
+        Metric(name=name, recorded=END, direction=direction, scale=LINEAR, source=TASK,
+               label=label, doc=doc)
+        for name, direction, label, doc in (
+            ("dev_accuracy", HIGHER, "dev accuracy", "argmax_y E_q[p(y|x,z)] on the dev set"),
+            ("test_accuracy", HIGHER, "test accuracy", "the same on the test set"),
+            ("dev_accuracy_map", HIGHER, "dev accuracy (MAP rationale)",
+             "the prediction from the most probable rationale, dev set"),
+            ("test_accuracy_map", HIGHER, "test accuracy (MAP rationale)",
+             "the prediction from the most probable rationale, test set"),
+            ("selection_rate", NONE, "selection rate",
+             "fraction of real dev tokens the most probable rationale selects"),
+            ("expected_selection_rate", NONE, "expected selection rate",
+             "fraction of real dev tokens a sample of q selects")))
+    #: compare's tolerance of the final ELBO: the figure lives on a scale of hundredths (a few
+    #: times its seeds' 95% intervals)
+    tolerances = {"final_elbo": 0.02}
     lr = 1e-3
     options = {
         "data_dir": Option("", "folder with {train,dev,test}.txt[.gz] (default: the shipped copy)"),
@@ -407,6 +448,33 @@ class _SSTRationales(Task):
         """Example rationales kept with the cell for the report."""
         return {"rationales": self.example_rationales(5)}
 
+    #: how much of the kept rationales a report shows: the best estimators, a few sentences each
+    REPORT_ESTIMATORS: ClassVar[int] = 3
+    REPORT_EXAMPLES: ClassVar[int] = 3
+
+    @classmethod
+    def report_section(cls, cells):
+        """Held-out sentences with the most probable rationale's tokens marked, for the best
+        estimators by final ELBO."""
+        blocks = []
+        kept = [(est, seed, a["rationales"]) for est, seed, a in cells if (a or {}).get("rationales")]
+        for est, seed, examples in kept[: cls.REPORT_ESTIMATORS]:
+            blocks.append(("text", [("code", est), f" (seed {int(seed)})"]))
+            for ex in examples[: cls.REPORT_EXAMPLES]:
+                tokens = [str(t) for t in ex.get("tokens", [])]
+                mask = _rationale_mask(tokens, list(ex.get("selected", [])))
+                caption = (f"label {ex.get('label', '?')}, prediction {ex.get('prediction', '?')}, "
+                           f"{sum(mask)}/{len(tokens)} tokens selected"
+                           + _q_summary(tokens, ex.get("q")))
+                blocks.append(("highlight", tokens, mask, caption))
+        if not blocks:
+            return None
+        intro = ("Held-out sentences with the tokens of the most probable rationale highlighted (q, "
+                 "the encoder's per-token selection probability, summarised below each), for the "
+                 f"best {cls.REPORT_ESTIMATORS} estimators by final ELBO (lowest seed); 'label' is "
+                 "the gold class, 'prediction' the classifier's.")
+        return "Example rationales", intro, blocks
+
     # ---- reference gradient --------------------------------------------------------------------
     def reference_gradient(self, batch):
         """Unbiased score-function reference with a leave-one-out baseline at the logits (see the
@@ -461,6 +529,7 @@ class SSTRationalesStructured(SSTRationales):
     f = log p(y|x,z) + log p_chain(z), analytic = entropy of q (module docstring)."""
 
     name = "sst_rationales_structured"
+    tolerances = {"final_elbo": 0.05}
     description = "SST-5 rationales, Bernoulli q with a contiguity-favouring Markov-chain prior"
     options = {
         **_SSTRationales.options,

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torch.distributions import constraints
 
+from estbench.core.metrics import END, LINEAR, LOWER, NONE, TASK, Metric
 from estbench.core.plugins import Option, integer_at_least
 
 from .base import Problem, Reference, Task, flat_grad
@@ -119,6 +120,17 @@ class TextVAE(Task):
     """
 
     name = "text_vae"
+    final_figures = tuple(
+        Metric(name=name, recorded=END, direction=direction, scale=LINEAR, source=TASK,
+               label=label, unit=unit, doc=doc)
+        for name, direction, label, unit, doc in (
+            ("test_kl", NONE, "test KL", "nats per sentence", "mean KL(q(z|x) || p(z))"),
+            ("test_nll", LOWER, "test NLL", "nats per sentence",
+             "reconstruction NLL, -E_q log p(x|z)"),
+            ("test_ppl_is", LOWER, "test perplexity", "",
+             "exp(-sum log p_IS(x) / #tokens), p(x) importance-sampled"),
+            ("test_ppl_elbo", LOWER, "test perplexity bound", "",
+             "the same with the ELBO: an upper bound on the perplexity")))
     family = "gaussian"
     description = "Sentence VAE on PTB (Bowman et al. 2016): RNN encoder, LSTM decoder, Gaussian z"
     options = {

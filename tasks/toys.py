@@ -23,6 +23,7 @@ class ToyBinary(ClosedFormToy):
     """
 
     name = "toy_binary"
+    tolerances = {"final_elbo": 0.01}  # compare's: E[f] spans a few hundredths between estimators
     family = "bernoulli"
     description = "D Bernoulli latents, f(z) = -sum (z - t)^2 (RELAX/ARM toy)"
     options = {
@@ -52,6 +53,7 @@ class LiuToy(ClosedFormToy):
     """
 
     name = "liu_toy"
+    tolerances = {"final_elbo": 0.005}  # compare's: E[f] spans a few hundredths between estimators
     family = "bernoulli"
     description = "3 Bernoullis sharing one logit, f(z) = sum (z_i - p_i)^2, p = (0.6, 0.51, 0.48)"
     options = {"theta": Option(0.0, "initial shared logit (|theta| <= 1e3: sigmoid(theta) is 0 or 1 "
@@ -86,6 +88,7 @@ class ToyCategorical(ClosedFormToy):
     """
 
     name = "toy_categorical"
+    tolerances = {"final_elbo": 0.05}  # compare's: E[f] spans a few hundredths between estimators
     family = "categorical"
     description = "D categoricals, K classes, random unary + chain pairwise reward tables"
     options = {
@@ -125,6 +128,7 @@ class ToyGaussian(ClosedFormToy):
     """
 
     name = "toy_gaussian"
+    tolerances = {"final_elbo": 0.05}  # compare's: E[f] spans a few hundredths between estimators
     family = "gaussian"
     description = "D Gaussians, f(z) = -||z - a||^2 + c sum cos(w z)"
     options = {

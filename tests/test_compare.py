@@ -340,17 +340,14 @@ def test_tolerances_are_declared_with_the_metrics():
     assert "net_bias" in metrics.COMPARED and "bias" not in metrics.COMPARED
     elbo = metrics.get("final_elbo")
     assert (elbo.tolerance, elbo.tolerance_kind) == (1.0, metrics.DIFFERENCE)
-    assert elbo.tolerance_for("binary_vae") == 1.0
-    assert elbo.tolerance_for("toy_binary[dim=5]") == 0.01  # options do not change the scale
     assert (metrics.get("variance").tolerance, metrics.get("variance").tolerance_kind) == \
         (1.25, metrics.FACTOR)
     with pytest.raises(ValueError, match="factor tolerance must be a finite number >= 1"):
         metrics.Metric(name="x", recorded=metrics.END, direction=metrics.LOWER,
                        scale=metrics.LOG10, label="x", tolerance=0.5,
                        tolerance_kind=metrics.FACTOR)
-    with pytest.raises(ValueError, match="must be a finite number >= 0, got -1.0 for toy"):
+    with pytest.raises(ValueError, match="must be a finite number >= 0, got -1.0"):
         metrics.Metric(name="x", recorded=metrics.END, direction=metrics.HIGHER,
-                       scale=metrics.LINEAR, label="x", tolerance=1.0,
-                       task_tolerances=(("toy", -1.0),))
+                       scale=metrics.LINEAR, label="x", tolerance=-1.0)
     assert compare.parse_tolerances(["final_elbo=0.5", "step_ms=1.5"]) == \
         {"final_elbo": 0.5, "step_ms": 1.5}

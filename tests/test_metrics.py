@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import tasks
+from estbench.analysis import quantities
 from estbench.core import metrics
 from estbench.engine import store
 from estbench.core.budget import Budget
@@ -31,22 +32,23 @@ def misdeclared(records: pd.DataFrame) -> list[str]:
     """What the records contradict in the schema: undeclared metrics, a metric recorded other than
     declared (at checkpoints vs once at the end; by a task other than its declared ones), a declared
     metric a cell does not record.  [] when the schema tells the truth about the records."""
-    problems = [f"{m}: recorded but not declared in estbench/core/metrics.py"
-                for m in metrics.undeclared(records.metric)]
+    problems = [f"{m}: recorded but not declared in estbench/core/metrics.py nor by its task"
+                for m in quantities.undeclared(records.metric)]
     for (task, estimator, seed), cell in records.groupby(["task", "estimator", "seed"]):
         base = parse(task).name
         counts = cell.groupby("metric").size()
         for name, n in counts.items():
-            m = metrics.lookup(name)
+            m = quantities.lookup(name)
             if not isinstance(m, metrics.Metric):
                 continue
             if m.recorded == metrics.END and n != 1:
                 problems.append(f"{name}: declared {metrics.END}, recorded {n} times by {task}")
             if m.recorded == metrics.CHECKPOINT and n < 2:
                 problems.append(f"{name}: declared {metrics.CHECKPOINT}, recorded once by {task}")
-            if m.source == metrics.TASK and base not in m.tasks:
-                problems.append(f"{name}: declared for {m.tasks}, recorded by {task}")
-        expected = [m for m in metrics.METRICS if m.source == metrics.HARNESS or base in m.tasks]
+            own = tasks.get_class(base).final_figures
+            if m.source == metrics.TASK and m not in own:
+                problems.append(f"{name}: a task's figure {task} does not declare")
+        expected = [*metrics.METRICS, *tasks.get_class(base).final_figures]
         for m in expected:
             if not any(m.pattern.fullmatch(name) for name in counts.index):
                 problems.append(f"{m.name}: declared, not recorded by {task}")
@@ -79,14 +81,15 @@ def test_an_undeclared_or_misdeclared_metric_fails_the_check(every_task_run, mon
                         Budget(steps=2, n_samples=2, checkpoints=3, measure_samples=4)))
     assert res.status == "ok", res.error
     problems = misdeclared(pd.DataFrame(res.records))
-    assert problems == ["made_up_figure: recorded but not declared in estbench/core/metrics.py"]
+    assert problems == ["made_up_figure: recorded but not declared in estbench/core/metrics.py "
+                        "nor by its task"]
     # an end metric recorded at a checkpoint too, and a task's metric recorded by another task
     final = every_task_run[every_task_run.metric == "final_elbo"].iloc[[0]]
     twice = pd.concat([every_task_run, final.assign(step=0)])
     assert any("final_elbo: declared end, recorded 2 times" in p for p in misdeclared(twice))
     iwae = every_task_run[every_task_run.metric.str.startswith("test_iwae")].iloc[[0]]
     elsewhere = pd.concat([every_task_run, iwae.assign(task="toy_binary")])
-    assert any(p.startswith("test_iwae2: declared for ('binary_vae', 'categorical_vae')")
+    assert any(p.startswith("test_iwae2: a task's figure toy_binary does not declare")
                for p in misdeclared(elsewhere))
     # a declared metric no cell records any more
     dropped = every_task_run[every_task_run.metric != "snr"]
@@ -94,12 +97,13 @@ def test_an_undeclared_or_misdeclared_metric_fails_the_check(every_task_run, mon
 
 
 def test_a_recorded_name_resolves_to_its_declaration():
-    assert metrics.get("test_iwae100").name == "test_iwae{K}"
+    assert quantities.get("test_iwae100").name == "test_iwae{K}"
     assert metrics.get("step_ms").of == ("step_time",)
-    assert metrics.lookup("test_iwae") is None and metrics.lookup("test_iwae10x") is None
+    assert quantities.lookup("test_iwae") is None and quantities.lookup("test_iwae10x") is None
+    assert metrics.lookup("test_iwae100") is None  # a task's own: declared by the task
     with pytest.raises(KeyError, match="not declared"):
         metrics.get("no_such_metric")
-    assert metrics.undeclared(["bias", "test_iwae5", "step_ms", "no_such_metric"]) == \
+    assert quantities.undeclared(["bias", "test_iwae5", "step_ms", "no_such_metric"]) == \
         ["no_such_metric", "step_ms"]  # a per-cell figure is never a recorded metric
 
 
@@ -109,9 +113,25 @@ def test_a_malformed_declaration_is_refused():
     with pytest.raises(ValueError, match="recorded"):
         metrics.Metric(name="x", recorded="sometimes", direction=metrics.NONE,
                        scale=metrics.LINEAR, label="x")
-    with pytest.raises(ValueError, match="names its tasks"):
+    with pytest.raises(ValueError, match="source"):
         metrics.Metric(name="x", recorded=metrics.END, direction=metrics.NONE, scale=metrics.LINEAR,
-                       label="x", source=metrics.TASK)
+                       label="x", source="someone")
+
+
+def test_tasks_declare_their_own_figures_and_tolerances_and_the_core_names_no_task():
+    """A task's final figures and its tolerances live with the task; core.metrics names none."""
+    text = (metrics.__file__ and open(metrics.__file__).read())
+    assert not [t for t in tasks.available() if t in text]
+    for name in tasks.available():
+        cls = tasks.get_class(name)
+        for m in cls.final_figures:
+            assert isinstance(m, metrics.Metric) and m.source == metrics.TASK and m.recorded == metrics.END
+        for q, tol in cls.tolerances.items():
+            metrics.check_tolerance(quantities.get(q), tol, f"({name})")
+            assert quantities.get(q).tolerance is not None, (name, q)  # compared at all
+    assert quantities.tolerance("final_elbo", "binary_vae") == 1.0  # the declared default
+    assert quantities.tolerance("final_elbo", "toy_binary[dim=5]") == 0.01  # options keep the scale
+    assert quantities.get("test_iwae100").name == "test_iwae{K}"
 
 
 def test_the_tables_read_the_schema(every_task_run):

@@ -242,7 +242,7 @@ def _write_cell(run, task, est, seed, elbo, var, bias=0.1, step_time=0.002, stat
             rec(step, "elbo", elbo - 1.0 + step / steps)
             rec(step, "wall_time", step * step_time)
     if status == "ok":
-        if task == "sst":  # a task's own final figure
+        if task == "sst_rationales":  # a task's own final figure
             rec(steps, "dev_accuracy", 0.25 + 0.1 * seed)
         rec(steps, "final_elbo", elbo)
         rec(steps, "n_evals", 4)
@@ -342,8 +342,8 @@ def test_report_rationales_and_problem_cells(tmp_path):
                    "label": 4, "prediction": 3, "q": [0.1, 0.9, 0.3, 0.6]}]
 
     def extra(run):
-        _write_cell(run, "sst", "e1", 0, -5.0, 1.0, artifacts={"rationales": rationales})
-        _write_cell(run, "sst", "e2", 0, -6.0, 2.0, artifacts={"rationales": rationales})
+        _write_cell(run, "sst_rationales", "e1", 0, -5.0, 1.0, artifacts={"rationales": rationales})
+        _write_cell(run, "sst_rationales", "e2", 0, -6.0, 2.0, artifacts={"rationales": rationales})
         _write_cell(run, "toy", "bad", 0, 0, 0, status="failed", error="RuntimeError: boom")
         _write_cell(run, "toy", "e3", 0, 0, 0, status="diverged", error="non-finite at step 3")
 
@@ -357,7 +357,7 @@ def test_report_rationales_and_problem_cells(tmp_path):
     assert "label 4, prediction 3, 2/4 tokens selected" in md
     # the task's own final figures get their own table (only for the task that records them)
     assert "| estimator | dev_accuracy |" in md and "| `e1` | 0.2500 |" in md
-    assert (run / "report" / "tables" / "sst_figures.csv").is_file()
+    assert (run / "report" / "tables" / "sst_rationales_figures.csv").is_file()
     assert not (run / "report" / "tables" / "toy_figures.csv").exists()
     # the per-token probabilities are summarised: an all-below-1/2 q would otherwise show nothing
     assert "q from 0.10 to 0.90, highest: '\\*great\\*' 0.90, '\\<b>' 0.60, 'film' 0.30" in md

@@ -69,6 +69,7 @@ from estbench.core import metrics
 from estbench.engine import store
 from estbench.analysis import table
 from estbench.core.budget import Budget
+from estbench.analysis import quantities
 from estbench.core.records import SETTING_KEYS
 
 ALPHA = 0.05
@@ -482,7 +483,7 @@ def _compare(run_a, run_b, tolerances, alpha, atol) -> Comparison:
                          "note": f"A: {_verdict_text(va_)}; B: {_verdict_text(vb_)}"})
         for metric, (col, higher, log) in METRICS.items():
             q = metrics.get(metric)
-            tol = tolerances.get(metric, q.tolerance_for(base["task"]))
+            tol = tolerances.get(metric, quantities.tolerance(metric, base["task"]))
             if tol != applied[metric]["default"]:
                 applied[metric]["tasks"][base["task"]] = tol
             va = da[col].astype(float).dropna().to_numpy() if col in da else np.array([])

@@ -1,21 +1,23 @@
-"""Every metric a cell records, declared once: what it is and how it is read.
+"""Every metric the harness records and every per-cell figure, declared once: what it is and how it
+is read.
 
-A *metric* is a value of the records' ``metric`` column (``store.RECORD_COLUMNS``): recorded along
-training at the measurement checkpoints, or once at the end of the cell; by the harness for every
-cell, or by one task (``Task.final_metrics``).  A *figure* is a per-cell column derived from
-metrics (``report.tables.per_cell``: the log10 of a variance, a step time in ms, an error times a
-cost), which tables, rankings and comparisons read beside the per-cell metrics themselves.
+A *metric* is a value of the records' ``metric`` column (``core.records.RECORD_COLUMNS``): recorded
+along training at the measurement checkpoints, or once at the end of the cell; by the harness for
+every cell (declared here), or by one task (``Task.final_metrics``, declared by the task itself in
+``Task.final_figures`` with the same ``Metric`` class, so this module names no task).  A *figure*
+is a per-cell column derived from metrics by its declaration (``Figure.derive``; computed by
+``analysis.figures.per_cell``), which tables, rankings and comparisons read beside the per-cell
+metrics themselves.
 
 Each declaration says how the values are read -- which way is better, on which scale differences
-mean something, the label and unit a table shows, for what ``estbench compare`` judges the
-tolerance of a regression in the quantity's own units -- and the views below say which of them each
-table shows, in its order.  The summary table (``table.SUMMARY_METRICS``), the report's per-task
-tables (``report.tables.COLUMNS``), the harness/task split of the report
-(``report.tables.HARNESS_METRICS``) and ``compare.METRICS`` are all derived from here, so a metric
-is added in this file alone.
+mean something, the label and unit a table shows, the tolerance ``estbench compare`` judges a
+regression by, in the quantity's own units (a task may declare its own, ``Task.tolerances``) -- and
+the views below say which of them each table shows, in its order.  The summary table, the report's
+per-task tables and ``estbench compare`` read those lists; so adding a metric is its computation and
+its declaration here (with the views that show it), nothing else.
 
 This module is a description, not part of the computation: no cell's records depend on it, and
-``store.code_version`` leaves it out of every cell's cache key (a relabelled metric must not
+``engine.cell.code_version`` leaves it out of every cell's cache key (a relabelled metric must not
 recompute a sweep).
 """
 from __future__ import annotations
@@ -46,6 +48,16 @@ TASK = "task"        # a task's own final figures (``Task.final_metrics``)
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
+def check_tolerance(quantity: "Quantity", tol, where: str = "") -> float:
+    """``tol`` if it is a valid regression tolerance of ``quantity`` (a finite number >= 0 for a
+    DIFFERENCE, >= 1 for a FACTOR), else ValueError naming the quantity (and ``where``)."""
+    low = 1.0 if quantity.tolerance_kind == FACTOR else 0.0
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not low <= tol < math.inf:
+        raise ValueError(f"{quantity.name}: a {quantity.tolerance_kind} tolerance must be a finite "
+                         f"number >= {low:g}, got {tol!r}" + (f" {where}" if where else ""))
+    return tol
+
+
 @dataclass(frozen=True, kw_only=True)
 class Quantity:
     """What metrics and figures share: how their values are read."""
@@ -66,9 +78,6 @@ class Quantity:
     #: worse, 0.097 in log10).  None: not compared.
     tolerance: Optional[float] = None
     tolerance_kind: str = DIFFERENCE
-    #: per-task tolerances where a task's unit or scale is not the default's, ((task, value), ...)
-    #: (a toy's E[f] spans a few hundredths between estimators, a model's ELBO tens of nats)
-    task_tolerances: tuple = ()
 
     def __post_init__(self):
         for what, value, allowed in (("direction", self.direction, (HIGHER, LOWER, NONE)),
@@ -76,15 +85,8 @@ class Quantity:
                                      ("tolerance_kind", self.tolerance_kind, (DIFFERENCE, FACTOR))):
             if value not in allowed:
                 raise ValueError(f"{self.name}: {what} must be one of {allowed}, got {value!r}")
-        for task, tol in (("", self.tolerance), *self.task_tolerances):
-            if tol is None and not task:
-                continue
-            low = 1.0 if self.tolerance_kind == FACTOR else 0.0
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not low <= tol < math.inf:
-                raise ValueError(f"{self.name}: a {self.tolerance_kind} tolerance must be a finite "
-                                 f"number >= {low:g}, got {tol!r}" + (f" for {task}" if task else ""))
-        if self.task_tolerances and self.tolerance is None:
-            raise ValueError(f"{self.name}: per-task tolerances need a default tolerance")
+        if self.tolerance is not None:
+            check_tolerance(self, self.tolerance)
 
     @property
     def higher(self) -> Optional[bool]:
@@ -96,10 +98,6 @@ class Quantity:
         """The label with its unit, as a table header shows it: ``step time (ms)``."""
         return f"{self.label} ({self.unit})" if self.unit else self.label
 
-    def tolerance_for(self, task: str = "") -> Optional[float]:
-        """The regression tolerance on ``task`` (a result label, options and all: ``toy_binary[
-        dim=5]`` reads ``toy_binary``'s): its own from ``task_tolerances``, else the default."""
-        return dict(self.task_tolerances).get(str(task).split("[", 1)[0], self.tolerance)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,9 +105,9 @@ class Metric(Quantity):
     """A recorded metric."""
 
     recorded: str            # CHECKPOINT or END
-    source: str = HARNESS    # HARNESS or TASK
-    #: the tasks (registry names) that record a task's own metric
-    tasks: tuple = ()
+    #: HARNESS (declared here) or TASK (a task's own final figure, declared by the task in its
+    #: ``final_figures``)
+    source: str = HARNESS
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,8 +115,6 @@ class Metric(Quantity):
             raise ValueError(f"{self.name}: recorded must be {CHECKPOINT!r} or {END!r}")
         if self.source not in (HARNESS, TASK):
             raise ValueError(f"{self.name}: source must be {HARNESS!r} or {TASK!r}")
-        if (self.source == TASK) != bool(self.tasks):
-            raise ValueError(f"{self.name}: a task's own metric names its tasks, and only it")
 
     @property
     def pattern(self) -> re.Pattern:
@@ -164,21 +160,14 @@ class Figure(Quantity):
 METRICS: tuple[Metric, ...] = (
     # ---- at the end of a cell -------------------------------------------------------------------
     Metric(name="final_elbo", recorded=END, direction=HIGHER, scale=LINEAR,
-           # compare's tolerance: 1 nat per data point for the models (binary_vae,
-           # categorical_vae, text_vae: their seeds' 95% intervals are 0.4-1.7 nats); the toys'
-           # and the rationale tasks' figures live on a scale of hundredths (a few times their
-           # seeds' intervals)
-           tolerance=1.0, task_tolerances=(
-               ("toy_binary", 0.01), ("liu_toy", 0.005), ("poly_toy", 0.005),
-               ("toy_categorical", 0.05), ("toy_gaussian", 0.05), ("sst_rationales", 0.02),
-               ("sst_rationales_categorical", 0.02), ("sst_rationales_structured", 0.05)),
+           # compare's tolerance, in the task's own unit: 1 nat per data point for a model; a task
+           # whose figure lives on another scale declares its own (Task.tolerances)
+           tolerance=1.0,
            label="final ELBO (test)",
            doc="the task's figure at the end of training, evaluate(final=True): the test ELBO for "
-               "the models (binary_vae, categorical_vae: the test images, the first 1000 under a "
-               "subset evaluation; text_vae: the test sentences, is_samples samples; sst_*: the "
-               "test sentences), the exact objective E_q[f] for the "
-               "closed-form toys (ClosedFormToy: no data, no split).  Another split than elbo's "
-               "curve, so the curve's last point differs from it on the models"),
+               "a model (its test split), the exact objective E_q[f] for a closed-form toy (no "
+               "data, no split).  Another split than elbo's curve, so the curve's last point "
+               "differs from it on the models"),
     # ---- at the checkpoints: the gradient measurement (measure.summarise) ------------------------
     Metric(name="bias", recorded=CHECKPOINT, direction=LOWER, scale=LOG10, label="bias",
            doc="||mean of M estimates - reference gradient||_2"),
@@ -213,10 +202,9 @@ METRICS: tuple[Metric, ...] = (
     Metric(name="elbo", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR,
            label="validation ELBO (during training)",
            doc="the task's figure at the evaluation points along training, evaluate(final=False): "
-               "the validation ELBO for the models (binary_vae, categorical_vae: the first val_size "
-               "validation images; text_vae: the validation sentences, one sample; sst_*: the first "
-               "val_size dev sentences), the exact objective E_q[f] for the "
-               "closed-form toys.  Never the test split: final_elbo is"),
+               "the validation ELBO for a model (the first val_size items of its validation split), "
+               "the exact objective E_q[f] for a closed-form toy.  Never the test split: "
+               "final_elbo is"),
     Metric(name="wall_time", recorded=CHECKPOINT, direction=NONE, scale=LINEAR, unit="s",
            label="training time", timing=True,
            doc="training time so far: the timed steps only, not measurements nor evaluations"),
@@ -234,34 +222,6 @@ METRICS: tuple[Metric, ...] = (
            label="training steps", doc="optimiser steps taken (a time budget's count)"),
     Metric(name="diverged", recorded=END, direction=LOWER, scale=LINEAR, label="diverged",
            doc="1 for a cell that diverged, else 0 (recorded for every cell, finished or not)"),
-    # ---- a task's own final figures (Task.final_metrics) -----------------------------------------
-    Metric(name="test_iwae{K}", recorded=END, direction=HIGHER, scale=LINEAR, source=TASK,
-           tasks=("binary_vae", "categorical_vae"), label="test IWAE bound", unit="nats per image",
-           doc="the K-sample importance-weighted bound (Burda et al. 2016) on the test images"),
-    *(Metric(name=name, recorded=END, direction=direction, scale=LINEAR, source=TASK,
-             tasks=("text_vae",), label=label, unit=unit, doc=doc)
-      for name, direction, label, unit, doc in (
-          ("test_kl", NONE, "test KL", "nats per sentence", "mean KL(q(z|x) || p(z))"),
-          ("test_nll", LOWER, "test NLL", "nats per sentence",
-           "reconstruction NLL, -E_q log p(x|z)"),
-          ("test_ppl_is", LOWER, "test perplexity", "",
-           "exp(-sum log p_IS(x) / #tokens), p(x) importance-sampled"),
-          ("test_ppl_elbo", LOWER, "test perplexity bound", "",
-           "the same with the ELBO: an upper bound on the perplexity"))),
-    *(Metric(name=name, recorded=END, direction=direction, scale=LINEAR, source=TASK,
-             tasks=("sst_rationales", "sst_rationales_categorical", "sst_rationales_structured"),
-             label=label, doc=doc)
-      for name, direction, label, doc in (
-          ("dev_accuracy", HIGHER, "dev accuracy", "argmax_y E_q[p(y|x,z)] on the dev set"),
-          ("test_accuracy", HIGHER, "test accuracy", "the same on the test set"),
-          ("dev_accuracy_map", HIGHER, "dev accuracy (MAP rationale)",
-           "the prediction from the most probable rationale, dev set"),
-          ("test_accuracy_map", HIGHER, "test accuracy (MAP rationale)",
-           "the prediction from the most probable rationale, test set"),
-          ("selection_rate", NONE, "selection rate",
-           "fraction of real dev tokens the most probable rationale selects"),
-          ("expected_selection_rate", NONE, "expected selection rate",
-           "fraction of real dev tokens a sample of q selects"))),
 )
 
 FIGURES: tuple[Figure, ...] = (
@@ -308,29 +268,30 @@ REPORT_TABLE = ("final_elbo", "elbo_at_time", "net_bias", "log10_grad_error", "l
 COMPARED = ("final_elbo", "variance", "grad_error", "net_bias", "step_ms")
 
 
-def get(name: str) -> Union[Metric, Figure]:
-    """The declaration of a recorded metric (``test_iwae100`` is ``test_iwae{K}``'s) or of a
-    per-cell figure; KeyError naming it if there is none."""
-    found = lookup(name)
+def get(name: str, extra: tuple = ()) -> Union[Metric, Figure]:
+    """The declaration of a recorded metric or a per-cell figure, among these and ``extra`` (tasks'
+    own, ``Task.final_figures``: ``test_iwae100`` is ``test_iwae{K}``'s); KeyError naming it if
+    there is none."""
+    found = lookup(name, extra)
     if found is None:
-        raise KeyError(f"metric {name!r} is not declared in estbench/core/metrics.py")
+        raise KeyError(f"metric {name!r} is not declared in estbench/core/metrics.py nor by a task")
     return found
 
 
-def lookup(name: str) -> Optional[Union[Metric, Figure]]:
+def lookup(name: str, extra: tuple = ()) -> Optional[Union[Metric, Figure]]:
     """``get``, or None for an undeclared name."""
     if name in _BY_NAME:
         return _BY_NAME[name]
-    for m in METRICS:
+    for m in (*METRICS, *extra):
         if m.pattern.fullmatch(name):
             return m
     return None
 
 
-def undeclared(recorded_names) -> list[str]:
+def undeclared(recorded_names, extra: tuple = ()) -> list[str]:
     """The names among ``recorded_names`` (a records frame's ``metric`` values) that no metric
-    declaration covers, sorted."""
-    return sorted({n for n in recorded_names if not isinstance(lookup(n), Metric)})
+    declaration covers (here or in ``extra``), sorted."""
+    return sorted({n for n in recorded_names if not isinstance(lookup(n, extra), Metric)})
 
 
 def names(source: Optional[str] = None, recorded: Optional[str] = None) -> list[str]:

@@ -16,15 +16,13 @@ from pathlib import Path
 import pandas as pd
 
 from estbench.engine import measure as ms
-from estbench.analysis import compare, figures
+from estbench.analysis import compare, figures, quantities
 from estbench.engine import store
 from estbench.analysis import leaderboard as lb
 from estbench.report import plots
 from estbench.analysis import tables as tb
 from estbench.core.records import CELL_KEYS
 
-MAX_RATIONALE_ESTIMATORS = 3
-MAX_RATIONALE_EXAMPLES = 3
 
 
 # ---- a tiny document model ----------------------------------------------------------------------
@@ -377,57 +375,36 @@ def _protocol_blocks(task_names, meta: dict) -> list:
     return blocks
 
 
-def _rationale_mask(tokens: list, selected: list) -> list[bool]:
-    """``selected`` as a per-token mask (bools / 0-1 / gate values > 1/2) or a list of indices."""
-    if len(selected) == len(tokens) and all(isinstance(s, (bool, int, float)) and 0 <= s <= 1
-                                            for s in selected):
-        return [bool(s > 0.5) if isinstance(s, float) else bool(s) for s in selected]
-    idx = {int(i) for i in selected}
-    return [i in idx for i in range(len(tokens))]
-
-
-def _q_summary(tokens: list, q) -> str:
-    """The spread of the per-token selection probabilities and the most likely tokens: without it
-    an empty most-probable rationale (every q < 1/2) would hide what the encoder prefers."""
-    try:
-        q = [float(v) for v in q]
-    except (TypeError, ValueError):
-        return ""
-    if len(q) != len(tokens) or not q:
-        return ""
-    top = sorted(range(len(q)), key=lambda i: -q[i])[:3]
-    return (f"; q from {min(q):.2f} to {max(q):.2f}, highest: "
-            + ", ".join(f"'{tokens[i]}' {q[i]:.2f}" for i in top))
-
-
-def _rationale_blocks(cells: pd.DataFrame, board: pd.DataFrame) -> list:
+def _task_blocks(cells: pd.DataFrame, board: pd.DataFrame) -> list:
+    """The tasks' own sections (``Task.report_section``), from their finished cells' artifacts:
+    each task's estimators best first by final ELBO, one cell each (its lowest seed)."""
     if cells is None or cells.empty or "artifacts" not in cells:
         return []
-    has = cells[[isinstance(a, dict) and bool(a.get("rationales")) for a in cells.artifacts]]
-    if has.empty:
-        return []
-    blocks = [H(2, "Example rationales"),
-              P(["Held-out sentences with the tokens of the most probable rationale highlighted "
-                 "(q, the encoder's per-token selection probability, summarised below each), "
-                 f"for the best {MAX_RATIONALE_ESTIMATORS} estimators by final ELBO (lowest seed); "
-                 "'label' is the gold class, 'prediction' the classifier's."])]
-    ranks = board[(board.criterion == "final_elbo")]
-    for task, df in has.groupby("task", sort=True):
+    cells = cells[[isinstance(a, dict) and bool(a) for a in cells.artifacts]]  # those that kept any
+    ranks = board[board.criterion == "final_elbo"] if not board.empty else board
+    sections: dict = {}  # title -> (introduction, [(task, blocks)])
+    for task, df in cells.groupby("task", sort=True):
+        cls = quantities.task_class(task)
+        if cls is None:
+            continue
         order = ranks[ranks.task == task].sort_values(["rank", "mean"], ascending=[True, False])
         ests = [e for e in order.estimator if e in set(df.estimator)]
         ests += sorted(set(df.estimator) - set(ests))
-        blocks.append(H(3, task))
-        for est in ests[:MAX_RATIONALE_ESTIMATORS]:
-            cell = df[df.estimator == est].sort_values("seed").iloc[0]
-            blocks.append(P([("code", est), f" (seed {int(cell.seed)})"]))
-            for ex in cell.artifacts["rationales"][:MAX_RATIONALE_EXAMPLES]:
-                tokens = [str(t) for t in ex.get("tokens", [])]
-                mask = _rationale_mask(tokens, list(ex.get("selected", [])))
-                n_sel = sum(mask)
-                cap = f"label {ex.get('label', '?')}, prediction {ex.get('prediction', '?')}, " \
-                      f"{n_sel}/{len(tokens)} tokens selected" + _q_summary(tokens, ex.get("q"))
-                blocks.append(Rationale(tokens, mask, cap))
-    return blocks
+        firsts = [df[df.estimator == e].sort_values("seed").iloc[0] for e in ests]
+        got = cls.report_section([(c.estimator, int(c.seed),
+                                   c.artifacts if isinstance(c.artifacts, dict) else {})
+                                  for c in firsts])
+        if got:
+            title, intro, blocks = got
+            sections.setdefault(title, (intro, []))[1].append((task, blocks))
+    out: list = []
+    for title, (intro, per_task) in sections.items():
+        out += [H(2, title), P([intro])]
+        for task, blocks in per_task:
+            out.append(H(3, task))
+            for kind, *rest in blocks:
+                out.append(P(list(rest[0])) if kind == "text" else Rationale(*rest))
+    return out
 
 
 def _problem_cells(cells: pd.DataFrame) -> Table | None:
@@ -942,7 +919,7 @@ def build_report(run_dir, out_dir=None) -> Path:
     if st:
         doc.add(H(2, "Time per step"), Img(st[0], "Training time per step (ms), 95% CI over seeds"))
 
-    doc.add(*_rationale_blocks(cells[cells.status == "ok"] if "status" in cells else cells, board))
+    doc.add(*_task_blocks(cells[cells.status == "ok"] if "status" in cells else cells, board))
 
     doc.add(H(2, "Failed, diverged and infeasible cells"))
     prob = _problem_cells(cells)
