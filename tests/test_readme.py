@@ -62,3 +62,15 @@ def test_readme_and_docs_relative_links_resolve():
                     _slug(h) for h in re.findall(r"^#+ (.*)$", target.read_text(), re.M)}:
                 broken.append(f"{page.name}: {link} (no such heading)")
     assert not broken, broken
+
+
+def test_the_docs_copy_of_what_each_ranking_measures_is_the_code_s():
+    """Each criterion's meaning is written once, in leaderboard.CRITERIA; docs/methodology.md keeps a
+    verbatim copy between markers, which must not drift from it."""
+    from estbench.analysis import leaderboard
+
+    text = (README.parent / "docs" / "methodology.md").read_text()
+    copy = text.split("tests/test_readme.py checks this copy -->\n", 1)[1].split("\n<!-- criteria: end -->", 1)[0]
+    assert copy == leaderboard.criteria_markdown(), (
+        "docs/methodology.md's list of criteria differs from leaderboard.CRITERIA: paste "
+        "python -c 'from estbench.analysis import leaderboard; print(leaderboard.criteria_markdown())'")

@@ -31,13 +31,8 @@ design in which even complete agreement of the tasks could not reach p < alpha i
 untestable.  Performance profiles (``performance_profile``, Dolan & Moré 2002) need no complete
 design: an estimator that did not run on a task fails it.
 
-Criteria: final (test) ELBO (higher is better); the validation ELBO at equal training time (higher;
-report.curves: each curve read at its task's common time); log10 gradient error
-E||g - grad||^2 (lower; every estimator); log10 gradient variance (lower; an exactly zero variance ranks first) among the
-estimators the bias test does not find biased on that task (tables.estimator_bias: more than
-half of its cells reject at tables.BIAS_TEST_ALPHA); the work-normalised error, gradient error x
-ms a step and x f-evaluations (Glynn & Whitt 1992: the error at equal compute, as averaging k
-estimates divides an unbiased estimator's error by k), among the same; step time (lower).
+Criteria: :data:`CRITERIA`, each with what it measures and when to trust it (its ``meaning``:
+the one text of it, which reports print and docs/methodology.md copies).
 """
 from __future__ import annotations
 
@@ -114,6 +109,12 @@ CRITERIA = [
               meaning=('Training seconds a step on the recorded machine (CUDA-synchronised), comparable '
                        'only between cells timed alike.')),
 ]
+
+def criteria_markdown() -> str:
+    """What each ranking measures and when to trust it, as a markdown list: the one text of it,
+    printed by every report and kept verbatim in docs/methodology.md (a test checks the copy)."""
+    return "\n".join(f"- **By {c.title}** (`{c.name}`): {c.meaning}" for c in CRITERIA if c.meaning)
+
 
 #: an exactly zero variance is clipped to this log10 value so that paired tests stay finite
 _LOG10_FLOOR = -300.0

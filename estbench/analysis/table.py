@@ -17,6 +17,8 @@ from estbench.core.records import CELL_KEYS, SETTING_KEYS
 
 #: the per-cell columns of the summary, declared in estbench.core.metrics (``metrics.SUMMARY``)
 SUMMARY_METRICS = list(metrics.SUMMARY)
+#: what the summary averages over seeds: those, and whatever else the CLI table shows
+SUMMARY_COLUMNS = list(dict.fromkeys([*SUMMARY_METRICS, "net_bias", *(c[0] for c in metrics.CLI_TABLE)]))
 
 
 
@@ -55,9 +57,8 @@ def summary(records: pd.DataFrame) -> pd.DataFrame:
     final ELBO's 95% confidence half-width, the seeds, the diverged cells and ``biased``, the bias
     test's verdict over the setting's cells (``estimator_bias``; NaN without a test)."""
     if records.empty:
-        return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_METRICS, "net_bias",
-                                     "biased"])
-    pc = figures.per_cell(records).set_index(CELL_KEYS)[[*SUMMARY_METRICS, "net_bias", "bias_p"]]
+        return pd.DataFrame(columns=["task", "estimator", "seeds", *SUMMARY_COLUMNS, "biased"])
+    pc = figures.per_cell(records).set_index(CELL_KEYS)[[*SUMMARY_COLUMNS, "bias_p"]]
     grouped = pc.drop(columns="bias_p").groupby(SETTING_KEYS)
     out = grouped.mean()
     # one uncertainty convention everywhere (CLI table, report, leaderboard): the half-width of
@@ -85,10 +86,13 @@ def _fmt(v, spec):
     return format(v, spec)
 
 
-def _bias_text(r) -> str:
-    """The bias column: the bias beyond its noise floor, and the bias test's verdict."""
-    verdict = {True: " biased", False: " ok"}.get(r.biased if isinstance(r.biased, bool) else None, "")
-    return _fmt(r.net_bias, ".3g") + verdict
+def _column_text(r, name: str, spec: str) -> str:
+    """A CLI table cell: the mean over seeds; the bias (beyond its noise floor) with the bias
+    test's verdict beside it."""
+    text = _fmt(getattr(r, name), spec)
+    if name == "net_bias":
+        text += {True: " biased", False: " ok"}.get(r.biased if isinstance(r.biased, bool) else None, "")
+    return text
 
 
 #: the CLI table's legend, printed under it; ``{rank}`` names the rank column, which needs the
@@ -108,8 +112,9 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None,
     lines = []
     if summary_df.empty:
         lines.append("(no finished cell: nothing to tabulate)")
-    header = f"{'estimator':<32} {'rank':>6} {'final ELBO':>18} {'bias':>14} {'variance':>10} " \
-             f"{'grad err':>10} {'cosine':>7} {'step ms':>8} {'f-evals':>7} {'seeds':>5}"
+    header = f"{'estimator':<32} {'rank':>6} {'final ELBO':>18} " \
+             + "".join(f"{title:>{width}} " for _, title, width, _ in metrics.CLI_TABLE) \
+             + f"{'seeds':>5}"
     placed = {}
     if ranks is not None and not ranks.empty:
         shared = ranks.groupby(["task", "rank"])["estimator"].transform("size") > 1
@@ -127,13 +132,9 @@ def render(summary_df: pd.DataFrame, cells: pd.DataFrame | None = None,
                 elbo += f" ±{r.final_elbo_ci:.4f}"
             note = f"  ({int(r.diverged)} diverged)" if r.diverged else ""
             place = placed.get((task, r.estimator), "oracle" if _oracle(r.estimator) else "-")
-            step_ms = r.step_time * 1e3 if r.step_time == r.step_time else float("nan")
-            lines.append(
-                f"{r.estimator:<32} {place:>6} {elbo:>18} {_bias_text(r):>14} "
-                f"{_fmt(r.variance, '.3g'):>10} {_fmt(r.grad_error, '.3g'):>10} "
-                f"{_fmt(r.cosine, '.3f'):>7} {_fmt(step_ms, '.2f'):>8} "
-                f"{_fmt(r.n_evals, '.0f'):>7} {int(r.seeds):>5}{note}"
-            )
+            cols = "".join(f"{_column_text(r, name, spec):>{width}} "
+                           for name, _, width, spec in metrics.CLI_TABLE)
+            lines.append(f"{r.estimator:<32} {place:>6} {elbo:>18} {cols}{int(r.seeds):>5}{note}")
         lines.append("")
     if not summary_df.empty:
         lines.append(LEGEND.format(rank="rank" if placed else "rank (needs scipy)"))

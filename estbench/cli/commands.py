@@ -193,7 +193,9 @@ def _run_status(cells, out: Path, started: float) -> int:
     return 0 if failed.empty else 1
 
 
-def cmd_rank(args) -> int:
+def _rank_target(args):
+    """The estimator to rank, loaded and checked against the contract before any cell runs, and
+    the reference set; the seeds and budget default to the reference's."""
     from estbench.analysis import rank
 
     try:  # before any cell runs: ranking without the statistics would waste them
@@ -215,11 +217,14 @@ def cmd_rank(args) -> int:
     if args.budget is None:
         named = ("quick", "standard", protocols.PAPER)
         args.budget = previous.get("budget") if previous.get("budget") in named else "quick"
-    out = Path(args.out) if args.out else runs.default_out(f"rank-{cls.name}-")
-    same = reference is not None and out.resolve() == reference.resolve()
-    if same and not args.in_place:
-        raise UsageError(f"--out {out} is the reference set itself: pass --in-place to extend it "
-                         "there, or leave --out out to write a new run folder")
+    return cls, reference
+
+
+def _rank_field(args, cls):
+    """The tasks the estimator is ranked on (every task of a family it supports, with a published
+    protocol for the paper budget) and its rivals (every other estimator that fits them)."""
+    from estbench.analysis import rank
+
     try:
         if args.tasks is not None:
             task_specs = _selection(args.tasks, "--tasks")
@@ -243,6 +248,47 @@ def cmd_rank(args) -> int:
     elif any(r.name == cls.name for r in rivals):
         raise UsageError(f"--estimators names {cls.name!r}, the estimator being ranked: list its "
                          "rivals only")
+    return task_specs, rivals
+
+
+def _print_placement(args, cls, out: Path, planned_cells: list) -> int:
+    """Where the estimator ranks among its rivals, from the folder's records of the planned cells,
+    its own problem cells listed; the report unless --no-report."""
+    from estbench.analysis import figures, rank
+    from estbench.analysis import leaderboard as lb
+
+    records, cells = store.load(out)
+    keys = {c.key() for c in planned_cells}
+    cells = cells[cells.key.isin(keys)] if not cells.empty else cells
+    pc = figures.per_cell(store.finished(records, cells))
+    board = lb.leaderboard(pc)
+    biased = frozenset(t for t, e in table.biased_set(pc) if e == cls.name)
+    print(rank.render_placement(cls.name, board, rank.timing_difference(cells, cls.name), biased),
+          end="")
+    _print_problems(cells[cells.estimator == cls.name])
+    if not args.no_report:
+        print(f"report: {_rank_report(out)}")
+    return 0
+
+
+def _print_problems(cells) -> None:
+    bad = cells[cells.status != "ok"]
+    for _, r in bad.drop_duplicates(["task", "status", "error"]).iterrows():
+        print(f"  {r.task}: {'not run' if r.status == 'infeasible' else r.status}: {r.error}")
+
+
+def cmd_rank(args) -> int:
+    """``estbench rank``: the estimator's own cells first, then its rivals' (reused from the
+    reference set where their keys match), then its placement."""
+    from estbench.analysis import rank
+
+    cls, reference = _rank_target(args)
+    out = Path(args.out) if args.out else runs.default_out(f"rank-{cls.name}-")
+    same = reference is not None and out.resolve() == reference.resolve()
+    if same and not args.in_place:
+        raise UsageError(f"--out {out} is the reference set itself: pass --in-place to extend it "
+                         "there, or leave --out out to write a new run folder")
+    task_specs, rivals = _rank_field(args, cls)
     seeds, devices, executor, overrides = _common(args)
     from_file = ".py" in args.target.split(":")[0]
     if from_file and not getattr(executor, "serial", True):
@@ -273,33 +319,16 @@ def cmd_rank(args) -> int:
     status, _, mine_cells = _execute(args, mine_plan, out, executor, meta)
     if status is not None:
         return status
-    mine_ok = not mine_cells.empty and bool((mine_cells.status == "ok").any())
-    if not mine_ok:
+    if mine_cells.empty or not (mine_cells.status == "ok").any():
         print(f"{cls.name} finished no cell, so it has no rank and its rivals were not run:")
-        for _, r in mine_cells.drop_duplicates(["task", "status", "error"]).iterrows():
-            print(f"  {r.task}: {'not run' if r.status == 'infeasible' else r.status}: {r.error}")
+        _print_problems(mine_cells)
         if not args.no_report:  # the problem cells, with their reasons, in the run's report
             print(f"report: {_rank_report(out)}")
         return 1
     status, _, _ = _execute(args, plan, out, executor, meta)
     if status is not None:
         return status
-    from estbench.analysis import leaderboard as lb
-    from estbench.analysis import figures
-    records, cells = store.load(out)
-    keys = {c.key() for c in [*mine_plan.cells, *plan.cells]}
-    cells = cells[cells.key.isin(keys)] if not cells.empty else cells
-    pc = figures.per_cell(store.finished(records, cells))
-    board = lb.leaderboard(pc)
-    biased = frozenset(t for t, e in table.biased_set(pc) if e == cls.name)
-    print(rank.render_placement(cls.name, board, rank.timing_difference(cells, cls.name), biased),
-          end="")
-    mine = cells[(cells.estimator == cls.name) & (cells.status != "ok")]
-    for _, r in mine.drop_duplicates(["task", "status", "error"]).iterrows():
-        print(f"  {r.task}: {'not run' if r.status == 'infeasible' else r.status}: {r.error}")
-    if not args.no_report:
-        print(f"report: {_rank_report(out)}")
-    return 0
+    return _print_placement(args, cls, out, [*mine_plan.cells, *plan.cells])
 
 
 def _rank_report(out: Path) -> Path:

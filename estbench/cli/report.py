@@ -52,12 +52,11 @@ def cmd_report(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # NaN means of absent metrics
-            path = render.build_report(run_dir, out)
+            analysis = render.write_report(run_dir, out)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    import pandas as pd
-    board = pd.read_csv(path.parent / "leaderboard.csv")
-    print(lb.overall_text(board), end="")
+    path = analysis.out / "report.md"
+    print(lb.overall_text(analysis.board), end="")
     print(f"report: {path}")
     print(f"        {path.with_suffix('.html')} (self-contained)")
     return 0

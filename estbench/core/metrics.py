@@ -260,6 +260,12 @@ FIGURES: tuple[Figure, ...] = (
 #: over the checkpoints and an end metric's value
 SUMMARY = ("final_elbo", "bias", "variance", "grad_error", "cosine", "step_time", "n_evals",
            "diverged")
+#: the CLI table (``estbench run``) after its rank and final ELBO (mean ± CI) columns: per column
+#: the quantity (a metric of SUMMARY or a figure; its mean over seeds), its header, width and
+#: number format
+CLI_TABLE = (("net_bias", "bias", 14, ".3g"), ("variance", "variance", 10, ".3g"),
+             ("grad_error", "grad err", 10, ".3g"), ("cosine", "cosine", 7, ".3f"),
+             ("step_ms", "step ms", 8, ".2f"), ("n_evals", "f-evals", 7, ".0f"))
 #: the columns of the report's per-task tables
 REPORT_TABLE = ("final_elbo", "elbo_at_time", "net_bias", "log10_grad_error", "log10_variance", "step_ms", "n_evals")
 #: what ``estbench compare`` compares between two runs (a LOG10 one is tested on log10), each
@@ -312,7 +318,7 @@ def _index() -> dict:
         if not f.of or missing:
             raise ValueError(f"figure {f.name!r} is derived from undeclared metrics {missing}")
     for view, members in (("SUMMARY", SUMMARY), ("REPORT_TABLE", REPORT_TABLE),
-                          ("COMPARED", COMPARED)):
+                          ("COMPARED", COMPARED), ("CLI_TABLE", [c[0] for c in CLI_TABLE])):
         missing = [n for n in members if n not in by_name]
         if missing:
             raise ValueError(f"{view} names undeclared metrics {missing}")

@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
@@ -765,11 +766,36 @@ def _curve_note(records: pd.DataFrame, task: str) -> str:
             "ELBO differ by the split and the evaluation, not by training." + said)
 
 
-def build_report(run_dir, out_dir=None) -> Path:
-    """Write the report of a run folder; returns the path of ``report.md``.
+@dataclass
+class Analysis:
+    """Everything a report shows, computed once from a run folder's records (finished cells only:
+    a failed or diverged cell's partial checkpoint records are no measurement; it is listed with
+    the problem cells instead).  Every section reads it; none computes a figure of its own."""
 
-    Raises FileNotFoundError for a missing folder and ValueError for a folder without records.
-    """
+    run_dir: Path
+    out: Path
+    meta: dict
+    records: pd.DataFrame
+    cells: pd.DataFrame
+    pc: pd.DataFrame              # per-cell figures (analysis.figures.per_cell)
+    tables: dict                  # {task: per-task table} (analysis.tables.task_tables)
+    task_figures: dict            # {task: the task's own final figures}
+    board: pd.DataFrame           # the leaderboard (analysis.leaderboard.leaderboard)
+    stability: pd.DataFrame
+    friedman: tuple
+    profiles: pd.DataFrame
+    ranked: Optional[str]         # the estimator ``estbench rank`` ranks (meta.json "ranked")
+    style: "plots.Style"
+    estimators: set
+
+    @property
+    def fdir(self) -> Path:
+        return self.out / "figures"
+
+
+def analyse(run_dir, out_dir=None) -> Analysis:
+    """The analysis of a run folder for its report.  FileNotFoundError for a missing folder,
+    ValueError for a folder without records."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no results folder at {run_dir}")
@@ -781,150 +807,198 @@ def build_report(run_dir, out_dir=None) -> Path:
     if unreadable:  # one line on stderr, and the report says it where the provenance goes
         import warnings
 
-        warnings.warn(store.meta_warning(run_dir, unreadable), stacklevel=2)
+        warnings.warn(store.meta_warning(run_dir, unreadable), stacklevel=3)
         meta = {"unreadable": unreadable}
-    # finished cells only: a failed or diverged cell's partial checkpoint records are no
-    # measurement (it is listed with the problem cells instead)
     records = store.finished(records, cells)
     records, cells = tb.label_settings(records, cells)
     pc = figures.per_cell(records)
-    tables = tb.task_tables(pc)
-    task_figures = tb.task_figures(records)
-    board = lb.leaderboard(pc)
     all_est = set(records.estimator)
     if cells is not None and not cells.empty:
         all_est |= set(cells.estimator)
-    # the estimator ``estbench rank`` ranks (meta.json "ranked"): highlighted in every view
     ranked = meta.get("ranked") if isinstance(meta.get("ranked"), str) else None
-    style = plots.Style(all_est, ranked=ranked)
+    return Analysis(run_dir, out, meta, records, cells, pc, tb.task_tables(pc),
+                    tb.task_figures(records), lb.leaderboard(pc), lb.stability(pc),
+                    lb.friedman_tests(pc), lb.performance_profiles(pc), ranked,
+                    plots.Style(all_est, ranked=ranked), all_est)
 
+
+def write_files(a: Analysis) -> None:
+    """The report's tables as files: CSV and LaTeX per task, the leaderboard and its statistics,
+    leaderboard.md.  Files of a report written here before for tasks no longer in the run go."""
+    out = a.out
     out.mkdir(parents=True, exist_ok=True)
-    tdir, fdir = out / "tables", out / "figures"
+    tdir = out / "tables"
     tdir.mkdir(exist_ok=True)
     previous = out / "report.md"
     if previous.is_file() and previous.read_text(errors="replace").startswith("# estbench report"):
-        # a report written here before: drop its files of tasks no longer in the run
-        for old in [*tdir.glob("*.csv"), *tdir.glob("*.tex"), *fdir.glob("*.png"),
-                    *fdir.glob("*.svg")]:
+        for old in [*tdir.glob("*.csv"), *tdir.glob("*.tex"), *a.fdir.glob("*.png"),
+                    *a.fdir.glob("*.svg")]:
             old.unlink()
-    tb.to_csv_frame(tables).to_csv(tdir / "all_tasks.csv", index=False)
-    for task, t in task_figures.items():
+    tb.to_csv_frame(a.tables).to_csv(tdir / "all_tasks.csv", index=False)
+    for task, t in a.task_figures.items():
         t.to_csv(tdir / f"{tb.slug(task)}_figures.csv", index=False)
-    for task, t in tables.items():
+    for task, t in a.tables.items():
         t.to_csv(tdir / f"{tb.slug(task)}.csv", index=False)
-        (tdir / f"{tb.slug(task)}.tex").write_text(tb.to_latex(t, task, ranked))
-    board.to_csv(out / "leaderboard.csv", index=False)
-    st = lb.stability(pc)
-    st.to_csv(out / "stability.csv", index=False)
-    friedman = lb.friedman_tests(pc)
-    friedman[0].to_csv(out / "friedman.csv", index=False)
-    friedman[1].to_csv(out / "friedman_pairs.csv", index=False)
-    profiles = lb.performance_profiles(pc)
-    profiles.to_csv(out / "performance_profiles.csv", index=False)
+        (tdir / f"{tb.slug(task)}.tex").write_text(tb.to_latex(t, task, a.ranked))
+    a.board.to_csv(out / "leaderboard.csv", index=False)
+    a.stability.to_csv(out / "stability.csv", index=False)
+    a.friedman[0].to_csv(out / "friedman.csv", index=False)
+    a.friedman[1].to_csv(out / "friedman_pairs.csv", index=False)
+    a.profiles.to_csv(out / "performance_profiles.csv", index=False)
     (out / "leaderboard.md").write_text(
-        _leaderboard_doc(board, run_dir, st, friedman).markdown(out))
+        _leaderboard_doc(a.board, a.run_dir, a.stability, a.friedman).markdown(out))
 
-    doc = Document(f"estbench report: {run_dir.name}")
-    n_cells = len(cells) if cells is not None else 0
-    status = cells.status.value_counts().to_dict() if n_cells else {}
-    doc.add(UL(_meta_items(meta, run_dir)),
-            P([f"{n_cells} cells ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); "
-               f"{records.task.nunique()} tasks, {records.estimator.nunique()} estimators, "
-               f"{records.seed.nunique()} seeds. Everything below is derived from the tidy records "
-               "(", ("code", "cells/*.parquet"), "). Files: ",
-               ("link", "leaderboard.csv", "leaderboard.csv"), ", ",
-               ("link", "leaderboard.md", "leaderboard.md"), ", ",
-               ("link", "all tables (CSV)", "tables/all_tasks.csv"), "."]))
 
-    if ranked:
-        doc.add(P([("b", f"This run ranks {ranked}"), " (estbench rank): it is marked "
-                   f"{tb.RANKED_NOTE} in the per-task tables and drawn thicker, with a black "
-                   "edge, in every figure."]))
-    doc.add(P(["Contents:"]), TOC())
-    glance = _glance_table(board, st, pc)
-    if glance is not None:
-        doc.add(H(2, "At a glance"),
-                P(["Per task, the estimators ranked first (with their ties) by final ELBO and by "
-                   "gradient error E‖g − ∇‖², the figure (mean over seeds) and whether the "
-                   "ranking survives resampling the seeds; ms a step of the ELBO leaders. What "
-                   "each ranking measures and when to trust it: the section of that name below."]),
-                glance)
+# ---- the sections of report.md, in order: each a function of the analysis -> blocks ---------------
+def _overview(a: Analysis) -> list:
+    n_cells = len(a.cells) if a.cells is not None else 0
+    status = a.cells.status.value_counts().to_dict() if n_cells else {}
+    records = a.records
+    blocks = [UL(_meta_items(a.meta, a.run_dir)),
+              P([f"{n_cells} cells ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); "
+                 f"{records.task.nunique()} tasks, {records.estimator.nunique()} estimators, "
+                 f"{records.seed.nunique()} seeds. Everything below is derived from the tidy records "
+                 "(", ("code", "cells/*.parquet"), "). Files: ",
+                 ("link", "leaderboard.csv", "leaderboard.csv"), ", ",
+                 ("link", "leaderboard.md", "leaderboard.md"), ", ",
+                 ("link", "all tables (CSV)", "tables/all_tasks.csv"), "."])]
+    if a.ranked:
+        blocks.append(P([("b", f"This run ranks {a.ranked}"), " (estbench rank): it is marked "
+                         f"{tb.RANKED_NOTE} in the per-task tables and drawn thicker, with a black "
+                         "edge, in every figure."]))
+    return blocks + [P(["Contents:"]), TOC()]
 
-    doc.add(H(2, "Leaderboard"),
-            P([_RANK_RULE + " Only finished cells are ranked and tabulated: cells that "
-               "diverged, failed or were infeasible are left out and listed at the end."]))
-    mixed = _mixed_timing(cells)
+
+def _at_a_glance(a: Analysis) -> list:
+    glance = _glance_table(a.board, a.stability, a.pc)
+    if glance is None:
+        return []
+    return [H(2, "At a glance"),
+            P(["Per task, the estimators ranked first (with their ties) by final ELBO and by "
+               "gradient error E‖g − ∇‖², the figure (mean over seeds) and whether the "
+               "ranking survives resampling the seeds; ms a step of the ELBO leaders. What "
+               "each ranking measures and when to trust it: the section of that name below."]),
+            glance]
+
+
+def _leaderboard(a: Analysis) -> list:
+    blocks = [H(2, "Leaderboard"),
+              P([_RANK_RULE + " Only finished cells are ranked and tabulated: cells that "
+                 "diverged, failed or were infeasible are left out and listed at the end."])]
+    mixed = _mixed_timing(a.cells)
     if mixed:
-        doc.add(P([("b", "Timed in different environments: "),
-                   "; ".join(f"{t} ({why})" for t, why in sorted(mixed.items())),
-                   ". On these tasks the rankings by step time, by error x time and by ELBO at "
-                   "equal time compare cells timed on different machines, threads or parallel "
-                   "jobs (a reference made elsewhere, reused by estbench rank, or cells added "
-                   "later): read them with care, or recompute the cells on one machine (--force)."]))
-    oracles = sorted(e for e in all_est if style.is_oracle(e))
+        blocks.append(P([("b", "Timed in different environments: "),
+                         "; ".join(f"{t} ({why})" for t, why in sorted(mixed.items())),
+                         ". On these tasks the rankings by step time, by error x time and by ELBO at "
+                         "equal time compare cells timed on different machines, threads or parallel "
+                         "jobs (a reference made elsewhere, reused by estbench rank, or cells added "
+                         "later): read them with care, or recompute the cells on one machine (--force)."]))
+    oracles = sorted(e for e in a.estimators if a.style.is_oracle(e))
     if oracles:
-        doc.add(P([ORACLE_TEXT + " Here: " + ", ".join(oracles) + "."]))
-    heat = plots.rank_heatmap(lb.rank_matrix(board, "final_elbo"),
-                              lb.rank_matrix(board, "final_elbo", values="relative"), fdir,
+        blocks.append(P([ORACLE_TEXT + " Here: " + ", ".join(oracles) + "."]))
+    heat = plots.rank_heatmap(lb.rank_matrix(a.board, "final_elbo"),
+                              lb.rank_matrix(a.board, "final_elbo", values="relative"), a.fdir,
                               "rank by final ELBO (number: rank, 1 = best; colour: relative rank; "
-                              "blank = not run)", ranked=ranked)
+                              "blank = not run)", ranked=a.ranked)
     for crit in lb.CRITERIA:
-        t = _rank_table(board, crit.name)
+        t = _rank_table(a.board, crit.name)
         if t is not None:
-            doc.add(H(3, f"By {crit.title}"), t)
-            s = _stability_table(st, crit.name)
+            blocks += [H(3, f"By {crit.title}"), t]
+            s = _stability_table(a.stability, crit.name)
             if s is not None:
-                doc.add(P([f"Rank stability by {crit.name.replace('_', ' ')}: "
-                           "stable, unstable, or too few seeds to say, per task (see below)."]), s)
+                blocks += [P([f"Rank stability by {crit.name.replace('_', ' ')}: "
+                              "stable, unstable, or too few seeds to say, per task (see below)."]), s]
         if crit.name == "final_elbo" and heat:
-            doc.add(Img(heat[0], "Rank by final ELBO, estimators x tasks"))
-    doc.add(P(["Rank stability: " + STABILITY_TEXT]))
-    doc.add(*_meanings_blocks())
-    doc.add(*_across_tasks_blocks(friedman, profiles, style, fdir))
+            blocks.append(Img(heat[0], "Rank by final ELBO, estimators x tasks"))
+    return blocks + [P(["Rank stability: " + STABILITY_TEXT]), *_meanings_blocks()]
 
-    doc.add(H(2, "Results per task"), P([RESULTS_TEXT]))
-    common = pc.groupby("task")["common_time"].first()
-    median_train = pc.groupby("task")["median_time"].first()
-    for task, t in tables.items():
+
+def _across_tasks(a: Analysis) -> list:
+    return _across_tasks_blocks(a.friedman, a.profiles, a.style, a.fdir)
+
+
+def _results_per_task(a: Analysis) -> list:
+    blocks = [H(2, "Results per task"), P([RESULTS_TEXT])]
+    common = a.pc.groupby("task")["common_time"].first()
+    median_train = a.pc.groupby("task")["median_time"].first()
+    for task, t in a.tables.items():
         header, rows = tb.display_rows(t, task)
         s = tb.slug(task)
-        doc.add(H(3, task), Table(header, rows, notes=tb.row_notes(t, ranked)),
-                P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]
-                  + _common_time_note(common.get(task), median_train.get(task))))
-        if task in task_figures:
-            fh, frows = tb.figure_rows(task_figures[task], list(t.estimator))
-            doc.add(P(["The task's own final figures, mean ± 95% CI over seeds (",
-                       ("link", "CSV", f"tables/{s}_figures.csv"), "):"]),
-                    Table(fh, frows))
-        curves = plots.training_curves(records, task, style, fdir)
+        blocks += [H(3, task), Table(header, rows, notes=tb.row_notes(t, a.ranked)),
+                   P([("link", "CSV", f"tables/{s}.csv"), " · ", ("link", "LaTeX", f"tables/{s}.tex")]
+                     + _common_time_note(common.get(task), median_train.get(task)))]
+        if task in a.task_figures:
+            fh, frows = tb.figure_rows(a.task_figures[task], list(t.estimator))
+            blocks += [P(["The task's own final figures, mean ± 95% CI over seeds (",
+                          ("link", "CSV", f"tables/{s}_figures.csv"), "):"]),
+                       Table(fh, frows)]
+        curves = plots.training_curves(a.records, task, a.style, a.fdir)
         if curves:
-            doc.add(P([_curve_note(records, task)]),
-                    Img(curves[0], f"{task}: "  # (no brackets: E_q[f] would end the alt text)
-                                   + tb.elbo_labels(task)[0].split(" (")[0].split(" E_q")[0]
-                                   + " vs steps and wall-clock; "
-                                   "gradient variance along training"
-                                   + ("; oracle: dashed black reference line" if
-                                      set(style.oracles) & set(t.estimator) else "")))
+            blocks += [P([_curve_note(a.records, task)]),
+                       Img(curves[0], f"{task}: "  # (no brackets: E_q[f] would end the alt text)
+                                      + tb.elbo_labels(task)[0].split(" (")[0].split(" E_q")[0]
+                                      + " vs steps and wall-clock; "
+                                      "gradient variance along training"
+                                      + ("; oracle: dashed black reference line" if
+                                         set(a.style.oracles) & set(t.estimator) else ""))]
+    return blocks
 
-    doc.add(*_protocol_blocks(list(tables), meta))
-    doc.add(*_bias_test_blocks(pc))
 
-    bv = plots.bias_variance(pc, style, fdir)
-    if bv:
-        doc.add(H(2, "Bias vs variance"),
-                P([BIAS_VARIANCE_TEXT]),
-                Img(bv[0], "Measured bias vs variance per task (log axes); black bars: each "
-                           "estimator's noise floor"))
-    st = plots.step_time_bars(pc, style, fdir)
-    if st:
-        doc.add(H(2, "Time per step"), Img(st[0], "Training time per step (ms), 95% CI over seeds"))
+def _protocols(a: Analysis) -> list:
+    return _protocol_blocks(list(a.tables), a.meta)
 
-    doc.add(*_task_blocks(cells[cells.status == "ok"] if "status" in cells else cells, board))
 
-    doc.add(H(2, "Failed, diverged and infeasible cells"))
-    prob = _problem_cells(cells)
-    doc.add(prob if prob is not None else P(["None: every cell finished."]))
+def _bias_test(a: Analysis) -> list:
+    return _bias_test_blocks(a.pc)
 
-    (out / "report.md").write_text(doc.markdown(out))
-    (out / "report.html").write_text(doc.html(out))
-    return out / "report.md"
+
+def _bias_variance(a: Analysis) -> list:
+    bv = plots.bias_variance(a.pc, a.style, a.fdir)
+    if not bv:
+        return []
+    return [H(2, "Bias vs variance"), P([BIAS_VARIANCE_TEXT]),
+            Img(bv[0], "Measured bias vs variance per task (log axes); black bars: each "
+                       "estimator's noise floor")]
+
+
+def _time_per_step(a: Analysis) -> list:
+    bars = plots.step_time_bars(a.pc, a.style, a.fdir)
+    if not bars:
+        return []
+    return [H(2, "Time per step"), Img(bars[0], "Training time per step (ms), 95% CI over seeds")]
+
+
+def _tasks_own(a: Analysis) -> list:
+    cells = a.cells
+    return _task_blocks(cells[cells.status == "ok"] if "status" in cells else cells, a.board)
+
+
+def _problems(a: Analysis) -> list:
+    prob = _problem_cells(a.cells)
+    return [H(2, "Failed, diverged and infeasible cells"),
+            prob if prob is not None else P(["None: every cell finished."])]
+
+
+#: report.md's sections, in order: adding a section is one function of the analysis and one entry
+SECTIONS = [_overview, _at_a_glance, _leaderboard, _across_tasks, _results_per_task, _protocols,
+            _bias_test, _bias_variance, _time_per_step, _tasks_own, _problems]
+
+
+def write_report(run_dir, out_dir=None) -> Analysis:
+    """Write the report of a run folder and return its analysis: the analysis (:func:`analyse`),
+    its files (:func:`write_files`), then report.md and report.html from :data:`SECTIONS` in
+    order.  Raises FileNotFoundError for a missing folder and ValueError for a folder without
+    records."""
+    a = analyse(run_dir, out_dir)
+    write_files(a)
+    doc = Document(f"estbench report: {a.run_dir.name}")
+    for section in SECTIONS:
+        doc.add(*section(a))
+    (a.out / "report.md").write_text(doc.markdown(a.out))
+    (a.out / "report.html").write_text(doc.html(a.out))
+    return a
+
+
+def build_report(run_dir, out_dir=None) -> Path:
+    """Write the report of a run folder (:func:`write_report`); the path of its ``report.md``."""
+    return write_report(run_dir, out_dir).out / "report.md"
