@@ -3,7 +3,7 @@
     python benchmarks/adam_fused.py [--task sst_rationales] [--steps 100] [--rounds 3]
 
 Why ``Task.make_optimizer`` takes the fused kernel: on the SST tasks the per-tensor update of the
-1M-entry embedding table was a third of a training step.  Each variant steps the same parameters
+1M-entry embedding table is a large share of a training step (this script measures how large).  Each variant steps the same parameters
 with the same random gradients, in alternating rounds in one process; the table gives the median
 milliseconds per ``optimizer.step()`` and the largest difference of the parameters from the
 per-tensor loop after the run (the three are the same arithmetic up to rounding).

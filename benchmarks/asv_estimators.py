@@ -10,7 +10,7 @@ means the code changed the estimator's statistics, not noise).  Pairs whose late
 estimator does not support, budgets it cannot spend, and CUDA on a machine without it are skipped
 (``setup`` raises NotImplementedError, which asv records as "n/a").
 
-The grid is small on purpose (a quick run takes a few minutes on 2 cores).  Widen it with
+The grid is small on purpose, so that a quick run stays short.  Widen it with
 environment variables: ESTBENCH_ASV_TASKS=toy_binary,binary_vae, ESTBENCH_ASV_ESTIMATORS=all,
 ESTBENCH_ASV_DEVICES=cpu,cuda.
 """

@@ -1,4 +1,4 @@
-"""The sparsemap implementation before session 3 (a Python loop over the chain in Viterbi, a full
+"""The sparsemap implementation before the vectorised solver (a Python loop over the chain in Viterbi, a full
 Gram matrix and KKT solve on every active-set iteration, max_iter + 1 fixed slots), kept verbatim as
 the reference that the fast solver in estimators/sparse.py must reproduce: used by
 tests/test_sparse.py (agreement) and benchmarks/sparsemap_speed.py (speed, side by side)."""

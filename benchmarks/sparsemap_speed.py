@@ -12,7 +12,7 @@ shared.  The runs alternate old/new in one process; medians and the ratio old/ne
 each row checks that both compute the same thing (value and gradient) when they run the same
 options.  Rows:
 
-* ``max_iter=50`` (the old default): 30 of the 50 chains run out of active-set slots (both
+* ``max_iter=50`` (the old default): many of the 50 chains run out of active-set slots (both
   implementations stop them at the same place and warn) -- same output, the pure speed-up;
 * ``max_iter=100``: every chain converges in both -- same output;
 * ``default``: the old default (max_iter=50, unconverged) against the new default (converged); the

@@ -14,9 +14,8 @@ stdout and stderr captured) or a Python API call, with the outcome a user should
 
 What it got is classified as ``traceback`` (an exception escaped), ``refused``, ``failed``, ``ok``,
 ``note``, or ``silent`` (exit 0 where the case expects a refusal, a failure or a note, without a
-word).  The counts at the end are the figures quoted in issue 19's closing note.  The fixtures (a
-small reference set, plug-in files, damaged runs) are made in a temporary folder first; the whole
-exercise takes a few minutes on 2 cores.
+word).  The fixtures (a small reference set, plug-in files, damaged runs) are made in a temporary
+folder first; the whole exercise runs every command in turn, so it takes minutes.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ class Exact(Estimator):
     paper = "exact enumeration, E_q[f] = sum_z q(z) f(z)"
     #: 2^11 by default: every configuration goes through f for every batch element at every step,
     #: and at 4096 (categorical_vae's 8x4: 100 images x 4096 configurations through an MLP decoder)
-    #: a step took 25 s on the development CPU, 83 minutes a quick cell; raise it on a GPU
+    #: a step pushes 409,600 rows through the decoder, far too slow for a CPU; raise it on a GPU
     options = {"max_configs": Option(2**11, "largest number of joint configurations to enumerate",
                                      constraint=constraints.positive_integer)}
     exceeds_budget = "the oracle: enumerates every configuration, whatever the budget"

@@ -282,8 +282,8 @@ def conditional_logistic(logits, hard, k):
     L | D is a logistic truncated to (-logits, inf) (D = 1) or (-inf, -logits) (D = 0), drawn by
     its inverse CDF, L = logit(v), v = sigmoid(-logits) + u (1 - sigmoid(-logits)) resp.
     v = u sigmoid(-logits), u ~ U(0, 1) -- written in log space, stable for any logits.  One
-    uniform per draw instead of two exponentials and a 2-wide softmax (a third of a binary_vae
-    step's time).  Returns L, shape (k, *hard.shape)."""
+    uniform per draw instead of two exponentials and a 2-wide softmax (a large share of a
+    binary_vae step's time).  Returns L, shape (k, *hard.shape)."""
     u = torch.rand((k, *hard.shape), dtype=logits.dtype, device=logits.device)
     log_u, log_1mu = u.log(), torch.log1p(-u)
     log_p0, log_p1 = F.logsigmoid(-logits), F.logsigmoid(logits)

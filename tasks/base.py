@@ -54,7 +54,7 @@ class Reference:
         """The Monte Carlo reference from R independent chunk estimates ``rows`` (R, P): their
         mean, with per-coordinate standard error std / sqrt(R) (ddof 1), accumulated in float64
         and returned in the rows' dtype.  Contiguous reductions only (a strided ``std(0)`` over a
-        (32, 157k) tensor took ~0.2 s per checkpoint)."""
+        wide (R, P) tensor is several times slower)."""
         rows = rows.detach()
         R = rows.shape[0]
         if R < 2:
@@ -161,9 +161,9 @@ class Task:
         """The task's optimiser over :meth:`parameters`, the same for every estimator.
 
         Adam runs its fused kernel (one pass over each parameter instead of a dozen elementwise
-        ops): on the SST tasks the unfused update of the embedding table was a third of the step
-        (1.5 of 4.1 ms measured, benchmarks/harness_step.py), the same arithmetic up to rounding
-        (max |difference| 2.4e-7 after 50 steps).  Parameters of other dtypes or devices fall back
+        ops): on the SST tasks the unfused update of the embedding table is a large share of the step
+        (benchmarks/adam_fused.py measures the variants side by side, and how far they drift apart),
+        the same arithmetic up to rounding.  Parameters of other dtypes or devices fall back
         to the per-tensor loop."""
         params = self.parameters()
         if self.optimizer == "adam":
@@ -191,8 +191,8 @@ class ClosedFormToy(Task):
     #: toys are what ``estbench run`` runs when no task is named
     in_default_run = True
     #: 12 f-evaluations per step: whole units for pairs (6), triples (4) and, at the toys' default
-    #: sizes, the per-dimension Rao-Blackwellisers (D*K <= 12).  A measurement costs 2-5 ms here
-    #: (exact reference), so the quick budget measures every 10 steps: curves, not two segments.
+    #: sizes, the per-dimension Rao-Blackwellisers (D*K <= 12).  A measurement is cheap (exact
+    #: reference), so the quick budget measures every 10 steps: curves, not two segments.
     budgets = {
         "quick": {"steps": 100, "n_samples": 12, "checkpoints": 11},
         "standard": {"steps": 2000, "n_samples": 12, "checkpoints": 11, "measure_samples": 1000},

@@ -129,19 +129,17 @@ class BinaryVAE(MNISTVAE):
     weighted bound (Burda et al. 2016) on the first ``iwae_images`` test images (default all 10k).
     The quick budget's *subset* evaluation computes both on the first ``SUBSET_TEST_IMAGES`` =
     1000 test images, the same for every estimator (paired across estimators, so differences
-    stay well resolved): the full bound was 21 of a quick cell's 24-32 s, the full test ELBO
-    another second of ~6.
+    stay well resolved): on the full test set the bound would take most of a quick cell's time.
     Evaluation samples come from a fixed generator, so they are common random numbers across
     checkpoints and estimators and never touch the training RNG.
 
     Optimiser: Adam at ``lr`` on all parameters; with ``prior_lr > 0`` Adam at ``lr`` on encoder and
     decoder and plain SGD at ``prior_lr`` on the prior logits, as the DisARM code runs it (Adam 1e-4,
     SGD 1e-2, batch 50, 1e6 steps: ``estbench run --budget paper``, tasks/protocols/binary_vae.yml).  Budgets: "quick" (200 steps, 6 evaluations per image,
-    3 checkpoints of 64 estimates; default model: linear, 200 latents, batch 50; the *subset*
-    evaluation above) 4-9 s per cell on the 2-core development CPU with one intra-op thread
-    (1 s of training, 3 measurements ~2 s, the final figures ~1.2 s; sparsemap ~60 s, its active
-    set evaluating f at ~50 structures); "standard" is the DisARM setting (1e6 steps; 6 evaluations per image, so that
-    pairs and REBAR triples both fit, where DisARM used one pair) -- meant for a GPU, not run here; use
+    5 checkpoints of 64 estimates; default model: linear, 200 latents, batch 50; the *subset*
+    evaluation above; sparsemap is the slowest, its active set evaluating f at many structures);
+    "standard" is the DisARM setting (1e6 steps; 6 evaluations per image, so that
+    pairs and REBAR triples both fit, where DisARM used one pair) -- meant for a GPU; use
     ``binary_vae[lr=0.0001]`` for the paper's learning rate.
     """
 
@@ -165,7 +163,7 @@ class BinaryVAE(MNISTVAE):
     lr = 1e-3
     budgets = {
         # 6 f-evaluations: whole units for every estimator (3 antithetic pairs, 2 REBAR/RELAX triples)
-        # a measurement costs ~0.6 s (64 estimates of 157k coordinates), an ELBO point 0.1 s
+        # a measurement (64 estimates of 157k coordinates) costs far more than an ELBO point
         "quick": {"steps": 200, "n_samples": 6, "checkpoints": 5, "measure_samples": 64,
                   "evaluation": "subset"},
         "standard": {"steps": 1_000_000, "n_samples": 6, "checkpoints": 21, "measure_samples": 256},

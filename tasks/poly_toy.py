@@ -28,8 +28,8 @@ class PolyToy(ClosedFormToy):
     name = "poly_toy"
     tolerances = {"final_elbo": 0.005}  # compare's: E[f] spans a few hundredths between estimators
     family = "categorical"
-    #: not in ``estbench run``'s default toys: with 128 latents gumbel_rao's cells take 2 minutes
-    #: each (its conditional draws per latent), which would triple the default run
+    #: not in ``estbench run``'s default toys: with 128 latents gumbel_rao's cells are slow (its
+    #: conditional draws per latent) and would dominate the default run
     in_default_run = False
     description = "ReinMax's polynomial programming: L two-class latents, f = -mean |z - t|^p"
     options = {

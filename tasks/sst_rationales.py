@@ -127,7 +127,7 @@ class _Split:
 @lru_cache(maxsize=4)
 def _vocab_and_train(data_dir: str, max_train: int, min_count: int):
     """The training vocabulary and the encoded training split, kept per process: building them
-    was ~0.3 s of a 2.5 s quick cell, the same for every cell of a sweep."""
+    is a noticeable share of a quick cell, and the same for every cell of a sweep."""
     train = sst.load_split("train", data_dir or None)
     if max_train > 0:
         train = train[:max_train]
@@ -237,15 +237,14 @@ class _SSTRationales(Task):
                      "2e-4)", constraint=constraints.positive),
     }
     budgets = {
-        # quick: 400 steps of 32 sentences (1.5 epochs), 2.5-3 s a cell (bow, one thread).  The
-        # dev ELBO has plateaued by then: in the 800-step reference of 2026-12 the dev ELBO moved
-        # < 0.05 nats between steps 400 and 800 for all but 3 estimators, and the estimators'
-        # order at 400 matched that at 800 (Spearman 0.75 / 0.79 / 0.98 on the three variants).
-        # 6 f-evaluations: whole antithetic pairs and REBAR/RELAX triples.  A measurement costs
-        # 30-140 ms (sparsemap): one every 50 steps adds 0.2-0.8 s to a cell.
+        # quick: 400 steps of 32 sentences (1.5 epochs).  The dev ELBO has plateaued by then: run
+        # on to 800 steps it moves little for almost every estimator, and the estimators' order
+        # stays much the same.
+        # 6 f-evaluations: whole antithetic pairs and REBAR/RELAX triples.  A measurement is
+        # cheap beside the training (sparsemap's the dearest): one every 50 steps.
         "quick": {"steps": 400, "n_samples": 6, "checkpoints": 9, "measure_samples": 64},
-        # standard: the notebook-like setting, 20 epochs of 267 batches of 32 sentences (not run here;
-        # the notebook used 300-d GloVe: options emb=300,hidden=200 come closer to it)
+        # standard: the notebook-like setting, 20 epochs of 267 batches of 32 sentences (the
+        # notebook used 300-d GloVe: options emb=300,hidden=200 come closer to it)
         "standard": {"steps": 5340, "n_samples": 6, "checkpoints": 11, "measure_samples": 256},
     }
 

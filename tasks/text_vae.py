@@ -79,8 +79,8 @@ class TextVAE(Task):
     sentences): an unbiased reparameterisation estimate of d/d(encoder) sum_b E_q[f], from
     ``ref_chunks`` = R independent chunks of ``ref_chunk_samples`` = S samples each; the mean of the
     chunk gradients with stderr std/sqrt(R), n_samples = R*S (exact=False).  Defaults R*S = 8*8:
-    the reparameterisation gradient's variance is so small (~1 at the quick budget against ~1e2
-    and more for the score-function estimators) that 64 samples leave the reference's noise
+    the reparameterisation gradient's variance is so small (orders of magnitude below the
+    score-function estimators' at the quick budget) that 64 samples leave the reference's noise
     (in ``bias_noise``) far below any estimator's, at a quarter of the cost of 16*16.
 
     **Evaluation.**  evaluate(final=False): ELBO per sentence (true KL, 1 sample of z from a fixed
@@ -102,15 +102,12 @@ class TextVAE(Task):
 
     **Budgets.**  quick (default options: emb 64, hidden 128, D = 32, batch 32, all sentence
     lengths; 20 steps, 4 samples, 3 checkpoints with M = 16 estimates on 4 sentences, reference
-    R*S = 8*8; final figures on 200 test sentences with 5 importance samples): ~21 s a cell
-    (0.6 s a training step, 12 s; measurements 5.5 s; muprop ~30 s) on the 2-core development CPU,
-    one thread.  It is a *gradient-quality* budget: the variance, cosine and SNR of the encoder
+    R*S = 8*8; final figures on 200 test sentences with 5 importance samples), cheap on a CPU.  It is a *gradient-quality* budget: the variance, cosine and SNR of the encoder
     gradient separate the estimators by orders of magnitude from the first checkpoint on, while
-    the ELBO and perplexity of a model this little trained do not (at the former 150 steps every
-    estimator's test ELBO was within 0.3 nats, inside the seed-to-seed spread); compare ELBOs at
-    the standard budget.  (An earlier run without free bits collapsed the KL -- test KL 0.02 --
-    which is why ``free_bits`` defaults to 5 nats as in the reference.)  standard (stated, not run
-    here; GPU):
+    the ELBO and perplexity of a model this little trained do not (even several times as many steps leave the
+    estimators' test ELBOs inside their seed-to-seed spread); compare ELBOs at
+    the standard budget.  (Without free bits the KL collapses to nearly zero, which is why
+    ``free_bits`` defaults to 5 nats as in the reference.)  standard (meant for a GPU):
     ``text_vae[emb=256,hidden=256,free_bits=5,word_dropout=0.5,dropout=0.4,val_size=200,
     test_sentences=0,is_samples=50,measure_size=8,ref_chunks=32,ref_chunk_samples=64]``
     for 26,280 steps (20 epochs of 1,314
@@ -156,9 +153,9 @@ class TextVAE(Task):
         "lr": Option(1e-3, "Adam learning rate (the same for every estimator)", constraint=constraints.positive),
         "data_dir": Option("", "folder with ptb.{train,valid,test}.txt[.gz] (default: shipped copy)"),
     }
-    #: quick: ~21 CPU-seconds per cell (see the class docstring)
+    #: quick: a gradient-quality budget, cheap on a CPU (see the class docstring)
     budgets = {
-        # a measurement costs ~4 s (750k coordinates, its reference) and a validation ELBO 0.3 s:
+        # a measurement (750k coordinates, its reference) costs far more than a validation ELBO:
         # three measurements and six points of the curve
         "quick": {"steps": 20, "n_samples": 4, "checkpoints": 3, "measure_samples": 16,
                   "eval_points": 6},

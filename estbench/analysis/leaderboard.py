@@ -12,8 +12,8 @@ alpha for whichever comparisons are read.  With fewer than two shared seeds the 
 back to the plain values (a tie only on exact equality; p 0 or 1 in the family).  Oracles
 (``Estimator.oracle``: ``exact``) are reference lines, never ranked (``_criterion_values``).
 
-Overall: tasks have fields of different sizes (21 estimators fit a Bernoulli task, 7 the Gaussian
-toy), so a raw rank 3 of 7 and a rank 3 of 21 mean different things, and an estimator that runs on
+Overall: tasks have fields of different sizes (far more estimators fit a Bernoulli task than the
+Gaussian toy), so a raw rank 3 of 7 and a rank 3 of 21 mean different things, and an estimator that runs on
 few tasks (``exact``) would top a plain mean rank.  Each per-task rank is therefore also expressed as
 a relative rank ``(rank - 1) / (field - 1)`` -- 0 for the best, 1 for the last -- and the overall
 order is by the mean relative rank over the tasks an estimator ran on; the mean raw rank and the

@@ -19,6 +19,7 @@ for every shared setting are one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -36,18 +37,21 @@ def _need_run_dir(path: str, what: str) -> Path:
     return p
 
 
-def _import_report_extra(module: str):
+@contextlib.contextmanager
+def _report_extra():
+    """Imports that need the report extra (scipy, matplotlib, ...): one line if it is missing."""
     try:
-        return __import__(module, fromlist=["_"])
+        yield
     except ImportError as e:
         raise UsageError(f"this command needs the report extra ({e.name} is missing): "
-                             "pip install 'estbench[report]'") from None
+                         "pip install 'estbench[report]'") from None
 
 
 def cmd_report(args) -> int:
     run_dir = _need_run_dir(args.run_dir, "report")
-    render = _import_report_extra("estbench.report.render")
-    lb = _import_report_extra("estbench.analysis.leaderboard")
+    with _report_extra():
+        from estbench.analysis import leaderboard as lb
+        from estbench.report import render
     out = Path(args.out) if args.out else None
     try:
         with warnings.catch_warnings():
@@ -78,7 +82,8 @@ def cmd_compare(args) -> int:
     _threshold(args.threshold)
     a = _need_run_dir(args.run_a, "compare")
     b = _need_run_dir(args.run_b, "compare")
-    comp = _import_report_extra("estbench.analysis.compare")
+    with _report_extra():
+        from estbench.analysis import compare as comp
     try:
         tolerances = comp.parse_tolerances(args.tolerance)
     except ValueError as e:

@@ -187,7 +187,7 @@ METRICS: tuple[Metric, ...] = (
            doc="the bias test's largest |t| over its directions"),
     Metric(name="bias_p", recorded=CHECKPOINT, direction=NONE, scale=LOG10, label="bias test p",
            doc="p-value of 'unbiased' at a checkpoint; per cell, Bonferroni's min(1, k min p) over "
-               "its k checkpoints (report.tables.per_cell)"),
+               "its k checkpoints (analysis.figures.per_cell)"),
     Metric(name="bias_test_samples", recorded=CHECKPOINT, direction=NONE, scale=LINEAR,
            label="bias test estimates",
            doc="estimates the bias test used: M, or 16 M where its second stage re-tested a "

@@ -10,8 +10,8 @@ local imports included -- each *normalised*: parsed, with its docstrings, bare s
 comments, formatting and function-signature annotations dropped.  So a refactoring that changes
 what computes a cell makes its key new, and one that only rewords, reformats or re-documents
 keeps every stored cell valid.  Moving code between modules does change the key: the hash does not
-follow functions, only the modules they live in.  Cost: parsing some 20 files once per (task,
-estimator) pair in a process (cached), a few milliseconds each.
+follow functions, only the modules they live in.  Cost: parsing those files once per (task,
+estimator) pair in a process (cached), small beside a cell.
 """
 from __future__ import annotations
 

@@ -202,9 +202,9 @@ def memory_limit(limit: int):
     limit, ``RLIMIT_DATA``,
     which covers every heap and anonymous mapping of the process): an allocation past it fails
     inside the cell, which is then recorded as failed with the allocator's message, instead of the
-    operating system killing the worker and the cells running beside it (a sparsemax cell on
-    categorical_vae asked for 14 GB at its first measurement, and the kernel's OOM killer took the
-    whole sweep down).  CUDA cells are not limited (the driver maps device memory into the address
+    operating system killing the worker and the cells running beside it (a cell whose measurement
+    asks for more memory than the machine has -- sparsemax on categorical_vae can -- would otherwise
+    have the kernel's OOM killer take the whole sweep down).  CUDA cells are not limited (the driver maps device memory into the address
     space).  The previous limit is restored afterwards."""
     try:
         import resource
@@ -322,7 +322,7 @@ def _ignore_interrupts() -> None:
 def _stop_pool(pool) -> None:
     """Stop a loky pool at once: drop the cells not started and kill the workers (the cells they
     were running are lost, not stored: a rerun computes them).  Without this, the interpreter's
-    exit waits for every submitted cell (39-57 s, and 6 of 8 cells computed, after a Ctrl-C).
+    exit waits, after a Ctrl-C, until every submitted cell has been computed.
     ``kill_workers=True`` fails the pending futures itself (cancelling them first would crash
     loky's manager thread, which then kills nothing).  The manager thread can still race the
     shutdown (a ``KeyError`` for a work item the shutdown has just dropped): its traceback says

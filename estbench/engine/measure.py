@@ -112,15 +112,16 @@ BIAS_TEST_FLOAT_TOL = 1e-5
 #: again on BIAS_RECHECK_FACTOR times as many estimates.  Why: where q is nearly deterministic
 #: (late in training) an unbiased estimator's distribution can put a little probability on large
 #: values; M estimates that miss them underestimate both the mean's error and the variance, and
-#: the test rejects at p ~ 1e-20 (IndeCateR and MuProp on toy_categorical at M = 256: bias 2x its
-#: noise floor; at 16 M = 4096 the same checkpoints give p = 1).  A bias many times its noise floor
-#: is not that (a relaxation's on the toys: 10-100x): it needs no second stage.
+#: the test can reject with a tiny p at a bias of a few times its noise floor (IndeCateR and MuProp
+#: on toy_categorical), where BIAS_RECHECK_FACTOR times as many estimates at the same checkpoints
+#: find no bias.  A bias many times its noise floor (a relaxation's on the toys) is not that: it
+#: needs no second stage.
 BIAS_RECHECK_ALPHA, BIAS_RECHECK_FACTOR, BIAS_RECHECK_NOISE_RATIO = 0.01, 16, 10.0
 
 
 @lru_cache(maxsize=2)
 def _directions(P: int, device: str, K: int = BIAS_TEST_DIRECTIONS) -> torch.Tensor:
-    """K fixed random unit vectors in R^P (float64, ~0.3 s to draw for text_vae's 750k
+    """K fixed random unit vectors in R^P (float64; slow to draw for text_vae's 750k
     coordinates, so kept per process for the next checkpoint)."""
     g = torch.Generator().manual_seed(BIAS_TEST_SEED + P)
     W = torch.randn(K, P, generator=g, dtype=torch.float64)
@@ -195,8 +196,8 @@ def summarise(G: torch.Tensor, ref: Reference) -> dict[str, float]:
     G = G.double()
     r = ref.grad.detach().double().to(G.device).reshape(-1)
     mean = G.mean(0)
-    # contiguous reductions only: a strided var(0) and cosine_similarity took 0.5-0.9 s a
-    # checkpoint on binary_vae's (64, 157k) G; these take ~0.1 s, the same figures to rounding
+    # contiguous reductions only: a strided var(0) and cosine_similarity are several times slower
+    # on a wide G (binary_vae's (64, 157k)); these give the same figures to rounding
     var = torch.linalg.vector_norm(G - mean) ** 2 / (M - 1)
     noise = var / M
     if ref.stderr is not None:

@@ -23,10 +23,11 @@ from torch import distributions as D
 #: than Z_TOL standard errors.  Why 4.5: a correct estimator fails one two-sided z-score with
 #: probability 2 * Phi(-4.5) ~ 6.8e-6 (normal approximation; M = 1000s of estimates per mean), and
 #: a check fails if *any* of its z-scores does, so the false-alarm rate is about (number of z-scores)
-#: x 6.8e-6.  The generic estimator suite alone tests 768 (32 unbiased estimator-family pairs x 2
-#: offsets x 12 coordinates), the whole test suite a few thousand: ~0.5% and a few % at most when
-#: the seeds or an estimator change (the seeds are fixed, so a passing check stays passing).  At 4.0
-#: (6.3e-5 each) that would be ~5% and ~20%; beyond 5 the checks would miss biases they catch now.
+#: x 6.8e-6.  The generic estimator suite alone tests several hundred (unbiased estimator-family pairs
+#: x 2 offsets x 12 coordinates), the whole test suite a few thousand: under 1% and a few % at most
+#: when the seeds or an estimator change (the seeds are fixed, so a passing check stays passing).
+#: At 4.0 (6.3e-5 each) both would be about nine times higher; beyond 5 the checks would miss
+#: biases they catch now.
 #: Define it here only; tests and contract.py import it.
 Z_TOL = 4.5
 

@@ -15,8 +15,8 @@ from estbench.engine import store
 class Eta:
     """Remaining time of a sweep from the cells computed so far.
 
-    Cells of different tasks differ in cost by orders of magnitude (a toy cell takes a second, a
-    text_vae cell minutes), and cached cells cost nothing, so "elapsed / done * left" misleads.
+    Cells of different tasks differ in cost by orders of magnitude (a toy cell against a
+    text_vae cell), and cached cells cost nothing, so "elapsed / done * left" misleads.
     Instead: the mean time of the computed cells of each task times that task's cells left
     (a task with none computed yet borrows the slowest task mean seen, an upper-ish guess),
     divided by the number of cells running at once.  None until one cell has been computed.

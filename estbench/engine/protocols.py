@@ -25,7 +25,7 @@ the registered estimators' options, so a typo is one clear line, never a silent 
                estimator named without options; with ``per_method`` the rest of the source's table
     per_method: {estimator: {setting: value}}  settings the suite does not apply (documented only)
     differences: [lines]                    where the suite departs from the source, and why
-    cost:      one line: what a paper-budget cell costs here and where that was measured
+    cost:      one line: what a paper-budget cell costs and on which machine that was measured
 """
 from __future__ import annotations
 

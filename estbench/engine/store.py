@@ -456,7 +456,7 @@ def finished(records: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
 
     A failed or diverged cell keeps the checkpoint records it made before it stopped; they are no
     measurement of the estimator, so rankings, tables, plots and comparisons must not see them.
-    Joined with the status rows of ``store.load`` on ``store.RECORD_IDENTITY``.  Without status
+    Joined with the status rows of ``store.load`` on ``core.records.RECORD_IDENTITY``.  Without status
     rows (``cells`` None) the records are returned as they are; with an empty frame, none.
     """
     if cells is None:

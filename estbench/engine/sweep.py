@@ -76,7 +76,7 @@ def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> 
 
 
 #: default time limit of one cell per named budget, in seconds (``--cell-timeout`` overrides it):
-#: the slowest quick cell takes about 12 minutes here, a standard one hours on a CPU
+#: well above what the slowest quick cell takes on a CPU; a standard one takes hours there
 DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0, protocols.PAPER: 0.0}
 
 

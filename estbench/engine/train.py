@@ -55,7 +55,8 @@ class DivergenceWatch:
     :class:`Diverged`.
 
     Gradients are not tested per step: a full pass over every gradient (SST's 1M-entry embedding
-    table) was 0.3 ms of a 4 ms step, 7% of the step time users compare.  A non-finite gradient
+    table) would be a visible share of a small step, in the step time users compare
+    (benchmarks/harness_step.py measures what the harness adds to a step).  A non-finite gradient
     is found at the next check all the same, because the optimiser's update makes its parameter
     non-finite (Adam's moments and SGD's step carry the inf or nan); the message then names the
     steps between which it happened.  One fused test per check: the sum of each parameter is
@@ -160,7 +161,7 @@ _BUDGET_IDENTITY = ("n_samples", "steps")
 
 
 def _identity(cell: Cell) -> dict:
-    """The identifying columns of every record of a cell, in store.RECORD_IDENTITY's order."""
+    """The identifying columns of every record of a cell, in core.records.RECORD_IDENTITY's order."""
     return {k: getattr(cell.budget if k in _BUDGET_IDENTITY else cell, k) for k in RECORD_IDENTITY}
 
 
@@ -338,8 +339,8 @@ def _set_up(cell: Cell, rec, report) -> _Training:
 
 def _check_feasible(run: _Training) -> None:
     """The estimator's feasibility rule (``skip``), before the step-0 measurement, whose reference
-    gradient is the costliest part of a measurement (a text_vae cell once spent 11 s only to find
-    the estimator cannot run); on the measurement batch, on its own RNG stream."""
+    gradient is the costliest part of a measurement (a text_vae cell would otherwise spend it only
+    to find the estimator cannot run); on the measurement batch, on its own RNG stream."""
     with isolated_rng(run.cell.seed, run.device):
         reason = run.est.skip(run.task.problem(run.task.measure_batch()).dist, run.cell.budget.n_samples)
     if reason:
