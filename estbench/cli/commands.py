@@ -125,10 +125,8 @@ def _execute(args, plan, out: Path, executor, meta: dict):
 def cmd_run(args) -> int:
     started = time.time()  # a stored cell that finished before this was reused, not computed now
     try:
-        for given, flag in ((args.tasks, "--tasks"), (args.estimators, "--estimators")):
-            if given is not None:
-                _selection(given, flag)  # an empty list names its flag
-        task_specs, est_specs = runs.select(args.tasks, args.estimators, args.budget)
+        task_specs, est_specs = runs.select(args.tasks, args.estimators, args.budget,
+                                            names=("--tasks", "--estimators"))
     except SpecError as e:  # ProtocolError too: a protocol file that does not load
         raise UsageError(str(e)) from None
     seeds, devices, executor, overrides = _common(args)

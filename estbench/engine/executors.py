@@ -297,8 +297,9 @@ class Executor:
 
     def run_cells(self, cells: list[Cell], run_dir: Path, force: bool = False
                   ) -> Iterator[tuple[Cell, Optional[CellResult]]]:
+        settings = self.settings
         for cell in cells:
-            yield run_and_store(cell, str(run_dir), force, self.settings)
+            yield run_and_store(cell, str(run_dir), force, settings)
 
 
 class SerialExecutor(Executor):
@@ -370,11 +371,12 @@ class LokyExecutor(Executor):
         todo = list(_interleave(cells))
         run_dir = Path(run_dir)
         restarts: dict = {}  # cell -> fresh pools it has been handed to after a break
+        settings = self.settings
         while todo:
             pool = get_reusable_executor(max_workers=self.n_jobs, reuse=False,
                                          initializer=_ignore_interrupts)
             try:
-                futures = {pool.submit(run_and_store, c, str(run_dir), force, self.settings): c
+                futures = {pool.submit(run_and_store, c, str(run_dir), force, settings): c
                            for c in todo}
                 todo, running = [], None  # running: the cells with a heartbeat when it broke
                 pending = set(futures)

@@ -32,21 +32,23 @@ _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 _WRITE_ERRORS = _READ_ONLY | {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
 
 
-def select(task_specs=None, estimator_specs=None, budget="quick") -> tuple[list[Spec], list[Spec]]:
+def select(task_specs=None, estimator_specs=None, budget="quick",
+           names: tuple[str, str] = ("tasks", "estimators")) -> tuple[list[Spec], list[Spec]]:
     """The tasks and estimators of a sweep as specs: comma-separated text or lists of names with
     options; None: the default tasks (every task with a published protocol for the ``paper``
-    budget) and every registered estimator.  An empty selection is an error, not 'everything'."""
+    budget) and every registered estimator.  An empty selection is an error, not 'everything',
+    naming the argument as the caller calls it (``names``: ``--tasks`` on the command line)."""
     def specs(value, default, what):
         if value is None:
             return parse_list(",".join(default()))
         text = value if isinstance(value, str) else ",".join(map(str, value))
         if not text.strip():
-            raise UsageError(f"{what} is empty: name at least one (leave it out for the default)")
+            raise UsageError(f"{what} is empty: name at least one (leave {what} out for the default)")
         return parse_list(text)
 
     default_tasks = protocols.available if budget == protocols.PAPER else sweep.default_tasks
-    return (specs(task_specs, default_tasks, "tasks"),
-            specs(estimator_specs, estimators.available, "estimators"))
+    return (specs(task_specs, default_tasks, names[0]),
+            specs(estimator_specs, estimators.available, names[1]))
 
 
 @dataclass
