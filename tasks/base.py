@@ -170,6 +170,8 @@ class Task:
             fused = all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                         and p.device.type in ("cpu", "cuda") for p in params)
             return torch.optim.Adam(params, lr=self.lr, fused=fused or None)
+        if self.optimizer == "radam":  # RAdam (Liu et al. 2020), what the ReinMax code runs at larger sizes
+            return torch.optim.RAdam(params, lr=self.lr)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr)
         raise ValueError(f"task {self.name!r}: unknown optimizer {self.optimizer!r}")

@@ -44,14 +44,15 @@ def _kl_bernoulli(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             + (1 - q) * (F.logsigmoid(-a) - F.logsigmoid(-c))).sum(-1)
 
 
-_MEAN_CACHE: dict[str, torch.Tensor] = {}
+_MEAN_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _train_mean(data_dir: str) -> torch.Tensor:
-    """Mean intensity (784,) in [0, 1] of the 50k training images, on the CPU; cached per folder."""
-    key = str(mnist.DEFAULT_DIR if not data_dir else data_dir)
+def _train_mean(data_dir: str, n_train: int) -> torch.Tensor:
+    """Mean intensity (784,) in [0, 1] of the first ``n_train`` training images (the ones that
+    train), on the CPU; cached per folder and count."""
+    key = (str(mnist.DEFAULT_DIR if not data_dir else data_dir), n_train)
     if key not in _MEAN_CACHE:
-        train = fixed_data(data_dir, "dynamic", EVAL_BINARISATION_SEED)[0]
+        train = fixed_data(data_dir, "dynamic", EVAL_BINARISATION_SEED)[0][:n_train]
         _MEAN_CACHE[key] = train.double().mean(0).div(255).float()
     return _MEAN_CACHE[key]
 
@@ -184,7 +185,7 @@ class BinaryVAE(MNISTVAE):
     # ---- setup ---------------------------------------------------------------------------------
     def build(self, generator):
         c = self.config
-        mean = _train_mean(c["data_dir"])
+        mean = _train_mean(c["data_dir"], c["training_images"])
         L, h = c["latents"], 200
         if c["arch"] == "linear":
             enc_sizes, dec_sizes = [PIXELS, L], [L, PIXELS]

@@ -26,6 +26,8 @@ from .data import mnist
 
 #: the first 50k MNIST training images train, the last 10k validate; 10k test images
 N_TRAIN, N_VAL, N_TEST, PIXELS = 50_000, 10_000, 10_000, 784
+#: every MNIST training image (``training_images``: the papers that train on all of them)
+N_ALL_TRAIN = N_TRAIN + N_VAL
 #: rows (samples x images, or configurations) pushed through the decoder at once in evaluation /
 #: reference code
 CHUNK_ROWS = 16_384
@@ -49,8 +51,9 @@ def prepare(images_u8: torch.Tensor, binarize: str, generator: torch.Generator) 
 
 
 def fixed_data(data_dir: str, binarize: str, seed: int):
-    """(train uint8 (50000, 784), validation and test images prepared once with a CPU generator
-    seeded with ``seed`` -- validation first, then test), all on the CPU; cached per data folder,
+    """(every training image uint8 (60000, 784): the first 50k train, the last 10k validate;
+    validation and test images prepared once with a CPU generator seeded with ``seed`` --
+    validation first, then test), all on the CPU; cached per data folder,
     binarisation and seed (deterministic)."""
     key = (str(data_dir or mnist.DEFAULT_DIR), binarize, seed)
     if key not in _DATA_CACHE:
@@ -60,7 +63,7 @@ def fixed_data(data_dir: str, binarize: str, seed: int):
         g = torch.Generator().manual_seed(seed)
         val = prepare(flat[N_TRAIN:], binarize, g)
         test = prepare(test_images, binarize, g)
-        _DATA_CACHE[key] = (flat[:N_TRAIN], val, test)
+        _DATA_CACHE[key] = (flat, val, test)
     return _DATA_CACHE[key]
 
 
@@ -74,6 +77,11 @@ def evaluation_options() -> dict[str, Option]:
                                constraint=constraints.positive_integer),
         "iwae_samples": Option(100, "importance samples of the final test IWAE bound",
                                constraint=constraints.positive_integer),
+        "training_images": Option(N_TRAIN, f"{N_TRAIN}: the first {N_TRAIN} train, the last "
+                                  f"{N_VAL} validate | {N_ALL_TRAIN}: all train, as the ReinMax "
+                                  "code (no validation split: the curve's ELBO and the measurement "
+                                  "batch use the test images, which that code evaluates every epoch)",
+                                  choices=(N_TRAIN, N_ALL_TRAIN)),
     }
 
 
@@ -208,9 +216,14 @@ class MNISTVAE(Task):
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, device, generator):
         self.device = torch.device(device)
-        self._train_u8, val, test = fixed_data(self.config["data_dir"], self.binarize(),
-                                               self.eval_binarisation_seed)
-        self._val, self._test = val.to(self.device), test.to(self.device)
+        train_u8, val, test = fixed_data(self.config["data_dir"], self.binarize(),
+                                         self.eval_binarisation_seed)
+        n_train = self.config.get("training_images", N_TRAIN)
+        self._train_u8 = train_u8[:n_train]
+        self._test = test.to(self.device)
+        # without a validation split (every training image trains) the held-out images are the
+        # test images, as in the code that trains on all of them
+        self._val = val.to(self.device) if n_train == N_TRAIN else self._test
         self.build(generator)
 
     def parameters(self):
@@ -221,13 +234,14 @@ class MNISTVAE(Task):
 
     # ---- data ----------------------------------------------------------------------------------
     def train_batches(self, generator) -> Iterator[torch.Tensor]:
-        """Epochs of a random permutation of the 50k training images (incomplete last batch
-        dropped), prepared as :meth:`binarize` says with a CPU generator seeded from ``generator``."""
-        B = self.config["batch_size"]
+        """Epochs of a random permutation of the training images (``training_images``; incomplete
+        last batch dropped), prepared as :meth:`binarize` says with a CPU generator seeded from
+        ``generator``."""
+        B, n = self.config["batch_size"], len(self._train_u8)
         bin_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         while True:
-            perm = torch.randperm(N_TRAIN, generator=generator)
-            for i in range(0, N_TRAIN - B + 1, B):
+            perm = torch.randperm(n, generator=generator)
+            for i in range(0, n - B + 1, B):
                 yield prepare(self._train_u8[perm[i:i + B]], self.binarize(), bin_gen).to(self.device)
 
     def measure_batch(self):

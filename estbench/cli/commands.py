@@ -383,7 +383,8 @@ def cmd_list(args) -> int:
         raise UsageError(str(e)) from None
     if published:
         out.append("")
-        out.append("published protocols (estbench run --tasks TASK --budget paper):")
+        out.append("published protocols (estbench run --tasks TASK --budget paper; "
+                   "--budget published where one has an as-published mode):")
         for p in published.values():
             out.extend(p.lines("  "))
     skipped = {**tasks.skipped(), **estimators.skipped()}
@@ -453,13 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a whole sweep in a YAML file: its keys are the long options of this "
                         "command (tasks, estimators, seeds, steps, out, ...; see examples/sweep.yml); "
                         "flags given on the command line override it")
-    r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks; with --budget paper every task with a published protocol)")
-    r.add_argument("--estimators", help="comma-separated estimators with options (default: all)")
+    r.add_argument("--tasks", help="comma-separated tasks with options (default: the toy tasks; with --budget paper every task with a published protocol; with --budget published every task whose protocol has an as-published mode)")
+    r.add_argument("--estimators", help="comma-separated estimators with options (default: all; with --budget published the methods the source ran)")
     r.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
-    r.add_argument("--budget", default="quick", choices=["quick", "standard", protocols.PAPER],
+    r.add_argument("--budget", default="quick",
+                   choices=["quick", "standard", protocols.PAPER, protocols.PUBLISHED],
                    help="each task's named budget (default quick); paper: the task's published "
-                        "protocol, its options and budget (estbench list shows them); the flags "
-                        "below override it")
+                        "protocol at equal settings, its options and budget (estbench list shows "
+                        "them); published: the protocol as its source ran it, each method at its "
+                        "own settings, to reproduce the published figures (not a fair "
+                        "comparison); the flags below override it")
     _budget_arguments(r)
     r.add_argument("--out", help="results folder (default results/runs/<timestamp>)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")

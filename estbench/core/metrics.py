@@ -210,7 +210,9 @@ METRICS: tuple[Metric, ...] = (
            doc="training time so far: the timed steps only, not measurements nor evaluations"),
     Metric(name="train_objective", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR,
            label="training objective",
-           doc="mean training objective over the steps since the previous point"),
+           doc="mean training objective per data point (an element of the batch) over the "
+               "steps since the previous point, recorded while training: the estimator's value "
+               "of E_q[f] plus the exact terms"),
     # ---- at the end of a cell (cost and status) --------------------------------------------------
     Metric(name="step_time", recorded=END, direction=LOWER, scale=LINEAR, unit="s",
            label="step time", timing=True,

@@ -36,7 +36,8 @@ def select(task_specs=None, estimator_specs=None, budget="quick",
            names: tuple[str, str] = ("tasks", "estimators")) -> tuple[list[Spec], list[Spec]]:
     """The tasks and estimators of a sweep as specs: comma-separated text or lists of names with
     options; None: the default tasks (every task with a published protocol for the ``paper``
-    budget) and every registered estimator.  An empty selection is an error, not 'everything',
+    budget, with an as-published mode for ``published``) and every registered estimator (for
+    ``published``, the methods the sources ran).  An empty selection is an error, not 'everything',
     naming the argument as the caller calls it (``names``: ``--tasks`` on the command line)."""
     def specs(value, default, what):
         if value is None:
@@ -46,9 +47,22 @@ def select(task_specs=None, estimator_specs=None, budget="quick",
             raise UsageError(f"{what} is empty: name at least one (leave {what} out for the default)")
         return parse_list(text)
 
-    default_tasks = protocols.available if budget == protocols.PAPER else sweep.default_tasks
-    return (specs(task_specs, default_tasks, names[0]),
-            specs(estimator_specs, estimators.available, names[1]))
+    default_tasks = {protocols.PAPER: protocols.available,
+                     protocols.PUBLISHED: _with_published_mode}.get(budget, sweep.default_tasks)
+    chosen_tasks = specs(task_specs, default_tasks, names[0])
+
+    def default_estimators():
+        if budget != protocols.PUBLISHED:  # as published: the methods the sources ran
+            return estimators.available()
+        return list(dict.fromkeys(e for t in chosen_tasks
+                                  for e in protocols.as_published(t.name).per_method))
+
+    return chosen_tasks, specs(estimator_specs, default_estimators, names[1])
+
+
+def _with_published_mode() -> list[str]:
+    """The tasks whose protocol has an as-published mode."""
+    return [n for n, p in protocols.available().items() if p.as_published is not None]
 
 
 @dataclass
@@ -125,6 +139,7 @@ def sweep_meta(p: sweep.Plan, budget, task_specs, est_specs, seeds, devices, com
     the selection and every task's budget."""
     return {**store.run_metadata(), "command": command,
             "budget": budget if isinstance(budget, str) else "custom",
+            "mode": protocols.mode(budget),
             "tasks": [str(t) for t in task_specs], "estimators": [str(e) for e in est_specs],
             "seeds": list(seeds), "devices": list(devices), **(extra or {}),
             "budgets": {c.task: c.budget.as_dict() for c in p.cells}}

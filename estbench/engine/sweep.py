@@ -70,6 +70,8 @@ def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> 
     protocol's) < explicit overrides."""
     if name == protocols.PAPER:
         return protocols.get(task.name).make_budget(overrides)
+    if name == protocols.PUBLISHED:
+        return protocols.as_published(task.name).make_budget(overrides)
     if name not in task.budgets:
         raise ValueError(f"task {task.name!r} has no budget {name!r}; it has {sorted(task.budgets)}")
     return Budget(**{**task.budgets[name], **(overrides or {})})
@@ -77,7 +79,8 @@ def task_budget(task, name: str = "quick", overrides: Optional[dict] = None) -> 
 
 #: default time limit of one cell per named budget, in seconds (``--cell-timeout`` overrides it):
 #: well above what the slowest quick cell takes on a CPU; a standard one takes hours there
-DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0, protocols.PAPER: 0.0}
+DEFAULT_CELL_TIMEOUT = {"quick": 3600.0, "standard": 48 * 3600.0, protocols.PAPER: 0.0,
+                        protocols.PUBLISHED: 0.0}
 
 
 def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterable[int],
@@ -90,6 +93,9 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
     budget (no limit for an explicit Budget)."""
     if timeout is None:
         timeout = 0.0 if isinstance(budget, Budget) else DEFAULT_CELL_TIMEOUT.get(budget, 0.0)
+    if budget == protocols.PUBLISHED:
+        return _expand_published(list(task_specs), list(est_specs), seeds, devices, overrides,
+                                 float(timeout))
     paper = budget == protocols.PAPER
     task_specs, est_specs = list(task_specs), list(est_specs)
     if paper:  # each task under its published protocol: its options first, the given ones win
@@ -98,12 +104,7 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
     task_objs = _canonical("task", task_specs)
     est_objs = _canonical("estimator", est_specs)
     plan = Plan([])
-    usable = []
-    for d in devices:
-        if d == "cuda" and not torch.cuda.is_available():
-            plan.missing_devices.append(d)
-        else:
-            usable.append(d)
+    usable = _usable(devices, plan)
     for t, task in task_objs.items():
         b = budget if isinstance(budget, Budget) else task_budget(task, budget, overrides)
         per_task = est_objs
@@ -118,6 +119,45 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
             for dev in usable:
                 for seed in seeds:
                     plan.cells.append(Cell(t, e, int(seed), dev, b, timeout=float(timeout)))
+    return plan
+
+
+def _usable(devices: Iterable[str], plan: Plan) -> list[str]:
+    usable = []
+    for d in devices:
+        if d == "cuda" and not torch.cuda.is_available():
+            plan.missing_devices.append(d)
+        else:
+            usable.append(d)
+    return usable
+
+
+def _expand_published(task_specs: list[Spec], est_specs: list[Spec], seeds, devices,
+                      overrides: Optional[dict], timeout: float) -> Plan:
+    """The cells of the as-published mode: each method at its source's own settings (its task
+    options -- learning rate, optimiser -- and its estimator options), so each method's cells
+    have a task configuration of their own.  An estimator the source did not run is skipped with
+    that reason; options given on the command line win over the source's."""
+    plan = Plan([])
+    usable = _usable(devices, plan)
+    seen: dict = {}
+    for ts in task_specs:
+        for es in est_specs:
+            opts = protocols.published_options(ts.name, es.name, ts.options, es.options)
+            if opts is None:
+                plan.skipped.append((ts.name, es.name, "the source did not run it (its "
+                                     "protocol's as_published.per_method has no settings for it)"))
+                continue
+            task = check_spec("task", Spec(ts.name, opts[0], ts.text))
+            est = check_spec("estimator", Spec(es.name, opts[1], es.text))
+            pair = (task.display_name, est.display_name)
+            if pair in seen:
+                raise SpecError(f"{ts} x {es} is the same configuration as {seen[pair]}; list it once")
+            seen[pair] = f"{ts} x {es}"
+            b = task_budget(task, protocols.PUBLISHED, overrides)
+            for dev in usable:
+                for seed in seeds:
+                    plan.cells.append(Cell(pair[0], pair[1], int(seed), dev, b, timeout=timeout))
     return plan
 
 

@@ -397,8 +397,9 @@ def _train_step(run: _Training, watch: DivergenceWatch) -> None:
     run.train_time += dt
     run.step += 1
     run.since_eval_steps += 1
+    # per data point (an element of the batch), so that it reads like the held-out figure
     value = e.value.sum() + (prob.analytic.detach() if prob.analytic is not None else 0.0)
-    run.since_eval_obj = run.since_eval_obj + value.double()
+    run.since_eval_obj = run.since_eval_obj + value.double() / max(e.value.numel(), 1)
 
 
 def _finish(run: _Training, artifacts: dict) -> None:
