@@ -5,7 +5,10 @@
 # 2. the per-step overhead of the estimator API against handwritten torch steps, on CUDA;
 # 3. the batched measurement pass against a loop of estimates, and the harness's recorded step time
 #    against the bare estimator step (benchmarks/harness_step.py), on CUDA;
-# 4. one quick-budget cell per real task on CUDA (step time with torch.cuda.synchronize, end to end).
+# 4. one quick-budget cell per real task on CUDA (step time with torch.cuda.synchronize, end to end);
+# 5. text_vae's paper protocol (dgm4nlp SentVAE_Solutions.ipynb) cut to 200 of its 13,140 steps with
+#    reparam, a short final evaluation (400 test sentences, 50 importance samples): the step time
+#    (times 13,140: a paper cell's training) and the validation ELBO beside the notebook's at step 200.
 # Figures go to OUT_DIR (default benchmarks/results/gpu-<date>); quote them with the GPU's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +28,25 @@ python benchmarks/harness_step.py --device cuda --tasks binary_vae,text_vae --st
 estbench run --device cuda --seeds 0 --quiet --out "$out/cells" \
     --tasks binary_vae,text_vae,sst_rationales --estimators reparam,rloo,disarm,gumbel_softmax \
     --cell-timeout 300 2>&1 | tee "$out/cells.txt" | tail -25 || status=1
+# 5. the text_vae paper budget, cut short (the protocol's model, batch 64, Adam 1e-3, dropout 0.4)
+start=$SECONDS
+estbench run --device cuda --seeds 0 --quiet --out "$out/text_vae_paper" --budget paper \
+    --tasks 'text_vae[test_sentences=400]' --estimators reparam --steps 200 --checkpoints 2 \
+    --measure-samples 16 --eval-points 3 --cell-timeout 300 2>&1 | tee "$out/text_vae_paper.txt" | tail -7 || status=1
+python - "$out/text_vae_paper/results.parquet" $((SECONDS - start)) <<'PY' 2>&1 | tee -a "$out/text_vae_paper.txt" || status=1
+import sys
+import pandas as pd
+d = pd.read_parquet(sys.argv[1])
+v = lambda m, s=200: float(d[(d.metric == m) & (d.step == s)].value.iloc[0])
+st = v("step_time")
+print(f"text_vae paper protocol, 200 steps on CUDA: {st * 1e3:.1f} ms a step, so {st * 13140 / 3600:.2f} h "
+      f"of training for the 13,140 steps of a paper cell; the whole cut-down cell took {sys.argv[2]} s")
+print("validation ELBO (all 3,370 sentences, one sample) at steps 0 / 100 / 200: "
+      + " / ".join(f"{v('elbo', s):.2f}" for s in (0, 100, 200)))
+print("  the notebook (cell 22) printed -134.28 (KL 3.47) at step 100 and -128.24 (3.77) at step 200,"
+      " i.e. ELBOs of -141.22 and -135.78 (its printed 'ELBO' is the ELBO + 2 KL)")
+print(f"400 test sentences, 50 importance samples: ELBO {v('final_elbo'):.2f}, KL {v('test_kl'):.2f}, "
+      f"NLL {v('test_nll'):.2f}, perplexity {v('test_ppl_is'):.1f} (bound {v('test_ppl_elbo'):.1f})")
+PY
 echo "figures in $out"
 exit $status

@@ -203,3 +203,117 @@ def test_training_steps_with_reparam_improve_the_elbo():
     ppl_0 = math.exp(-elbo[0] * n_valid / sum(len(s) + 1 for s in ptb.load_split("valid")[:n_valid]))
     assert abs(math.log(ppl_0 / V)) < 0.2, ppl_0
     assert 759 < fin["test_ppl_is"] < V / math.e, fin["test_ppl_is"]
+
+
+# ---- the protocol: dgm4nlp's SentVAE_Solutions.ipynb at 21ad40a --------------------------------
+#: the notebook's settings as its code cells run them (cells counted from 0 in its JSON, In [n] the
+#: execution count): cell 22 (In [12]) sets the sizes, dropout, batch, Adam's rate, 20 epochs and 50
+#: importance samples; cell 12 (In [7]) is a bidirectional LSTM on the decoder's embeddings,
+#: detached; cell 14 (In [8]) starts the decoder LSTM at h = c = bridge(z) and clamps the total KL
+#: of each sentence at free_nats = 5; cell 8 (In [5]) computes word-dropped inputs and never uses
+#: them (so the notebook ran without word dropout, whatever cell 22 sets); cells 16, 18 and 26
+#: (In [9], [10], [14]) evaluate every validation / test sentence
+NOTEBOOK = {"latent_dim": 32, "emb": 256, "hidden": 256, "cell": "lstm", "bidirectional": True,
+            "encoder_emb": "decoder", "dec_init": "shared", "scale": "softplus", "dropout": 0.4,
+            "word_dropout": 0.0, "free_bits": 5.0, "free_bits_mode": "total", "kl_anneal_steps": 0,
+            "batch_size": 64, "lr": 1e-3, "max_len": 0, "val_size": 3370, "test_sentences": 0,
+            "is_samples": 50}
+
+
+def _protocol():
+    from estbench.engine import protocols
+
+    return protocols.get("text_vae")
+
+
+def test_protocol_follows_the_sentvae_notebook_on_the_shipped_ptb():
+    p = _protocol()
+    assert "SentVAE_Solutions.ipynb" in p.source["code"] and "diff_hparams" not in p.source["code"]
+    assert "21ad40a1e9c6e89924114884855c069eb8fac171" in p.source["code"]
+    task = tasks.get("text_vae", **p.task_options)
+    assert {k: task.config[k] for k in NOTEBOOK} == NOTEBOOK
+    # 20 epochs of the shipped training set in full batches of 64 (the task drops the last one)
+    n_train = len(ptb.load_split("train"))
+    assert p.budget["steps"] == 20 * (n_train // 64) == 13140 and p.budget["n_samples"] == 1
+    assert p.budget["eval_points"] == 21  # once an epoch, from step 0
+    # the figures as the notebook printed them (cells 26 and 22)
+    figures = p.settings["figures"]
+    for printed in ("95.96 (4.97)", "119.78", "136.70", "-98.81 (5.00)"):
+        assert printed in figures, printed
+    assert any("word dropout" in d for d in p.differences)
+
+
+def test_protocol_task_is_the_notebooks_model():
+    """The protocol's options, set up at full size, compute what the notebook's SentenceVAE does."""
+    p = _protocol()
+    task = tasks.get("text_vae", **p.task_options)
+    task.setup("cpu", torch.Generator().manual_seed(0))
+    V, E, H, Z = 10002, 256, 256, 32
+    enc, dec = task.encoder, task.decoder
+    assert "emb" not in enc  # one table: the decoder's
+    rnn = enc["rnn"]
+    assert isinstance(rnn, torch.nn.LSTM) and rnn.bidirectional and (rnn.input_size, rnn.hidden_size) == (E, H)
+    assert (enc["loc"].in_features, enc["loc"].out_features) == (2 * H, Z)
+    assert (dec["bridge"].in_features, dec["bridge"].out_features) == (Z, H)
+    assert isinstance(dec["rnn"], torch.nn.LSTM) and not dec["rnn"].bidirectional
+    # as many parameters as the notebook's layers: embedder, decoder LSTM, bridge, projection,
+    # the encoder's bidirectional LSTM, mu and sigma layers
+    layers = [torch.nn.Embedding(V, E), torch.nn.LSTM(E, H), torch.nn.Linear(Z, H), torch.nn.Linear(H, V),
+              torch.nn.LSTM(E, H, bidirectional=True), torch.nn.Linear(2 * H, Z), torch.nn.Linear(2 * H, Z)]
+    assert sum(q.numel() for q in task.parameters()) == sum(
+        q.numel() for m in layers for q in m.parameters())
+    assert sum(q.numel() for q in task.estimated_parameters()) == sum(
+        q.numel() for m in layers[4:] for q in m.parameters())
+
+    b = _train_batch(task)
+    assert len(b.lengths) == 64 and b.lengths.min() < b.lengths.max()  # padding to pack around
+    # the encoder: each sentence alone (no padding), the detached decoder embeddings, both final
+    # states; no gradient reaches the embeddings through it
+    loc, scale, h = task.encode(b.words, b.lengths)
+    for i in (int(b.lengths.argmin()), int(b.lengths.argmax()), 7):
+        x = dec["emb"](b.words[i: i + 1, : int(b.lengths[i])])
+        _, (hn, _) = rnn(x)
+        hx = torch.cat([hn[0], hn[1]], -1)
+        torch.testing.assert_close(h[i: i + 1], hx)
+        torch.testing.assert_close(loc[i: i + 1], enc["loc"](hx))
+        torch.testing.assert_close(scale[i: i + 1], torch.nn.functional.softplus(enc["scale"](hx)) + 1e-5)
+    assert torch.autograd.grad(loc.sum(), dec["emb"].weight, allow_unused=True)[0] is None
+    # the decoder starts at h = c = bridge(z) and reads <s> w_1 .. w_T (no word dropout)
+    held = SentenceBatch(b.words[:4], b.lengths[:4])
+    inputs, targets, mask = task.decoder_io(held)
+    torch.testing.assert_close(task.decoder_io(SentenceBatch(b.words, b.lengths, 0), train=True)[0],
+                               task.decoder_io(SentenceBatch(b.words, b.lengths))[0])
+    z = torch.randn(4, Z, generator=torch.Generator().manual_seed(1))
+    h0 = dec["bridge"](z).unsqueeze(0)
+    out, _ = dec["rnn"](dec["emb"](inputs), (h0, h0))
+    lp = torch.log_softmax(dec["out"](out), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(task.log_likelihood(z, inputs, targets, mask), (lp * mask).sum(-1))
+    # free nats: the total KL of each sentence clamped at 5 (not 5/32 a dimension), no annealing
+    with torch.no_grad():
+        enc["loc"].bias[0] += 4.0  # one dimension's KL above 5, the others near 0
+    train = SentenceBatch(b.words[:8], b.lengths[:8], step=0)
+    prob = task.problem(train)
+    kl_d = task.kl_per_dim(prob.dist.base_dist.loc, prob.dist.base_dist.scale)
+    torch.testing.assert_close(prob.analytic, -torch.clamp(kl_d.sum(-1), min=5.0).sum())
+    per_dim = -torch.clamp(kl_d, min=5.0 / Z).sum()
+    assert (prob.analytic - per_dim).abs() > 0.1  # the two rules differ on this batch
+
+
+def test_bidirectional_gru_encoder_and_options_on_tiny_sizes():
+    for cell in ("lstm", "gru"):
+        task = make(cell=cell, bidirectional=True, encoder_emb="decoder", dec_init="shared")
+        b = _train_batch(task)
+        prob = task.problem(b)
+        assert prob.context.shape == (len(b.lengths), 2 * 16)
+        z = prob.dist.rsample((3,))
+        assert prob.f(z).shape == (3, len(b.lengths))
+        # padding does not reach the encoding: a sentence encodes the same alone
+        i = int(b.lengths.argmin())
+        alone = task.encode(b.words[i: i + 1, : int(b.lengths[i])], b.lengths[i: i + 1])[0]
+        torch.testing.assert_close(task.encode(b.words, b.lengths)[0][i: i + 1], alone)
+        names = {n.split(".")[0] for n, _ in task.encoder.named_parameters()}
+        assert names == {"rnn", "loc", "scale"}
+    # the defaults keep the suite's model: its own table, one direction, (tanh(A z + a), C z + c)
+    plain = make()
+    assert "emb" in plain.encoder and not plain.encoder["rnn"].bidirectional
+    assert plain.decoder["bridge"].out_features == 2 * 16

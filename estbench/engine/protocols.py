@@ -36,10 +36,12 @@ the registered estimators' options, so a typo is one clear line, never a silent 
         differences:  [lines]               where even this mode departs from the source
         published:    (optional) the source's figures, as data:
             source:   {repository, commit, files, computed}: where they are and how they were read
-            figures:  {figure: {label, metric, sign, at}}: what each is, and the metric of ours it
-                      is held against (``sign`` -1: the source reports its negative; ``at``: end,
-                      the metric's last record)
-            values:   {estimator: {figure: [mean, standard error, seeds]}}
+            figures:  {figure: {label, metric, sign, at, steps}}: what each is, and the metric of
+                      ours it is held against (``sign`` -1: the source reports its negative;
+                      ``at``: end, the metric's last record; ``steps``: read from cells of that
+                      many steps, for a figure the source reports part-way)
+            values:   {estimator: {figure: [mean, standard error, seeds]}} (one run of the
+                      source: [value, 0, 1])
 
 The two modes answer different questions.  ``paper`` is the suite's fair comparison: the
 published length and data, one setting (learning rate, optimiser) for every estimator.
@@ -85,7 +87,13 @@ _REQUIRED = ("task", "name", "source", "settings", "budget")
 _AS_PUBLISHED_KEYS = {"what", "task_options", "budget", "per_method", "differences", "published"}
 _METHOD_KEYS = {"source_name", "task", "estimator"}
 _PUBLISHED_KEYS = {"source", "figures", "values"}
-_FIGURE_KEYS = {"label", "metric", "sign", "at"}
+_FIGURE_KEYS = {"label", "metric", "sign", "at", "steps"}
+
+
+def _num(x: float, like: Optional[float] = None) -> str:
+    """A published figure as printed: nats to the hundredth, fractions (accuracies) to 4 places
+    (``like``: the figure whose precision an error takes)."""
+    return f"{x:.2f}" if abs(x if like is None else like) >= 10 else f"{x:.4f}"
 
 
 def mode(budget) -> str:
@@ -104,6 +112,10 @@ class PublishedFigure:
     sign: int = 1
     #: where in a cell our metric is read: ``end`` (its last record)
     at: str = "end"
+    #: the training steps of the cells it is read from (None: the mode's budget's); a figure the
+    #: source reports part-way (epoch 9 of 20) is read at the end of a run of that many steps,
+    #: whose training is the full run's up to there
+    steps: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -200,8 +212,9 @@ class Protocol:
                 out.append(f"{indent}  published figures ({pub.citation()}):")
                 for est, figs in pub.values.items():
                     out.append(f"{indent}    {est}: " + "; ".join(
-                        f"{pub.figures[f].label} {m:.2f} +- {se:.2f} ({n} seeds)"
-                        for f, (m, se, n) in figs.items()))
+                    f"{pub.figures[f].label} {_num(m)} +- {_num(se, m)} ({n} seeds)" if n > 1 else
+                    f"{pub.figures[f].label} {_num(m)} (one run)"
+                    for f, (m, se, n) in figs.items()))
         return out
 
     def as_dict(self) -> dict:
@@ -339,14 +352,15 @@ def _check_as_published(raw, task_cls, task_options: dict, where: str) -> AsPubl
         raise ProtocolError(f"{what}.per_method names no method")
     published = None
     if raw.get("published") is not None:
-        published = _check_published(raw["published"], per_method, f"{what}.published")
+        published = _check_published(raw["published"], per_method, task_cls,
+                                     f"{what}.published")
     return AsPublished(what=str(raw.get("what", "")), task_options=base, budget=budget,
                        per_method=per_method,
                        differences=_lines(raw.get("differences"), f"{what}.differences"),
                        published=published)
 
 
-def _check_published(raw, per_method: dict, what: str) -> Published:
+def _check_published(raw, per_method: dict, task_cls, what: str) -> Published:
     from estbench.core import metrics
 
     raw = _mapping(raw, what, _PUBLISHED_KEYS)
@@ -357,13 +371,17 @@ def _check_published(raw, per_method: dict, what: str) -> Published:
     figures = {}
     for name, f in _mapping(raw.get("figures"), f"{what}.figures").items():
         f = _mapping(f, f"{what}.figures.{name}", _FIGURE_KEYS)
-        if not isinstance(metrics.lookup(str(f.get("metric"))), metrics.Metric):
+        if not isinstance(metrics.lookup(str(f.get("metric")), task_cls.final_figures),
+                          metrics.Metric):
             raise ProtocolError(f"{what}.figures.{name}: metric {f.get('metric')!r} is not a "
-                                f"recorded metric (estbench/core/metrics.py)")
+                                f"recorded metric (estbench/core/metrics.py, or the task's own)")
         if f.get("sign", 1) not in (1, -1) or f.get("at", "end") != "end":
             raise ProtocolError(f"{what}.figures.{name}: sign is 1 or -1, at is end")
+        steps = f.get("steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ProtocolError(f"{what}.figures.{name}: steps is a positive number of steps")
         figures[name] = PublishedFigure(name, str(f.get("label", name)), f["metric"],
-                                        int(f.get("sign", 1)), "end")
+                                        int(f.get("sign", 1)), "end", steps)
     values = {}
     for est, figs in _mapping(raw.get("values"), f"{what}.values").items():
         if est not in per_method:
@@ -373,7 +391,8 @@ def _check_published(raw, per_method: dict, what: str) -> Published:
             if name not in figures:
                 raise ProtocolError(f"{what}.values.{est}: no figure {name!r}")
             ok = (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
-                  and float(v[1]) >= 0 and int(v[2]) == v[2] and v[2] >= 1)
+                  and float(v[1]) >= 0 and int(v[2]) == v[2] and v[2] >= 1
+                  and (v[2] > 1 or v[1] == 0))  # one run has no standard error
             if not ok:
                 raise ProtocolError(f"{what}.values.{est}.{name}: expected [mean, standard error, "
                                     f"seeds], got {v!r}")

@@ -18,6 +18,7 @@ import pandas as pd
 
 from estbench.engine import measure as ms
 from estbench.analysis import compare, figures, quantities
+from estbench.analysis import published as pubmod
 from estbench.engine import store
 from estbench.analysis import leaderboard as lb
 from estbench.report import plots
@@ -331,7 +332,7 @@ def _meta_items(meta: dict, run_dir: Path) -> list:
                        ("code_version", "code version"), ("estbench", "estbench"),
                        ("platform", "platform"), ("cpu", "CPU"), ("cpu_count", "CPU cores"),
                        ("cuda_device", "GPU"), ("python", "python"), ("torch", "torch"),
-                       ("budget", "budget"), ("command", "command")]:
+                       ("budget", "budget"), ("mode", "mode"), ("command", "command")]:
         v = meta.get(key)
         if v not in (None, ""):
             items.append([f"{label}: ", ("code", str(v))])
@@ -787,6 +788,7 @@ class Analysis:
     ranked: Optional[str]         # the estimator ``estbench rank`` ranks (meta.json "ranked")
     style: "plots.Style"
     estimators: set
+    published: pd.DataFrame       # ours beside the published figures (analysis.published)
 
     @property
     def fdir(self) -> Path:
@@ -810,6 +812,7 @@ def analyse(run_dir, out_dir=None) -> Analysis:
         warnings.warn(store.meta_warning(run_dir, unreadable), stacklevel=3)
         meta = {"unreadable": unreadable}
     records = store.finished(records, cells)
+    against = pubmod.against_published(records)  # by the cells' own task names
     records, cells = tb.label_settings(records, cells)
     pc = figures.per_cell(records)
     all_est = set(records.estimator)
@@ -819,7 +822,7 @@ def analyse(run_dir, out_dir=None) -> Analysis:
     return Analysis(run_dir, out, meta, records, cells, pc, tb.task_tables(pc),
                     tb.task_figures(records), lb.leaderboard(pc), lb.stability(pc),
                     lb.friedman_tests(pc), lb.performance_profiles(pc), ranked,
-                    plots.Style(all_est, ranked=ranked), all_est)
+                    plots.Style(all_est, ranked=ranked), all_est, against)
 
 
 def write_files(a: Analysis) -> None:
@@ -845,6 +848,10 @@ def write_files(a: Analysis) -> None:
     a.friedman[0].to_csv(out / "friedman.csv", index=False)
     a.friedman[1].to_csv(out / "friedman_pairs.csv", index=False)
     a.profiles.to_csv(out / "performance_profiles.csv", index=False)
+    if not a.published.empty:
+        a.published.to_csv(out / "against_published.csv", index=False)
+    elif (out / "against_published.csv").is_file():
+        (out / "against_published.csv").unlink()
     (out / "leaderboard.md").write_text(
         _leaderboard_doc(a.board, a.run_dir, a.stability, a.friedman).markdown(out))
 
@@ -944,6 +951,72 @@ def _results_per_task(a: Analysis) -> list:
     return blocks
 
 
+def _f(x: float, fmt: str = ".2f") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+def _against_published(a: Analysis) -> list:
+    """Ours beside the published figures, for the tasks whose protocol carries them."""
+    from estbench.engine import protocols
+
+    try:
+        found = protocols.available()
+    except protocols.ProtocolError:
+        return []  # the protocols section says why
+    bases = sorted({t.split("[")[0] for t in a.records.task.unique()} & set(found))
+    with_figures = [b for b in bases if found[b].as_published is not None
+                    and found[b].as_published.published is not None]
+    if not with_figures:
+        return []
+    blocks = [H(2, "Against the published figures")]
+    t = a.published
+    if t.empty:
+        return blocks + [P(["None of this run's cells ran a method as its source ran it, so none "
+                            "is put beside the published figures of "
+                            + ", ".join(with_figures) + " (they are the protocol's: ",
+                            ("code", "estbench list"), "; ", ("code", "estbench run --budget "
+                                                             "published"), " runs them).", ])]
+    blocks.append(P(["Each method as its source ran it (", ("code", "--budget published"),
+                     ": the source's data, length and per-method settings), beside the figure the "
+                     "source published for it. Ours: mean and 95% CI over our seeds. Published: "
+                     "mean ± standard error over its seeds. Difference: ours − published, ± its "
+                     "standard error; p: Welch's two-sample t-test from the two summaries. "
+                     "Verdict: reproduced (no difference beyond the noise, p ≥ 0.05), ours "
+                     "lower / ours higher (beyond the noise), not tested (one seed of ours), not "
+                     "comparable (a run cut short of the source's length). Lower is better for "
+                     "a figure reported as a loss (−ELBO)."]))
+    for task, df in t.groupby("task", sort=True):
+        ap = found[task].as_published
+        rows = []
+        for _, r in df.sort_values(["figure", "published_mean"]).iterrows():
+            cut = r.steps < r.published_steps
+            rows.append([(r.estimator, False), (r.source_name, False), (r.label, False),
+                         (f"{_f(r.ours_mean)} ± {_f(r.ours_ci)} ({r.ours_n})"
+                          + (f", {r.steps} steps" if cut else ""), False),
+                         (f"{_f(r.published_mean)} ± {_f(r.published_se)} ({r.published_n})", False),
+                         (f"{_f(r.difference, '+.2f')} ± {_f(r.difference_se)}", False),
+                         (_f(r.p_value, ".3f"), False), (r.verdict, r.verdict == "reproduced")])
+        blocks += [H(3, f"{task}: {found[task].name}"),
+                   Table(["estimator", "source's name", "figure", "ours (seeds)",
+                          "published (seeds)", "difference", "p", "verdict"], rows,
+                         align="lllrrrrl")]
+        for o in pubmod.orderings(df):
+            if o.agrees:
+                line = (f"{o.label}: the published order of the methods ({' < '.join(o.published)}, "
+                        "best first) is reproduced.")
+            else:
+                flips = "; ".join(f"{x} and {y} ({'beyond' if sep else 'within'} the source's "
+                                  "own noise)" for x, y, sep in o.flipped)
+                line = (f"{o.label}: the published order ({' < '.join(o.published)}, best first) "
+                        f"is not reproduced: ours is {' < '.join(o.ours)}; swapped: {flips}.")
+            blocks.append(P([line]))
+        pub = ap.published
+        blocks.append(P(["Published figures: " + pub.citation() + "."]))
+        if ap.differences:
+            blocks.append(UL([[f"differs: {d}"] for d in ap.differences]))
+    return blocks
+
+
 def _protocols(a: Analysis) -> list:
     return _protocol_blocks(list(a.tables), a.meta)
 
@@ -980,7 +1053,7 @@ def _problems(a: Analysis) -> list:
 
 
 #: report.md's sections, in order: adding a section is one function of the analysis and one entry
-SECTIONS = [_overview, _at_a_glance, _leaderboard, _across_tasks, _results_per_task, _protocols,
+SECTIONS = [_overview, _against_published, _at_a_glance, _leaderboard, _across_tasks, _results_per_task, _protocols,
             _bias_test, _bias_variance, _time_per_step, _tasks_own, _problems]
 
 
