@@ -1,6 +1,8 @@
 import os
+import shutil
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -8,3 +10,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The test problems are tiny: a second intra-op thread only adds synchronisation overhead, and on a
 # loaded 2-core runner it makes small ops an order of magnitude slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def protocol_dir(tmp_path, monkeypatch):
+    """A copy of the shipped protocol files (tasks/protocols) that a test may break; the protocols
+    are read from it while the test runs."""
+    from estbench.engine import protocols
+
+    d = tmp_path / "protocols"
+    shutil.copytree(protocols.protocol_dir(), d)
+    monkeypatch.setattr(protocols, "protocol_dir", lambda: d)
+    protocols.available.cache_clear()
+    yield d
+    protocols.available.cache_clear()

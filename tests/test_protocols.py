@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,17 +10,6 @@ import tasks
 from estbench.engine import protocols, sweep
 from estbench.cli.commands import main
 from estbench.core.spec import parse
-
-
-@pytest.fixture
-def protocol_dir(tmp_path, monkeypatch):
-    """A copy of the shipped protocol files that a test may break."""
-    d = tmp_path / "protocols"
-    shutil.copytree(protocols.protocol_dir(), d)
-    monkeypatch.setattr(protocols, "protocol_dir", lambda: d)
-    protocols.available.cache_clear()
-    yield d
-    protocols.available.cache_clear()
 
 
 def test_every_real_task_declares_a_protocol_that_loads():

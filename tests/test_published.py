@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +21,6 @@ from estbench.engine import protocols, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT.parent / "shared" / "data" / "published" / "reinmax_vae_8x4"
-
-
-@pytest.fixture
-def protocol_dir(tmp_path, monkeypatch):
-    d = tmp_path / "protocols"
-    shutil.copytree(protocols.protocol_dir(), d)
-    monkeypatch.setattr(protocols, "protocol_dir", lambda: d)
-    protocols.available.cache_clear()
-    yield d
-    protocols.available.cache_clear()
 
 
 def test_the_8x4_mode_is_the_sources_run():
@@ -210,6 +199,7 @@ def test_run_published_mode_end_to_end(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     report = (out / "report" / "report.md").read_text()
     assert "mode: `as published" in report
+    assert report.count("Not a fair comparison.") == 2  # above the glance and the leaderboard
     section = report.split("## Against the published figures")[1].split("\n## ")[0]
     assert "| `reinmax` | reinmax | test -ELBO |" in section and "3 steps" in section
     assert "not comparable" in section and "62697d17038664542002056e6c51e7b5c6f3d577" in section

@@ -880,7 +880,7 @@ def _at_a_glance(a: Analysis) -> list:
     glance = _glance_table(a.board, a.stability, a.pc)
     if glance is None:
         return []
-    return [H(2, "At a glance"),
+    return [H(2, "At a glance"), *_as_published_blocks(a),
             P(["Per task, the estimators ranked first (with their ties) by final ELBO and by "
                "gradient error E‖g − ∇‖², the figure (mean over seeds) and whether the "
                "ranking survives resampling the seeds; ms a step of the ELBO leaders. What "
@@ -888,8 +888,23 @@ def _at_a_glance(a: Analysis) -> list:
             glance]
 
 
+#: said above the rankings of a run in the as-published mode
+AS_PUBLISHED_NOTE = ("This run is as published (--budget published): each method ran at its "
+                     "source's own settings, so a task configuration holds only the methods that "
+                     "share its settings, and the rankings below are no fair comparison of the "
+                     "methods: that is the equal-settings paper budget's. The section Against the "
+                     "published figures is what this run is for.")
+
+
+def _as_published_blocks(a: Analysis) -> list:
+    from estbench.engine import protocols
+
+    return [P([("b", "Not a fair comparison. "), AS_PUBLISHED_NOTE])] \
+        if a.meta.get("budget") == protocols.PUBLISHED else []
+
+
 def _leaderboard(a: Analysis) -> list:
-    blocks = [H(2, "Leaderboard"),
+    blocks = [H(2, "Leaderboard"), *_as_published_blocks(a),
               P([_RANK_RULE + " Only finished cells are ranked and tabulated: cells that "
                  "diverged, failed or were infeasible are left out and listed at the end."])]
     mixed = _mixed_timing(a.cells)
@@ -980,7 +995,9 @@ def _against_published(a: Analysis) -> list:
                      ": the source's data, length and per-method settings), beside the figure the "
                      "source published for it. Ours: mean and 95% CI over our seeds. Published: "
                      "mean ± standard error over its seeds. Difference: ours − published, ± its "
-                     "standard error; p: Welch's two-sample t-test from the two summaries. "
+                     "standard error; p: Welch's two-sample t-test from the two summaries, or, "
+                     "where the source published one run, the test of that run as one more draw "
+                     "from our seeds' spread (the prediction interval). "
                      "Verdict: reproduced (no difference beyond the noise, p ≥ 0.05), ours "
                      "lower / ours higher (beyond the noise), not tested (one seed of ours), not "
                      "comparable (a run cut short of the source's length). Lower is better for "
@@ -990,11 +1007,14 @@ def _against_published(a: Analysis) -> list:
         rows = []
         for _, r in df.sort_values(["figure", "published_mean"]).iterrows():
             cut = r.steps < r.published_steps
+            fmt = ".2f" if abs(r.published_mean) >= 10 else ".4f"  # nats; fractions
+            pub = (f"{_f(r.published_mean, fmt)} ± {_f(r.published_se, fmt)} ({r.published_n})"
+                   if r.published_n > 1 else f"{_f(r.published_mean, fmt)} (one run)")
             rows.append([(r.estimator, False), (r.source_name, False), (r.label, False),
-                         (f"{_f(r.ours_mean)} ± {_f(r.ours_ci)} ({r.ours_n})"
+                         (f"{_f(r.ours_mean, fmt)} ± {_f(r.ours_ci, fmt)} ({r.ours_n})"
                           + (f", {r.steps} steps" if cut else ""), False),
-                         (f"{_f(r.published_mean)} ± {_f(r.published_se)} ({r.published_n})", False),
-                         (f"{_f(r.difference, '+.2f')} ± {_f(r.difference_se)}", False),
+                         (pub, False),
+                         (f"{_f(r.difference, '+' + fmt)} ± {_f(r.difference_se, fmt)}", False),
                          (_f(r.p_value, ".3f"), False), (r.verdict, r.verdict == "reproduced")])
         blocks += [H(3, f"{task}: {found[task].name}"),
                    Table(["estimator", "source's name", "figure", "ours (seeds)",
