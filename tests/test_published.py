@@ -265,3 +265,12 @@ def test_training_objective_is_per_data_point():
         assert res.status == "ok", res.error
         got[b] = [r["value"] for r in res.records if r["metric"] == "train_objective"][-1]
     assert 0.8 < got[16] / got[4] < 1.25, got
+
+
+def test_every_report_names_the_mode_even_of_folders_made_before_meta_said_it():
+    from estbench.report import render
+
+    items = render._meta_items({"budget": "quick"}, Path("old-run"))
+    assert ["mode: ", ("code", protocols.MODES["quick"])] in items
+    items = render._meta_items({"budget": "published", "mode": "as published: x"}, Path("r"))
+    assert ["mode: ", ("code", "as published: x")] in items

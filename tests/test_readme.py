@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ import estimators
 
 from estbench.engine.problems import Z_TOL, estimates, problem, z_scores
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def test_readme_example_estimator_works_verbatim():
@@ -74,3 +76,16 @@ def test_the_docs_copy_of_what_each_ranking_measures_is_the_code_s():
     assert copy == leaderboard.criteria_markdown(), (
         "docs/methodology.md's list of criteria differs from leaderboard.CRITERIA: paste "
         "python -c 'from estbench.analysis import leaderboard; print(leaderboard.criteria_markdown())'")
+
+
+def test_the_readme_table_against_the_published_figures_is_the_committed_sets():
+    """Derived, never typed: the README's table is what results/published_table.py reads from the
+    committed sets' against_published.csv."""
+    sys.path.insert(0, str(ROOT / "results"))
+    try:
+        import published_table
+    finally:
+        sys.path.pop(0)
+    readme = (ROOT / "README.md").read_text()
+    assert published_table.readme_block(readme) == published_table.table(ROOT)
+    assert "`paper/sst_rationales`" in published_table.table(ROOT)

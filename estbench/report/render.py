@@ -326,6 +326,10 @@ def _rank_table(board: pd.DataFrame, criterion: str) -> Table | None:
 
 
 def _meta_items(meta: dict, run_dir: Path) -> list:
+    from estbench.engine import protocols
+
+    if meta.get("budget") and not meta.get("mode"):  # folders made before meta.json said it
+        meta = {**meta, "mode": protocols.mode(meta["budget"])}
     items = [["run folder: ", ("code", str(run_dir))]]
     for key, label in [("unreadable", "meta.json unreadable"),  # build_report: why, if unreadable
                        ("created", "created"), ("git_commit", "git commit"),
@@ -354,6 +358,9 @@ def _protocol_blocks(task_names, meta: dict) -> list:
     ran = meta.get("budget")
     if ran == protocols.PAPER:
         this_run = "This run ran each task's protocol (--budget paper): its options and budget."
+    elif ran == protocols.PUBLISHED:
+        this_run = ("This run ran each task's protocol as its source ran it (--budget published): "
+                    "the as-published settings, each method at its own (listed by estbench list).")
     else:
         this_run = (f"This run's budget is {ran!r}, the suite's own; the protocol is what "
                     "estbench run --budget paper runs." if ran else
