@@ -8,14 +8,8 @@
 # method beside the published figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if git rev-parse --git-dir >/dev/null 2>&1; then
-    changes=$(git status --porcelain --untracked-files=no -- . ':(exclude)results')
-    if [ -n "$changes" ] && [ -z "${ESTBENCH_ALLOW_DIRTY:-}" ]; then
-        echo "make_paper_8x4.sh: the source has uncommitted changes; commit them first (or set ESTBENCH_ALLOW_DIRTY=1):" >&2
-        echo "$changes" >&2
-        exit 2
-    fi
-fi
+source results/require_clean_source.sh
+require_clean_source make_paper_8x4.sh
 estbench run --tasks categorical_vae --budget published \
     --estimators gumbel_rao,reinmax,straight_through,st_gumbel,gst \
     --seeds 0,1 -j 2 --out results/paper/categorical_vae_8x4 --quiet "$@" || status=$?

@@ -6,14 +6,8 @@
 # Then the report, with its "Against the published figures" section.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if git rev-parse --git-dir >/dev/null 2>&1; then
-    changes=$(git status --porcelain --untracked-files=no -- . ':(exclude)results')
-    if [ -n "$changes" ] && [ -z "${ESTBENCH_ALLOW_DIRTY:-}" ]; then
-        echo "make_paper_sst.sh: the source has uncommitted changes; commit them first (or set ESTBENCH_ALLOW_DIRTY=1):" >&2
-        echo "$changes" >&2
-        exit 2
-    fi
-fi
+source results/require_clean_source.sh
+require_clean_source make_paper_sst.sh
 for steps in 3410 6820; do
     estbench run --tasks sst_rationales --budget published --steps "$steps" --seeds 0,1,2,3,4 \
         --out results/paper/sst_rationales --quiet "$@" || status=$?
