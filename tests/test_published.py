@@ -274,3 +274,12 @@ def test_every_report_names_the_mode_even_of_folders_made_before_meta_said_it():
     assert ["mode: ", ("code", protocols.MODES["quick"])] in items
     items = render._meta_items({"budget": "published", "mode": "as published: x"}, Path("r"))
     assert ["mode: ", ("code", "as published: x")] in items
+
+
+def test_cells_of_two_devices_are_two_comparisons():
+    recs = _records({"reinmax": [(125.0, 127.0), (125.2, 127.2)]})
+    cuda = recs.assign(device="cuda", value=recs.value - 10.0)
+    t = published.against_published(pd.concat([recs, cuda], ignore_index=True))
+    train = t[t.figure == "train_neg_elbo"].set_index("device")
+    assert train.loc["cpu"].ours_mean == pytest.approx(125.1)
+    assert train.loc["cuda"].ours_mean == pytest.approx(135.1) and train.loc["cuda"].ours_n == 2

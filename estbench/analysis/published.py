@@ -44,7 +44,7 @@ from estbench.engine import protocols
 
 #: the columns of :func:`against_published`'s frame
 COLUMNS = ["task", "figure", "label", "estimator", "source_name", "cell_task", "cell_estimator",
-           "steps", "published_steps", "ours_mean", "ours_ci", "ours_n", "published_mean",
+           "device", "steps", "published_steps", "ours_mean", "ours_ci", "ours_n", "published_mean",
            "published_se", "published_n", "difference", "difference_se", "p_value", "verdict"]
 #: below this two-sample p-value a difference is beyond the noise
 ALPHA = 0.05
@@ -124,10 +124,10 @@ def against_published(records: pd.DataFrame) -> pd.DataFrame:
                 target = int(fig.steps or ap.budget.get("steps", 0))
                 # each cell's last record, from the cells of the figure's length; cells cut
                 # shorter are shown (not comparable) only where none has that length
-                last = r.loc[r.groupby(["steps", "seed"]).step.idxmax()]
+                last = r.loc[r.groupby(["steps", "device", "seed"]).step.idxmax()]
                 last = (last[last.steps == target] if (last.steps == target).any()
                         else last[last.steps < target])
-                for steps, by_steps in last.groupby("steps"):
+                for (steps, device), by_steps in last.groupby(["steps", "device"]):
                     vals = fig.sign * by_steps.value.to_numpy(dtype=float)
                     m, ci, n = mean_ci(vals)
                     sd = float(np.std(vals, ddof=1)) if n > 1 else math.nan
@@ -146,7 +146,8 @@ def against_published(records: pd.DataFrame) -> pd.DataFrame:
                         verdict = "ours lower" if diff < 0 else "ours higher"
                     rows.append({"task": base, "figure": fig_name, "label": fig.label,
                                  "estimator": est, "source_name": ap.per_method[est].source_name,
-                                 "cell_task": tname, "cell_estimator": ename, "steps": int(steps),
+                                 "cell_task": tname, "cell_estimator": ename, "device": device,
+                                 "steps": int(steps),
                                  "published_steps": target,
                                  "ours_mean": m, "ours_ci": ci, "ours_n": n,
                                  "published_mean": p_mean, "published_se": p_se,
@@ -178,7 +179,7 @@ def orderings(table: pd.DataFrame) -> list[Ordering]:
     best first (lowest first for a figure the source reports as a loss, sign -1)."""
     out = []
     comparable = table[table.verdict != "not comparable"]
-    for (task, fig_name), df in comparable.groupby(["task", "figure"], sort=True):
+    for (task, fig_name, _), df in comparable.groupby(["task", "figure", "device"], sort=True):
         if len(df) < 2:
             continue
         fig = protocols.get(task).as_published.published.figures[fig_name]

@@ -1017,7 +1017,8 @@ def _against_published(a: Analysis) -> list:
             fmt = ".2f" if abs(r.published_mean) >= 10 else ".4f"  # nats; fractions
             pub = (f"{_f(r.published_mean, fmt)} ± {_f(r.published_se, fmt)} ({r.published_n})"
                    if r.published_n > 1 else f"{_f(r.published_mean, fmt)} (one run)")
-            rows.append([(r.estimator, False), (r.source_name, False), (r.label, False),
+            on = f" [{r.device}]" if df.device.nunique() > 1 else ""
+            rows.append([(r.estimator + on, False), (r.source_name, False), (r.label, False),
                          (f"{_f(r.ours_mean, fmt)} ± {_f(r.ours_ci, fmt)} ({r.ours_n})"
                           + (f", {r.steps} steps" if cut else ""), False),
                          (pub, False),
