@@ -22,9 +22,11 @@ BEGIN, END = "<!-- published-table: begin -->", "<!-- published-table: end -->"
 
 
 def _num(x: float, like: float) -> str:
+    from estbench.engine.protocols import figure_format
+
     if not isinstance(x, (int, float)) or not math.isfinite(x):
         return "-"
-    return f"{x:.2f}" if abs(like) >= 10 else f"{x:.4f}"
+    return format(x, figure_format(like))
 
 
 def table(root: Path = ROOT) -> str:

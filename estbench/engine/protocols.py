@@ -90,10 +90,15 @@ _PUBLISHED_KEYS = {"source", "figures", "values"}
 _FIGURE_KEYS = {"label", "metric", "sign", "at", "steps"}
 
 
+def figure_format(like: float) -> str:
+    """How a published figure and those beside it are printed: nats to the hundredth, fractions
+    (accuracies, selection rates) to four places; ``like`` is the figure whose precision its error,
+    our mean and the difference take."""
+    return ".2f" if abs(like) >= 10 else ".4f"
+
+
 def _num(x: float, like: Optional[float] = None) -> str:
-    """A published figure as printed: nats to the hundredth, fractions (accuracies) to 4 places
-    (``like``: the figure whose precision an error takes)."""
-    return f"{x:.2f}" if abs(x if like is None else like) >= 10 else f"{x:.4f}"
+    return format(x, figure_format(x if like is None else like))
 
 
 def mode(budget) -> str:

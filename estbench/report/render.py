@@ -1014,7 +1014,7 @@ def _against_published(a: Analysis) -> list:
         rows = []
         for _, r in df.sort_values(["figure", "published_mean"]).iterrows():
             cut = r.steps < r.published_steps
-            fmt = ".2f" if abs(r.published_mean) >= 10 else ".4f"  # nats; fractions
+            fmt = protocols.figure_format(r.published_mean)
             pub = (f"{_f(r.published_mean, fmt)} ± {_f(r.published_se, fmt)} ({r.published_n})"
                    if r.published_n > 1 else f"{_f(r.published_mean, fmt)} (one run)")
             on = f" [{r.device}]" if df.device.nunique() > 1 else ""
