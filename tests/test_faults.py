@@ -140,7 +140,7 @@ def test_atomic_write_fsyncs_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     target = tmp_path / "x.json"
-    store._atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
+    store.atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
     assert target.read_text() == "{}"
     assert [k for k, _ in events] == ["fsync", "replace", "fsync"]
     assert events[0][1] == events[1][1] != os.path.realpath(target)  # the temp file, before the rename
@@ -340,7 +340,7 @@ def _read_only_writes(monkeypatch):
     def refuse(path, write):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(store, "_atomic_write", refuse)
+    monkeypatch.setattr(store, "atomic_write", refuse)
 
 
 @pytest.mark.parametrize("make_read_only", [_read_only_probe, _read_only_writes])

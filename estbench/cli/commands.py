@@ -3,6 +3,7 @@
     estbench run  [--tasks ...] [--estimators ...] [--seeds 0,1,2] [--device cpu|cuda|all]
                   [--steps N] [--n-samples N] [--out DIR]
     estbench list
+    estbench snapshots TASK --driver EST --out SET     estbench probe [SET ...]
 
 Lists are comma-separated; options go in the name, ``gumbel_softmax[temperature=0.5]``.
 Bad input gets one line on stderr and exit status 2, never a traceback.
@@ -15,33 +16,24 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import estimators
 import tasks
 from estbench.engine import executors, protocols, runs, store, sweep
 from estbench.analysis import table
 from estbench.core.budget import Budget
+from estbench.cli.common import cell_timeout, execute, positive, seconds_arg
+from estbench.cli.probe import add_parsers as add_probe_parsers
 from estbench.cli.report import add_parsers
-from estbench.core.errors import ConfigError, RankError, ResultsWriteError, SpecError, UsageError, WorkerError
+from estbench.core.errors import ConfigError, RankError, SpecError, UsageError
 from estbench.core.spec import parse_list, parse_seeds
-from estbench.engine.progress import Progress
 
 DEFAULTS = Budget()
 DEFAULT_SEEDS = "0,1,2"
-def _positive(text: str, what: str, minimum: int = 1) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise UsageError(f"{what} must be an integer, got {text!r}") from None
-    if v < minimum:
-        raise UsageError(f"{what} must be >= {minimum}, got {v}")
-    return v
-
 
 def _common(args):
     """Seeds, devices, executor and budget overrides shared by ``run`` and ``rank``."""
-    threads = _positive(args.threads, "--threads") if args.threads is not None else None
+    threads = positive(args.threads, "--threads") if args.threads is not None else None
     seeds = parse_seeds(args.seeds)
     devices = runs.DEVICES[args.device]
     try:
@@ -55,25 +47,10 @@ def _common(args):
                                ("eval_points", "--eval-points", 0)]:
         value = getattr(args, key)
         if value is not None:
-            overrides[key] = _positive(value, flag, minimum)
+            overrides[key] = positive(value, flag, minimum)
     if args.seconds is not None:
-        overrides["train_seconds"] = _seconds(args.seconds, "--seconds")
+        overrides["train_seconds"] = seconds_arg(args.seconds, "--seconds")
     return seeds, devices, executor, overrides
-
-
-def _seconds(text: str, what: str, zero: str = "") -> float:
-    """A number of seconds given as ``what``: positive and finite, or also 0 where ``zero`` says
-    what 0 means (``--cell-timeout``: no limit)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise UsageError(f"{what} must be a number of seconds, got {text!r}") from None
-    if zero:
-        if not (v >= 0 and v != float("inf")):
-            raise UsageError(f"{what} must be >= 0 seconds (0: {zero}), got {text!r}")
-    elif not (0 < v < float("inf")):
-        raise UsageError(f"{what} must be a positive, finite number of seconds, got {text!r}")
-    return v
 
 
 def _selection(text: str, flag: str):
@@ -84,42 +61,14 @@ def _selection(text: str, flag: str):
     return parse_list(text)
 
 
-def _cell_timeout(text: Optional[str]) -> Optional[float]:
-    """``--cell-timeout SECONDS`` (0: no limit); None: the budget's default."""
-    return None if text is None else _seconds(text, "--cell-timeout", zero="no limit")
-
-
 def _plan(args, task_specs, est_specs, seeds, devices, overrides, show_skipped: bool):
     """The plan of a selection (``runs.plan``), its notes on stderr."""
     planned = runs.plan(task_specs, est_specs, seeds, devices, args.budget, overrides,
-                        timeout=_cell_timeout(args.cell_timeout),
+                        timeout=cell_timeout(args.cell_timeout),
                         list_skipped=show_skipped and not args.quiet)
     for line in planned.notes:
         print(line, file=sys.stderr)
     return planned.plan
-
-
-def _execute(args, plan, out: Path, executor, meta: dict):
-    """Run the plan into ``out`` (``runs.run_into``); returns (exit status or None, the plan's
-    finished records, its status rows).  What stops a sweep is one line: a worker that died or a
-    folder that stopped taking writes (exit 1), an interrupt (130); finished cells are kept."""
-    err = sys.stderr
-    progress = Progress(err, args.quiet, plan.cells, executor.n_jobs, where=out)
-    try:
-        outcome = runs.run_into(plan, out, meta, executor, force=args.force, progress=progress)
-    except (WorkerError, ResultsWriteError) as e:
-        print(f"estbench: error: {e}", file=err)
-        return 1, None, None
-    except KeyboardInterrupt:
-        print(f"interrupted: finished cells are kept in {out}; rerun the same command to finish", file=err)
-        return 130, None, None
-    except ConfigError as e:  # raised once the backend starts (e.g. dask.distributed.Client)
-        raise UsageError(str(e)) from None
-    finally:
-        progress.close()
-    for line in outcome.notes:
-        print(line, file=err)
-    return None, outcome.records, outcome.cells
 
 
 def cmd_run(args) -> int:
@@ -142,7 +91,7 @@ def cmd_run(args) -> int:
               if getattr(args, "config", None) else {})
     meta = runs.sweep_meta(plan, args.budget, task_specs, est_specs, seeds, devices,
                            command=store.typed_command(["estbench", *args.argv]), extra=config)
-    status, keep, cells = _execute(args, plan, out, executor, meta)
+    status, keep, cells = execute(args, plan, out, executor, meta)
     if status is not None:
         return status
     summ = table.summary(keep)
@@ -314,7 +263,7 @@ def cmd_rank(args) -> int:
                   else "no reference set, ") + f"results in {out}"), file=sys.stderr)
     # the estimator's own cells first: where none of them finishes there is nothing to rank, and
     # its rivals' cells (hours on the real tasks) are not computed
-    status, _, mine_cells = _execute(args, mine_plan, out, executor, meta)
+    status, _, mine_cells = execute(args, mine_plan, out, executor, meta)
     if status is not None:
         return status
     if mine_cells.empty or not (mine_cells.status == "ok").any():
@@ -323,7 +272,7 @@ def cmd_rank(args) -> int:
         if not args.no_report:  # the problem cells, with their reasons, in the run's report
             print(f"report: {_rank_report(out)}")
         return 1
-    status, _, _ = _execute(args, plan, out, executor, meta)
+    status, _, _ = execute(args, plan, out, executor, meta)
     if status is not None:
         return status
     return _print_placement(args, cls, out, [*mine_plan.cells, *plan.cells])
@@ -496,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
     add_parsers(sub)
+    add_probe_parsers(sub)
     return p
 
 

@@ -108,6 +108,9 @@ class Metric(Quantity):
     #: HARNESS (declared here) or TASK (a task's own final figure, declared by the task in its
     #: ``final_figures``)
     source: str = HARNESS
+    #: recorded by a probe only (``estbench probe``, measuring at shared snapshots), never by a
+    #: training cell
+    probe_only: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -198,6 +201,11 @@ METRICS: tuple[Metric, ...] = (
            label="signal-to-noise ratio", doc="||mean estimate|| / sqrt(variance)"),
     Metric(name="ref_norm", recorded=CHECKPOINT, direction=NONE, scale=LOG10,
            label="reference gradient norm", doc="||reference gradient||_2, the scale of the others"),
+    Metric(name="estimate_time", recorded=CHECKPOINT, direction=LOWER, scale=LOG10, unit="s",
+           label="time per estimate", timing=True, probe_only=True,
+           doc="seconds per gradient estimate at a snapshot (estbench probe): the measurement's "
+               "batched pass over its estimates, with its summary statistics, divided by the "
+               "estimates it made"),
     # ---- at the checkpoints: the held-out curve ---------------------------------------------------
     Metric(name="elbo", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR,
            label="validation ELBO (during training)",

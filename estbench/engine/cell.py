@@ -23,6 +23,7 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -54,26 +55,36 @@ class Cell:
     #: time limit of the whole cell in seconds (0: none); not part of the key (it does not change
     #: a finished cell's result)
     timeout: float = 0.0
+    #: a *probe* cell: the folder of the snapshot set the estimator is measured at (no training;
+    #: :mod:`estbench.engine.probe`), '' for a training cell.  Its ``code`` then names the set's
+    #: manifest hash, so the key changes when the snapshots do.
+    snapshots: str = ""
 
     def with_code(self) -> "Cell":
         if self.code:
             return self
         return dataclasses.replace(self, code=cell_code_version(self))
 
+    @property
+    def probe(self) -> bool:
+        """Whether this cell measures at a snapshot set instead of training."""
+        return bool(self.snapshots)
+
     def key(self, code_version: str | None = None) -> str:
         """Content hash of everything that changes the result (and nothing else): the cell's
         specification and the version of the code that computes it (:func:`cell_code_version`)."""
         if code_version is None:
             code_version = self.with_code().code
-        blob = json.dumps(
-            {"task": self.task, "estimator": self.estimator, "seed": self.seed,
-             "device": self.device, "budget": self.budget.as_dict(), "code": code_version},
-            sort_keys=True,
-        )
+        spec = {"task": self.task, "estimator": self.estimator, "seed": self.seed,
+                "device": self.device, "budget": self.budget.as_dict(), "code": code_version}
+        if self.probe:  # a training cell's key stays what it always was
+            spec["probe"] = True
+        blob = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def label(self) -> str:
-        return f"{self.task} x {self.estimator} seed={self.seed} {self.device}"
+        at = " at snapshots" if self.probe else ""
+        return f"{self.task} x {self.estimator} seed={self.seed} {self.device}{at}"
 
 
 @dataclass
@@ -90,6 +101,28 @@ class CellResult:
         return {"task": self.cell.task, "estimator": self.cell.estimator, "seed": self.cell.seed,
                 "device": self.cell.device, **self.cell.budget.as_dict(),
                 "status": self.status, "error": self.error, "seconds": self.seconds}
+
+
+@dataclass
+class Plan:
+    """The cells of a sweep or a probe, and what will not run."""
+
+    cells: list[Cell]
+    #: (task, estimator, reason) pairs that will not run (incompatible families, etc.)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    #: devices asked for that are not available here
+    missing_devices: list[str] = field(default_factory=list)
+
+
+def usable_devices(devices: Iterable[str], plan: Plan) -> list[str]:
+    """The devices of ``devices`` this machine has; the others are noted in ``plan.missing_devices``."""
+    usable = []
+    for d in devices:
+        if d == "cuda" and not torch.cuda.is_available():
+            plan.missing_devices.append(d)
+        else:
+            usable.append(d)
+    return usable
 
 
 # ----------------------------------------------------------------------------- the code version
@@ -177,11 +210,12 @@ def _class_files(kind: str, spec_text: str) -> list[Path]:
     return files
 
 
-def code_files(task: str = "", estimator: str = "") -> list[Path]:
-    """The source files :func:`code_version` hashes, sorted: the training loop's, the task's and the
-    estimator's modules and every module of ours they import, transitively (without a task and an
-    estimator: every estimator and task module's)."""
-    starts = [module_file(ENTRY)]
+def code_files(task: str = "", estimator: str = "", entry: str = ENTRY) -> list[Path]:
+    """The source files :func:`code_version` hashes, sorted: the ``entry`` module's (the training
+    loop, or a probe's :mod:`estbench.engine.probe`), the task's and the estimator's modules and
+    every module of ours they import, transitively (without a task and an estimator: every
+    estimator and task module's)."""
+    starts = [module_file(entry)]
     if task or estimator:
         for kind, text in (("task", task), ("estimator", estimator)):
             starts += _class_files(kind, text) if text else []
@@ -203,16 +237,19 @@ def code_files(task: str = "", estimator: str = "") -> list[Path]:
 
 
 @functools.lru_cache(maxsize=None)
-def code_version(task: str = "", estimator: str = "") -> str:
+def code_version(task: str = "", estimator: str = "", entry: str = ENTRY) -> str:
     """What goes into a cell's cache key for 'the code': the estbench and torch versions and a hash
     of the normalised modules that compute the cell (:func:`code_files`).  Without a task and an
     estimator it covers every estimator and task module (the version of the code as a whole)."""
     h = hashlib.sha256()
-    for text in sorted(normalised(p, p.stat().st_mtime_ns)[0] for p in code_files(task, estimator)):
+    for text in sorted(normalised(p, p.stat().st_mtime_ns)[0]
+                       for p in code_files(task, estimator, entry)):
         h.update(text.encode())
         h.update(b"\0")
     return f"{__version__}+torch{torch.__version__}+{h.hexdigest()[:16]}"
 
 
 def cell_code_version(cell: Cell) -> str:
-    return code_version(cell.task, cell.estimator)
+    """The code version a cell is filed under: the one its planner fixed (a probe cell's names its
+    snapshot set too), else that of the code that trains it."""
+    return cell.code or code_version(cell.task, cell.estimator)

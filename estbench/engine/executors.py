@@ -156,7 +156,13 @@ def run_and_store(cell: Cell, run_dir: str, force: bool = False,
                              if cell.device == "cpu" else 0), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = run_cell(cell, report=heartbeat, threads=settings.threads)
+            if cell.probe:  # measured at a snapshot set, not trained
+                from estbench.engine.probe import REFERENCES, run_probe
+
+                res = run_probe(cell, report=heartbeat, threads=settings.threads,
+                                references=Path(run_dir) / REFERENCES)
+            else:
+                res = run_cell(cell, report=heartbeat, threads=settings.threads)
     finally:
         heartbeat.close()
     _summarise_warnings(cell, caught)

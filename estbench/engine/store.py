@@ -144,7 +144,7 @@ def _fsync(path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write ``path`` whole or not at all: ``write(tmp)`` fills a temp file beside it, which is
     flushed to the disk and renamed over ``path``.  The file gets the permissions of an ordinary
     new file (0o666 less the umask), not mkstemp's 0o600, so a shared results folder stays
@@ -265,7 +265,7 @@ def write_cell(run_dir: Path, key: str, result, env: dict | None = None) -> Path
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            _CELL_KEY: json.dumps(row).encode()})
     path = cell_path(run_dir, key)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path
 
 
@@ -398,7 +398,7 @@ def write_meta(run_dir: Path, meta: dict) -> None:
         if isinstance(old.get("budgets"), dict) and isinstance(meta.get("budgets"), dict):
             merged["budgets"] = {**old["budgets"], **meta["budgets"]}
     path = Path(run_dir) / "meta.json"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(merged, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(merged, indent=2) + "\n"))
 
 
 #: what identifies a cell apart from the code that computed it
@@ -447,7 +447,7 @@ def load(run_dir, latest_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]
 def write_merged(run_dir: Path) -> Path:
     records, _ = load(run_dir)
     path = Path(run_dir) / "results.parquet"
-    _atomic_write(path, lambda tmp: records.to_parquet(tmp, index=False))
+    atomic_write(path, lambda tmp: records.to_parquet(tmp, index=False))
     return path
 
 

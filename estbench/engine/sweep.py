@@ -1,11 +1,8 @@
 """Expand a selection into cells and run them, skipping cells already in the store."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
-
-import torch
 
 import estimators
 import tasks
@@ -13,21 +10,13 @@ from estbench.engine import protocols, store
 from estbench.core.budget import Budget
 from estbench.core.errors import OptionError, SpecError
 from estbench.core.spec import Spec
+from estbench.engine.cell import Plan, usable_devices
 from estbench.engine.train import Cell, CellResult
 
 
 def default_tasks() -> list[str]:
     """The tasks a run without ``--tasks`` trains: those that declare ``in_default_run``."""
     return [n for n in tasks.available() if getattr(tasks.get_class(n), "in_default_run", False)]
-
-
-@dataclass
-class Plan:
-    cells: list[Cell]
-    #: (task, estimator, reason) pairs that will not run (incompatible families, etc.)
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)
-    #: devices asked for that are not available here
-    missing_devices: list[str] = field(default_factory=list)
 
 
 def check_spec(kind: str, spec: Spec):
@@ -104,7 +93,7 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
     task_objs = _canonical("task", task_specs)
     est_objs = _canonical("estimator", est_specs)
     plan = Plan([])
-    usable = _usable(devices, plan)
+    usable = usable_devices(devices, plan)
     for t, task in task_objs.items():
         b = budget if isinstance(budget, Budget) else task_budget(task, budget, overrides)
         per_task = est_objs
@@ -122,16 +111,6 @@ def expand(task_specs: Iterable[Spec], est_specs: Iterable[Spec], seeds: Iterabl
     return plan
 
 
-def _usable(devices: Iterable[str], plan: Plan) -> list[str]:
-    usable = []
-    for d in devices:
-        if d == "cuda" and not torch.cuda.is_available():
-            plan.missing_devices.append(d)
-        else:
-            usable.append(d)
-    return usable
-
-
 def _expand_published(task_specs: list[Spec], est_specs: list[Spec], seeds, devices,
                       overrides: Optional[dict], timeout: float) -> Plan:
     """The cells of the as-published mode: each method at its source's own settings (its task
@@ -139,7 +118,7 @@ def _expand_published(task_specs: list[Spec], est_specs: list[Spec], seeds, devi
     have a task configuration of their own.  An estimator the source did not run is skipped with
     that reason; options given on the command line win over the source's."""
     plan = Plan([])
-    usable = _usable(devices, plan)
+    usable = usable_devices(devices, plan)
     seen: dict = {}
     for ts in task_specs:
         for es in est_specs:

@@ -1,0 +1,261 @@
+"""Probing: every estimator measured at the same parameters -- the snapshots of a trained model
+(:mod:`estbench.engine.snapshots`) -- with no training.
+
+A *probe cell* is a :class:`~estbench.engine.cell.Cell` whose ``snapshots`` names a snapshot set:
+(task, estimator, seed, device, budget) as for training, where the seed is the set's (the driver's)
+and the budget holds the set's probe budget (f-evaluations per estimate ``n_samples``, estimates
+per measurement ``measure_samples``) and the driver's steps.  It runs through the same executors,
+store and time and memory limits as a training cell, and its records have the same schema: at each
+snapshot, under the snapshot's training step, the measurement's figures (:func:`measure.measure`:
+bias, noise floor, variance, gradient error, the bias test, cosine, SNR, reference norm) and the
+time per estimate; at the end, the f-evaluations of one estimate as the harness counted them.
+
+Every estimator of a set sees the same parameters, the same measurement batch and the same
+reference gradient; the cell keeps their digests per snapshot (``artifacts["snapshots"]``), which a
+test compares across the estimators of a probe.  The measurement's random stream is the one the
+driver's own training cell uses at that step (``seed * 7919 + step``), so on a task whose reference
+is exact (it draws nothing) the driver's probe repeats its in-training measurement figure for
+figure; where the reference is a Monte Carlo estimate (computed once per snapshot and device and
+kept in ``OUT/references/``), the estimates draw from the stream's start instead of after the
+reference: the same distribution, other draws.
+
+Estimators with a state of their own (a moving-average baseline, RELAX's network: parameters or
+buffers) would otherwise be measured in their initial state, which training never leaves them in:
+they are first warmed up at the snapshot -- ``WARMUP_STEPS`` estimates on training batches, each
+updating the estimator's own state and nothing of the model -- under the same counted budget.
+"""
+from __future__ import annotations
+
+import fcntl
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+import estimators
+from estbench.core.budget import Budget, EvaluationCounter
+from estbench.core.errors import BudgetError
+from estbench.core.spec import Spec, parse
+from estbench.engine import protocols, snapshots
+from estbench.engine.cell import Cell, CellResult, Plan, code_version, usable_devices
+from estbench.engine.measure import isolated_rng, measure
+from estbench.engine.train import _check_spent, _record, resolve_device
+
+#: the module a probe cell runs: its code (and what it imports) is in every probe cell's key
+ENTRY = "estbench.engine.probe"
+#: training batches a stateful estimator is warmed up on at each snapshot before it is measured
+WARMUP_STEPS = 100
+#: what a probe folder's meta.json says of how it was made
+MODE = ("probe: every estimator measured at the same parameters, the snapshots of one trained "
+        "model (no training)")
+#: where a probe folder keeps the reference gradients it computed (one per set, snapshot, device)
+REFERENCES = "references"
+
+
+def stateful(est) -> bool:
+    """Whether an estimator carries a state of its own that training adapts (parameters or buffers:
+    a learned or moving-average baseline, a learned control variate)."""
+    return any(True for _ in est.state_dict())
+
+
+def options_from(task: str, estimator: Spec) -> tuple[dict, str]:
+    """An estimator's options in a probe and where they come from: ``given`` (named with options),
+    ``protocol`` (those the task's published protocol tunes, as ``--budget paper`` applies them),
+    or ``default``."""
+    if estimator.options:
+        return dict(estimator.options), "given"
+    if task in protocols.available():
+        tuned = protocols.estimator_options(task, estimator.name, {})
+        if tuned:
+            return tuned, "protocol"
+    return {}, "default"
+
+
+def plan(sets: Iterable[snapshots.SnapshotSet], est_specs: Iterable[Spec], devices: Iterable[str],
+         timeout: float = 0.0):
+    """The probe cells of every compatible (set, estimator, device); a sweep ``Plan`` whose
+    ``skipped`` says why a pair will not run."""
+    import tasks
+
+    p = Plan([])
+    usable = usable_devices(devices, p)
+    est_specs = list(est_specs)
+    for s in sets:
+        tspec = parse(s.task)
+        task = tasks.get(tspec.name, **tspec.options)
+        budget = Budget(steps=s.steps[-1], n_samples=s.n_samples, checkpoints=len(s.steps),
+                        measure_samples=s.measure_samples, evaluation=s.budget.evaluation,
+                        eval_points=0)
+        seen = set()
+        for es in est_specs:
+            opts, _ = options_from(tspec.name, es)
+            est = estimators.get(es.name, **opts)
+            name = est.display_name
+            if name in seen:
+                continue
+            seen.add(name)
+            if task.family not in est.families:
+                p.skipped.append((s.task, name, f"supports {sorted(est.families)}, task is "
+                                                f"{task.family}"))
+                continue
+            code = f"{code_version(s.task, name, ENTRY)}+snapshots:{s.hash}"
+            for dev in usable:
+                p.cells.append(Cell(s.task, name, s.seed, dev, budget, code=code,
+                                    timeout=float(timeout), snapshots=str(s.path.resolve())))
+    return p
+
+
+def _reference(s: snapshots.SnapshotSet, task, batch, step: int, seed: int, device: torch.device,
+               cache: Optional[Path]):
+    """The reference gradient at a snapshot (the task's ``reference_gradient`` on the measurement
+    batch, on the measurement's random stream), computed once per (set, step, device) and kept in
+    ``cache``; a lock lets one worker compute it while the others wait for it."""
+    from tasks import Reference
+
+    def compute() -> Reference:
+        with isolated_rng(seed, device):
+            return task.reference_gradient(batch)
+
+    if cache is None:
+        return compute()
+    path = cache / f"{s.hash}-{step}-{device.type}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            d = torch.load(path, map_location=device, weights_only=True)
+            return Reference(d["grad"], bool(d["exact"]), d["stderr"], d["n_samples"])
+        ref = compute()
+        from estbench.engine import store
+
+        store.atomic_write(path, lambda tmp: torch.save(
+            {"grad": ref.grad.detach(), "exact": ref.exact, "stderr": ref.stderr,
+             "n_samples": ref.n_samples}, tmp))
+        return ref
+
+
+def _warm_up(task, est, s: snapshots.SnapshotSet, counter: EvaluationCounter, held: bool,
+             budget: Budget, step: int) -> None:
+    """``WARMUP_STEPS`` training-mode estimates at the snapshot's parameters, each followed by the
+    estimator's own update; the model's parameters are left as they are (the gradient goes to
+    the estimator's parameters only)."""
+    own = [p for p in est.parameters() if p.requires_grad]
+    batches = task.train_batches(torch.Generator().manual_seed(s.seed + 1_000_003))
+    est.train()
+    with isolated_rng(s.seed * 7919 + step + 3_000_017, task.device):
+        for _ in range(WARMUP_STEPS):
+            prob = task.problem(next(batches))
+            counter.reset()
+            e = est.estimate(prob.dist, counter.wrap(prob.f, prob.dist), budget.n_samples,
+                             prob.context)
+            _check_spent(held, counter.count, budget, "warming up at a snapshot", e.n_evals)
+            if own and e.surrogate.requires_grad:
+                grads = torch.autograd.grad(-e.surrogate, own, allow_unused=True)
+                for p, g in zip(own, grads):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+            est.update()
+
+
+def run_probe(cell: Cell, report=None, threads: int = 1, references: Optional[Path] = None
+              ) -> CellResult:
+    """Measure the cell's estimator at every snapshot of its set; never raises for an estimator's
+    or a task's failure (a 'failed' / 'infeasible' status with its reason), nor for a cell past
+    its time limit."""
+    from estbench.engine.train import time_limit
+    from estbench.core.errors import CellTimeout
+
+    report = report or (lambda *a: None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    t_start = time.perf_counter()
+    res = CellResult(cell, "ok")
+    try:
+        with time_limit(cell.timeout):
+            _probe(cell, res, report, references)
+    except CellTimeout:
+        res.status, res.error = "failed", f"timed out after {cell.timeout:g} s (--cell-timeout)"
+    except BudgetError as exc:
+        res.status, res.error = "infeasible", str(exc)
+    except snapshots.SnapshotError as exc:
+        res.status, res.error = "failed", str(exc)
+    except Exception as exc:  # recorded, not raised: one bad cell never stops a probe
+        from estbench.core.errors import OverBudgetError
+
+        res.status = "infeasible" if isinstance(exc, estimators.FamilyError) else "failed"
+        res.error = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if isinstance(exc, OverBudgetError):
+            res.status = "failed"
+    finally:
+        torch.set_num_threads(previous)
+    _record(res, cell.budget.steps, "diverged", 0.0)
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def _probe(cell: Cell, res: CellResult, report, references: Optional[Path]) -> None:
+    s = snapshots.load(cell.snapshots)
+    device = resolve_device(cell.device)
+    budget = cell.budget
+    espec = parse(cell.estimator)
+    with torch.random.fork_rng(devices=[], device_type="cpu"):
+        torch.manual_seed(cell.seed + 2_000_029)  # as a training cell builds its estimator
+        est = estimators.get(espec.name, **espec.options)
+    task = s.make_task(device)
+    est.to(device)
+    batch = task.measure_batch()
+    batch_digest = snapshots.digest(batch)
+    if batch_digest != s.manifest["measure_batch"]:
+        raise snapshots.SnapshotError(
+            f"snapshot set {s.path}: the task's measurement batch is not the one the set was made "
+            "with (the data or the task changed); rebuild the set")
+    counter, held = EvaluationCounter(), not est.exceeds_budget
+    with isolated_rng(cell.seed, device):
+        reason = est.skip(task.problem(batch).dist, budget.n_samples)
+    if reason:
+        raise BudgetError(reason)
+    warm = stateful(est)
+    seen: dict = {}
+    n_evals = 0
+    fresh = {k: v.clone() for k, v in est.state_dict().items()}
+    for i, step in enumerate(s.steps):
+        report(i, len(s.steps), f"snapshot {i + 1} of {len(s.steps)} (step {step})")
+        params_digest = s.apply(task, step)
+        seed = cell.seed * 7919 + step  # the driver's measurement stream at this step
+        ref = _reference(s, task, batch, step, seed, device, references)
+        if warm:
+            est.load_state_dict(fresh)
+            _warm_up(task, est, s, counter, held, budget, step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        m = measure(task, est, budget.n_samples, budget.measure_samples, seed=seed, batch=batch,
+                    reference=ref, counter=counter)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        spent, reported = int(m.pop("n_evals")), m.pop("n_evals_reported")
+        _check_spent(held, spent, budget, f"in the measurement at the snapshot of step {step}",
+                     reported)
+        n_evals = max(n_evals, spent)
+        for k, v in m.items():
+            _record(res, step, k, v)
+        _record(res, step, "estimate_time", seconds / max(m["bias_test_samples"], 1.0))
+        seen[str(step)] = {"parameters": params_digest, "measure_batch": batch_digest,
+                           "reference": snapshots.digest([ref.grad, ref.stderr])}
+    _record(res, budget.steps, "n_evals", float(n_evals))
+    res.artifacts.update({"snapshots": seen, "snapshot_set": s.hash, "warmed_up": warm,
+                          "warmup_steps": WARMUP_STEPS if warm else 0,
+                          "options": options_source(parse(s.task).name, espec.name, cell.estimator)})
+
+
+def options_source(task: str, estimator: str, display: str) -> str:
+    """Where the options of a probed estimator (its display name ``display``) came from:
+    ``default``, ``protocol`` (the task's protocol tunes exactly these) or ``given``."""
+    if "[" not in display:
+        return "default"
+    tuned, source = options_from(task, Spec(estimator, {}, estimator))
+    if source == "protocol" and estimators.get(estimator, **tuned).display_name == display:
+        return "protocol"
+    return "given"

@@ -1,0 +1,198 @@
+"""Snapshot sets and the probe: every estimator measured at the same parameters (issue #22).
+
+What is checked: a snapshot holds exactly the parameters of the driver's training cell at that
+step, and the driver's probe repeats its in-training measurement figure for figure; every
+estimator of a probe sees the same parameters, measurement batch and reference (by digest);
+a set rebuilt from its manifest has the same parameters, and a damaged one is refused; the
+probe holds estimators to the counted budget and records failures with their reasons; a
+stateful estimator's warm-up leaves the model as it is; the commands end to end.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import estimators
+from estbench.cli.commands import main
+from estbench.core.budget import Budget
+from estbench.core.records import RECORD_COLUMNS
+from estbench.core.spec import parse_list
+from estbench.engine import probe, snapshots, store, sweep
+from estbench.engine.cell import Cell
+from estbench.engine.train import run_cell
+from estimators import Estimate, Estimator
+
+BUDGET = Budget(steps=40, n_samples=12, checkpoints=3, measure_samples=32)
+STEPS = [0, 20, 40]  # BUDGET's checkpoints
+
+
+@pytest.fixture(scope="module")
+def toy_set(tmp_path_factory):
+    """toy_categorical trained by rloo, snapshots at the budget's checkpoints."""
+    return snapshots.build("toy_categorical", "rloo", 0, BUDGET, STEPS,
+                           tmp_path_factory.mktemp("sets") / "toy_categorical")
+
+
+def _probe(s, names, tmp_path):
+    plan = probe.plan([s], parse_list(names), ["cpu"])
+    return plan, sweep.run(plan, tmp_path / "probe")
+
+
+def test_the_drivers_probe_repeats_its_in_training_measurement(toy_set):
+    """Same parameters, batch and random stream (the toy's reference is exact: it draws nothing)."""
+    trained = pd.DataFrame(run_cell(Cell("toy_categorical", "rloo", 0, "cpu", BUDGET)).records)
+    [cell] = probe.plan([toy_set], parse_list("rloo"), ["cpu"]).cells
+    res = probe.run_probe(cell)
+    assert res.status == "ok", res.error
+    probed = pd.DataFrame(res.records)
+    measured = ["bias", "bias_noise", "variance", "grad_error", "cosine", "snr", "bias_p"]
+    a = trained[trained.metric.isin(measured)].set_index(["step", "metric"]).value.sort_index()
+    b = probed[probed.metric.isin(measured)].set_index(["step", "metric"]).value.sort_index()
+    assert sorted(set(a.index.get_level_values(0))) == STEPS
+    pd.testing.assert_series_equal(a, b, rtol=1e-6)
+
+
+def test_every_estimator_sees_the_same_parameters_batch_and_reference(toy_set, tmp_path):
+    plan, results = _probe(toy_set, "rloo,reinmax,gumbel_softmax,exact,reinforce_ema", tmp_path)
+    assert [r.status for r in results] == ["ok"] * 5
+    seen = [r.artifacts["snapshots"] for r in results]
+    assert all(s == seen[0] for s in seen) and sorted(map(int, seen[0])) == STEPS
+    for step, d in seen[0].items():
+        assert d["parameters"] == toy_set.manifest["snapshots"][step]["parameters"]
+        assert d["measure_batch"] == toy_set.manifest["measure_batch"]
+    records, cells = store.load(tmp_path / "probe")
+    assert list(records.columns[:len(RECORD_COLUMNS)]) == RECORD_COLUMNS
+    gq = records[records.metric == "grad_error"]
+    assert sorted(gq.step.unique()) == STEPS and gq.estimator.nunique() == 5
+    # the oracle's error is float rounding; an unbiased score-function estimator's is not
+    err = gq.groupby("estimator").value.max()
+    assert err["exact"] < 1e-10 < err["rloo"]
+    warmed = {r.cell.estimator: r.artifacts["warmed_up"] for r in results}
+    assert warmed == {"rloo": False, "reinmax": False, "gumbel_softmax": False, "exact": False,
+                      "reinforce_ema": True}
+
+
+def test_a_probe_cells_key_names_its_set_and_a_training_cells_key_is_unchanged(toy_set):
+    [c] = probe.plan([toy_set], parse_list("rloo"), ["cpu"]).cells
+    plain = Cell(c.task, c.estimator, c.seed, c.device, c.budget, code=c.code)
+    assert c.key() != plain.key() and toy_set.hash in c.code
+    # a training cell's key is computed as it always was (the probe field only enters when set)
+    import hashlib
+
+    blob = json.dumps({"task": plain.task, "estimator": plain.estimator, "seed": plain.seed,
+                       "device": plain.device, "budget": plain.budget.as_dict(),
+                       "code": plain.code}, sort_keys=True)
+    assert plain.key() == hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def test_a_rebuilt_set_has_the_same_parameters_and_a_damaged_one_is_refused(toy_set, tmp_path):
+    again = snapshots.rebuild(toy_set, tmp_path / "again")
+    assert snapshots.same_parameters(toy_set, again) == []
+    # another seed is another trajectory: the check can fail
+    other = snapshots.build("toy_categorical", "rloo", 1, BUDGET, STEPS, tmp_path / "seed1")
+    assert snapshots.same_parameters(toy_set, other) == [20, 40]  # the start is the task's init
+    f = again.path / snapshots.snapshot_name(20)
+    data = torch.load(f, weights_only=True)
+    data["parameters"][0] = data["parameters"][0] + 1.0
+    torch.save(data, f)
+    task = again.make_task(torch.device("cpu"))
+    with pytest.raises(snapshots.SnapshotError, match="does not match its sha256"):
+        again.apply(task, 20)
+
+
+def test_float16_sets_hold_the_rounded_parameters(tmp_path):
+    s = snapshots.build("toy_categorical", "rloo", 0, BUDGET, [40], tmp_path / "half",
+                        dtype="float16")
+    stored = s.parameters_at(40)
+    assert all(t.dtype == torch.float16 for t in stored)
+    task = s.make_task(torch.device("cpu"))
+    s.apply(task, 40)
+    assert all(torch.equal(p.detach(), t.float()) for p, t in zip(task.parameters(), stored))
+
+
+class _Overspender(Estimator):
+    """Spends 8 times its budget (a test plug-in; Williams 1992, Eq. 7)."""
+
+    name = "overspender_probe_test"
+    families = frozenset({"categorical"})
+    unbiased = True
+    paper = "Williams (1992), Eq. 7"
+
+    def _estimate(self, dist, f, n, context, family):
+        z = dist.sample((8 * n,))
+        fz = f(z)
+        return Estimate((fz.detach() * dist.log_prob(z)).mean(0).sum(), fz.detach().mean(0), n)
+
+
+def test_the_probe_counts_the_budget_and_records_a_failure_with_its_reason(toy_set, tmp_path):
+    estimators.register(_Overspender)
+    try:
+        [cell] = probe.plan([toy_set], parse_list(_Overspender.name), ["cpu"]).cells
+        res = probe.run_probe(cell)
+    finally:
+        estimators.unregister(_Overspender.name)
+    assert res.status == "failed"
+    assert "over budget: spent 96 f-evaluations per data point in the measurement at the " \
+           "snapshot of step 0" in res.error
+
+
+def test_warming_up_a_stateful_estimator_leaves_the_model_as_it_is(toy_set):
+    task = toy_set.make_task(torch.device("cpu"))
+    toy_set.apply(task, 40)
+    before = snapshots.digest([p.detach().clone() for p in task.parameters()])
+    est = estimators.get("reinforce_ema")
+    probe._warm_up(task, est, toy_set, probe.EvaluationCounter(), True, BUDGET, 40)
+    assert snapshots.digest([p.detach() for p in task.parameters()]) == before
+    assert float(est.state_dict()["base.avg"]) != 0.0  # it has learned something
+
+
+def test_the_commands_end_to_end(tmp_path, capsys):
+    sets = tmp_path / "sets"
+    assert main(["snapshots", "toy_binary", "--driver", "rloo", "--out", str(sets / "b"),
+                 "--steps", "20", "--snapshots", "3", "--measure-samples", "16", "--quiet",
+                 "--why", "unbiased: follows the true gradient in expectation"]) == 0
+    m = json.loads((sets / "b" / snapshots.MANIFEST).read_text())
+    assert m["steps"] == [0, 10, 20] and m["probe"]["measure_samples"] == 16
+    assert m["driver_why"].startswith("unbiased")
+    assert main(["snapshots", "--check", str(sets / "b"), "--quiet"]) == 0
+    assert "the same parameters at all 3 snapshots" in capsys.readouterr().out
+    out = tmp_path / "probe"
+    assert main(["probe", str(sets), "--estimators", "rloo,disarm,exact", "--out", str(out),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "== toy_binary [cpu] at 3 shared snapshots ==" in text
+    assert "exact (oracle)" in text and "disarm" in text
+    assert json.loads((out / "meta.json").read_text())["budget"] == "probe"
+    # run again: every cell is stored, nothing recomputed, the same table
+    assert main(["probe", str(sets), "--estimators", "rloo,disarm,exact", "--out", str(out),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out == text
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["probe", "NOWHERE"], "NOWHERE: no such folder"),
+    (["snapshots", "toy_binary", "--out", "X"], "name the TASK, its --driver"),
+    (["snapshots", "toy_binary", "--driver", "reparam", "--out", "X"], "--driver 'reparam' supports"),
+    (["snapshots", "toy_binary", "--driver", "rloo", "--out", "X", "--at", "a,b"], "--at must list steps"),
+    (["snapshots", "--check", "NOWHERE"], "is not a snapshot set"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, argv, says):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+
+
+def test_a_probe_records_only_declared_metrics_and_every_measurement_metric(toy_set):
+    from estbench.core import metrics
+
+    [cell] = probe.plan([toy_set], parse_list("reinmax"), ["cpu"]).cells
+    names = set(pd.DataFrame(probe.run_probe(cell).records).metric)
+    assert metrics.undeclared(names) == []
+    measured = {m.name for m in metrics.METRICS
+                if m.recorded == metrics.CHECKPOINT and m.name not in ("elbo", "wall_time",
+                                                                        "train_objective")}
+    assert measured <= names and "n_evals" in names
