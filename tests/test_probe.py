@@ -196,3 +196,11 @@ def test_a_probe_records_only_declared_metrics_and_every_measurement_metric(toy_
                 if m.recorded == metrics.CHECKPOINT and m.name not in ("elbo", "wall_time",
                                                                         "train_objective")}
     assert measured <= names and "n_evals" in names
+
+
+def test_a_driver_that_cannot_run_is_one_line_before_any_training(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["snapshots", "poly_toy", "--driver", "exact", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--driver exact cannot train poly_toy here" in err[0]
+    assert not out.exists()

@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from estbench.core.errors import ConfigError, SpecError, UsageError
+from estbench.core.errors import (BudgetError, ConfigError, Diverged, OverBudgetError,
+                                  SpecError, UsageError)
 from estbench.core.spec import Spec, parse, parse_list
 
 #: where ``estbench probe`` looks for snapshot sets when none is named
@@ -109,9 +110,16 @@ def cmd_snapshots(args) -> int:
         print(f"training {driver} on {task} to step {steps[-1]}, saving the parameters at "
               f"{len(steps)} steps -> {out}", file=sys.stderr)
     started = time.perf_counter()
-    s = snapshots.build(task, driver, args.seed, budget, steps, out, dtype=args.dtype,
-                        device=args.device, probe=probe, why=args.why or "",
-                        command=store.typed_command(["estbench", *args.argv]))
+    try:
+        s = snapshots.build(task, driver, args.seed, budget, steps, out, dtype=args.dtype,
+                            device=args.device, probe=probe, why=args.why or "",
+                            command=store.typed_command(["estbench", *args.argv]))
+    except BudgetError as e:  # checked before any training step
+        raise UsageError(f"--driver {driver} cannot train {task} here: {e}") from None
+    except (Diverged, OverBudgetError) as e:
+        print(f"estbench: error: the driver's training stopped, no set written: {e}",
+              file=sys.stderr)
+        return 1
     mb = snapshots.size_bytes(s) / 2**20
     print(f"snapshot set {out}: {len(s.steps)} snapshots at steps {s.steps}, {mb:.2f} MiB "
           f"({args.dtype}), {time.perf_counter() - started:.0f} s")

@@ -269,13 +269,14 @@ def build(task: str, driver: str, seed: int, budget: Budget, steps: list[int], o
         raise UsageError("a snapshot set's driver trains under a step budget, not a time budget")
     budget = dataclasses.replace(budget, steps=max(budget.steps, steps[-1]))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cell = Cell(task, driver, int(seed), device, budget).with_code()
     report = report or (lambda *a: None)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
         run = train._set_up(cell, lambda *a: None, report)
+        train._check_feasible(run)  # BudgetError: the driver cannot spend this budget here
+        out.mkdir(parents=True, exist_ok=True)
         batch_digest = digest(run.task.measure_batch())
         entries = {}
         dev = run.device
