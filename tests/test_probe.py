@@ -166,6 +166,14 @@ def test_the_commands_end_to_end(tmp_path, capsys):
     assert "== toy_binary [cpu] at 3 shared snapshots ==" in text
     assert "exact (oracle)" in text and "disarm" in text
     assert json.loads((out / "meta.json").read_text())["budget"] == "probe"
+    # its report: the shared-parameter section, a figure per task, the leaderboard over snapshots
+    assert main(["report", str(out)]) == 0
+    report = (out / "report" / "report.md").read_text()
+    assert "## At shared parameters" in report and "### Leaderboard at shared parameters" in report
+    assert (out / "report" / "figures" / "shared_toy_binary.png").is_file()
+    board = pd.read_csv(out / "report" / "leaderboard.csv")
+    assert set(board.criterion) >= {"grad_error"} and "exact" not in set(board.estimator)
+    capsys.readouterr()
     # run again: every cell is stored, nothing recomputed, the same table
     assert main(["probe", str(sets), "--estimators", "rloo,disarm,exact", "--out", str(out),
                  "--quiet"]) == 0

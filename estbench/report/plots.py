@@ -288,6 +288,52 @@ def training_curves(records: pd.DataFrame, task: str, style: Style, out_dir: Pat
         return _save(fig, out_dir, f"curves_{slug(task)}")
 
 
+#: the panels of the shared-parameter figure: (metric, axis label, log axis)
+SHARED_PANELS = (("grad_error", "gradient error E‖g − ∇‖²", True),
+                 ("variance", "variance (trace)", True),
+                 ("cosine", "cosine to the reference", False),
+                 ("snr", "signal-to-noise ratio", True))
+
+
+def shared_parameter_curves(records: pd.DataFrame, task: str, style: Style,
+                            out_dir: Path) -> list[Path]:
+    """A probe's figures at each snapshot of one task (``estbench probe``): gradient error,
+    variance, cosine and SNR against the snapshot's training step, every estimator on one axis;
+    log axes for the figures spread over decades; an oracle's line is drawn where it is finite
+    and not numerically zero."""
+    r = records[records.task == task]
+    if r.empty:
+        return []
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        handles: dict = {}
+        for ax, (metric, label, log) in zip(axes.flat, SHARED_PANELS):
+            sub = r[r.metric == metric]
+            if log:
+                means = sub.groupby("estimator")["value"].mean()
+                zero = numerically_zero(means[np.isfinite(means)]) | set(
+                    means.index[~np.isfinite(means)])
+                sub = sub[~sub.estimator.isin(zero)]
+            band = _band(sub, metric, log=log)
+            ax.set_xlabel("training step of the snapshot (the driver's)")
+            ax.set_ylabel(label)
+            ax.set_title(label)
+            if band.empty:
+                ax.text(0.5, 0.5, "no measurements", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            _curve_panel(ax, band, style, handles)
+            if log:
+                ax.set_yscale("log")
+        labels = style.order(handles)
+        fig.legend([handles[k] for k in labels], [style.label(k) for k in labels],
+                   title="estimator", loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   ncol=1 if len(labels) <= 16 else 2, frameon=False)
+        fig.suptitle(plain(task) + ": at shared parameters", fontsize=12)
+        fig.tight_layout()
+        return _save(fig, out_dir, f"shared_{slug(task)}")
+
+
 def _note(title: str, names, width: int = 60) -> str:
     """A wrapped 'title: a, b, c' for under an axis label."""
     import textwrap

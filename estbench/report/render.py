@@ -599,7 +599,9 @@ STABILITY_TEXT = (
     "seed, so it would only show that those few seeds agree.")
 
 
-def _stability_table(st: pd.DataFrame, criterion: str) -> Table | None:
+def _stability_table(st: pd.DataFrame, criterion: str, blocks: str = "seeds") -> Table | None:
+    """The stability of each task's order by ``criterion``; ``blocks``: what was resampled
+    (seeds of training cells, snapshots of a probe)."""
     d = st[st.criterion == criterion]
     if d.empty:
         return None
@@ -608,10 +610,10 @@ def _stability_table(st: pd.DataFrame, criterion: str) -> Table | None:
         tau = "-" if pd.isna(r.median_tau) else f"{r.median_tau:.2f}"
         kept = "-" if pd.isna(r.leader_kept) else f"{r.leader_kept:.0%}"
         rows.append([(str(r.task), False), (str(r.leader or "-"), False), (tau, False),
-                     (kept, False), (str(r.verdict), bool(r.stable)),
+                     (kept, False), (str(r.verdict).replace("seeds", blocks), bool(r.stable)),
                      (f"{int(r.estimators)} x {int(r.seeds)}", False)])
-    return Table(["task", "leader", "median tau", "leader kept", "ranking", "estimators x seeds"],
-                 rows, align="lllrll")
+    return Table(["task", "leader", "median tau", "leader kept", "ranking",
+                  f"estimators x {blocks}"], rows, align="lllrll")
 
 
 def _glance_table(board: pd.DataFrame, st: pd.DataFrame, pc: pd.DataFrame) -> Table | None:
@@ -1085,11 +1087,172 @@ SECTIONS = [_overview, _against_published, _at_a_glance, _leaderboard, _across_t
             _bias_test, _bias_variance, _time_per_step, _tasks_own, _problems]
 
 
+# ---- a probe's report: gradient quality at shared parameters (estbench probe) --------------------
+@dataclass
+class ProbeAnalysis:
+    """What a probe folder's report shows, computed once from its records (finished cells only):
+    the shared-parameter table, leaderboard and stability (:mod:`estbench.analysis.probe`)."""
+
+    run_dir: Path
+    out: Path
+    meta: dict
+    records: pd.DataFrame
+    cells: pd.DataFrame
+    table: pd.DataFrame
+    board: pd.DataFrame
+    stability: pd.DataFrame
+    style: "plots.Style"
+    ranked: Optional[str] = None
+
+    @property
+    def fdir(self) -> Path:
+        return self.out / "figures"
+
+
+#: what the shared-parameter view measures, said at the top of its section (and in the README)
+SHARED_TEXT = (
+    "Every estimator measured at the same parameters: the snapshots of one training trajectory "
+    "of each task (its driver's), with the same measurement batch and reference gradient at each "
+    "snapshot, so no estimator is judged where its own training took the model. No training: "
+    "the figures are those of one gradient estimate (M estimates per snapshot, batched). The "
+    "trajectory view of a training run measures each estimator along its own trajectory instead, "
+    "which mixes where an estimator drives the model with how well it estimates there. Ranks: the "
+    "leaderboard's rules with the snapshots as the paired blocks (seeds in a training run's "
+    "leaderboard): a paired t-test over the snapshots for every pair, Holm-corrected; an "
+    "estimator's rank is 1 + those significantly better, and variance and error x f-evaluations "
+    "rank only the estimators the bias test does not find biased in most snapshots.")
+
+
+def analyse_probe(run_dir, out_dir=None) -> ProbeAnalysis:
+    from estbench.analysis import probe as pv
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    records, cells = store.load(run_dir)
+    if records.empty:
+        raise ValueError(f"no results in {run_dir} (no cell records under {run_dir / 'cells'})")
+    meta, _ = store.meta_status(run_dir)
+    records = store.finished(records, cells)
+    all_est = set(records.estimator) | (set(cells.estimator) if not cells.empty else set())
+    st = pv.stability(records)
+    st = st[st.estimators > 0].reset_index(drop=True)
+    return ProbeAnalysis(run_dir, out, meta, records, cells, pv.table(records, cells),
+                         pv.board(records), st, plots.Style(all_est))
+
+
+def _set_lines(meta: dict) -> list:
+    """One item per snapshot set of a probe: task, driver and why, seed, steps."""
+    from estbench.engine import snapshots
+
+    items = []
+    for s in meta.get("snapshot_sets", []):
+        why = ""
+        try:
+            why = snapshots.load(s["path"]).manifest.get("driver_why", "")
+        except (snapshots.SnapshotError, KeyError, TypeError):
+            pass
+        items.append([("code", str(s.get("task"))), f": driver {s.get('driver')}, seed "
+                      f"{s.get('seed')}, snapshots at steps {', '.join(map(str, s.get('steps', [])))}"
+                      + (f" (why this driver: {why})" if why else "")])
+    return items
+
+
+def _at_shared_parameters(a: ProbeAnalysis) -> list:
+    from estbench.analysis import probe as pv
+
+    blocks = [H(2, "At shared parameters"), P([SHARED_TEXT])]
+    sets = _set_lines(a.meta)
+    if sets:
+        blocks += [P(["The snapshot sets:"]), UL(sets)]
+    header = ["estimator"] + [h for _, h, _, _ in pv.COLUMNS]
+    for (task, device), df in a.table.groupby(["task", "device"], sort=True):
+        rows = []
+        ordered = df.assign(_o=[a.style.is_oracle(e) for e in df.estimator]).sort_values(
+            ["_o", "grad_error"], na_position="last")
+        best = ordered[~ordered._o].grad_error.min()
+        for _, r in ordered.iterrows():
+            row = [(r.estimator + (" (oracle)" if r._o else ""), False)]
+            for name, _, _, spec in pv.COLUMNS:
+                v = r[name]
+                text = "-" if isinstance(v, float) and math.isnan(v) else (
+                    format(v, spec) if spec else str(v))
+                row.append((text, name == "grad_error" and not r._o and v == best))
+            rows.append(row)
+        on = f" [{device}]" if a.table.device.nunique() > 1 else ""
+        blocks += [H(3, task + on), Table(header, rows, align="l" + "r" * (len(header) - 1))]
+        fig = plots.shared_parameter_curves(a.records[a.records.device == device], task, a.style,
+                                            a.fdir)
+        if fig:
+            blocks.append(Img(fig[0], f"{task}: gradient error, variance, cosine and SNR at each "
+                                      "snapshot, every estimator at the same parameters"))
+    blocks.append(P(["Grad error, variance and SNR: geometric means over the snapshots; cosine: "
+                     "the mean cosine of one estimate to the reference; bias test: biased when "
+                     "more than half of the snapshots reject 'unbiased' at 0.01; ms/est: median "
+                     "seconds per estimate (batched); f-evals: per data point per estimate, "
+                     "counted by the harness; options: the estimator's defaults, those its task's "
+                     "protocol tunes, or given."]))
+    blocks += [H(3, "Leaderboard at shared parameters")]
+    for crit in lb.CRITERIA:
+        t = _rank_table(a.board, crit.name)
+        if t is None:
+            continue
+        blocks += [P([("b", f"By {crit.title}.")]), t]
+        s = _stability_table(a.stability, crit.name, blocks="snapshots")
+        if s is not None:
+            blocks += [P(["Does the order survive resampling the snapshots? (The leaderboard's "
+                          "stability rule: stable when the median Kendall tau over bootstrap "
+                          "resamples of the snapshots is at least 0.8 and the leader stays first in "
+                          "90% of them; at least 5 snapshots to say.)"]), s]
+    return blocks
+
+
+def _probe_overview(a: ProbeAnalysis) -> list:
+    n = len(a.cells)
+    status = a.cells.status.value_counts().to_dict() if n else {}
+    return [UL(_meta_items(a.meta, a.run_dir)),
+            P([f"{n} probe cells ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); "
+               f"{a.records.task.nunique()} tasks, {a.records.estimator.nunique()} estimators. "
+               "Everything below is derived from the tidy records (", ("code", "cells/*.parquet"),
+               "). Files: ", ("link", "shared_parameters.csv", "shared_parameters.csv"), ", ",
+               ("link", "leaderboard.csv", "leaderboard.csv"), "."]),
+            P(["Contents:"]), TOC()]
+
+
+#: a probe report's sections, in order
+PROBE_SECTIONS = [_probe_overview, _at_shared_parameters, _problems]
+
+
+def write_probe_report(run_dir, out_dir=None) -> ProbeAnalysis:
+    """The report of a probe folder (``estbench probe``): its files (shared_parameters.csv,
+    leaderboard.csv, stability.csv), then report.md and report.html from :data:`PROBE_SECTIONS`."""
+    a = analyse_probe(run_dir, out_dir)
+    a.out.mkdir(parents=True, exist_ok=True)
+    for old in [*a.fdir.glob("*.png"), *a.fdir.glob("*.svg")]:
+        old.unlink()
+    a.table.to_csv(a.out / "shared_parameters.csv", index=False)
+    a.board.to_csv(a.out / "leaderboard.csv", index=False)
+    a.stability.to_csv(a.out / "stability.csv", index=False)
+    doc = Document(f"estbench probe report: {a.run_dir.name}")
+    for section in PROBE_SECTIONS:
+        doc.add(*section(a))
+    (a.out / "report.md").write_text(doc.markdown(a.out))
+    (a.out / "report.html").write_text(doc.html(a.out))
+    return a
+
+
+def is_probe(run_dir) -> bool:
+    """Whether a results folder holds a probe (``estbench probe``) rather than training cells."""
+    meta, _ = store.meta_status(Path(run_dir))
+    return meta.get("budget") == "probe"
+
+
 def write_report(run_dir, out_dir=None) -> Analysis:
     """Write the report of a run folder and return its analysis: the analysis (:func:`analyse`),
     its files (:func:`write_files`), then report.md and report.html from :data:`SECTIONS` in
-    order.  Raises FileNotFoundError for a missing folder and ValueError for a folder without
-    records."""
+    order; a probe folder gets its own report (:func:`write_probe_report`).  Raises
+    FileNotFoundError for a missing folder and ValueError for a folder without records."""
+    if Path(run_dir).is_dir() and is_probe(run_dir):
+        return write_probe_report(run_dir, out_dir)
     a = analyse(run_dir, out_dir)
     write_files(a)
     doc = Document(f"estbench report: {a.run_dir.name}")
