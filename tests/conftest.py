@@ -24,3 +24,15 @@ def protocol_dir(tmp_path, monkeypatch):
     protocols.available.cache_clear()
     yield d
     protocols.available.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def no_shipped_snapshots(tmp_path_factory, monkeypatch):
+    """estbench rank probes first at the shipped snapshot sets (results/snapshots): a test sees
+    none unless it names its own (--snapshots DIR), so a rank test's cost and output do not
+    depend on the committed sets and probe."""
+    from estbench.analysis import rank
+
+    missing = tmp_path_factory.getbasetemp() / "no-shipped-snapshots"
+    monkeypatch.setattr(rank, "shipped_snapshots", lambda: missing)
+    monkeypatch.setattr(rank, "shipped_probe", lambda: missing)

@@ -212,3 +212,24 @@ def test_a_driver_that_cannot_run_is_one_line_before_any_training(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--driver exact cannot train poly_toy here" in err[0]
     assert not out.exists()
+
+
+def test_rank_probes_first_and_can_stop_there(tmp_path, capsys):
+    sets = tmp_path / "sets"
+    assert main(["snapshots", "toy_binary", "--driver", "rloo", "--out", str(sets / "toy_binary"),
+                 "--steps", "20", "--snapshots", "3", "--measure-samples", "16", "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "rank"
+    assert main(["rank", "disarm", "--tasks", "toy_binary", "--estimators", "rloo,reinforce",
+                 "--snapshots", str(sets), "--probe-only", "--reference", "none",
+                 "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("at shared parameters")
+    assert "paired tests over snapshots" in text and "toy_binary" in text
+    _, cells = store.load(out / "probe")
+    assert sorted(cells.estimator) == ["disarm", "reinforce", "rloo"]
+    assert not (out / "cells").exists()  # --probe-only: nothing trained
+    # no set for the task: with --probe-only an error in one line, else a note and training
+    assert main(["rank", "disarm", "--tasks", "liu_toy", "--snapshots", str(sets),
+                 "--probe-only", "--reference", "none", "--out", str(out), "--quiet"]) == 2
+    assert "no snapshot set in" in capsys.readouterr().err

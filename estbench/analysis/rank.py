@@ -77,6 +77,18 @@ def shipped_reference() -> Path:
     return Path(estimators.__file__).resolve().parent.parent / "results" / "reference"
 
 
+def shipped_snapshots() -> Path:
+    """The snapshot sets of this installation (``results/snapshots``), found like
+    :func:`shipped_reference`."""
+    return shipped_reference().parent / "snapshots"
+
+
+def shipped_probe() -> Path:
+    """The committed probe of every estimator at the shipped snapshot sets (``results/probe``),
+    whose cells ``rank`` reuses like the reference set's."""
+    return shipped_reference().parent / "probe"
+
+
 def resolve_reference(text: str | None) -> Path | None:
     """The result set ``rank`` reuses cells from: ``--reference`` as given (``none``: no reuse),
     by default the shipped one.  A missing folder, a file, or a folder holding no cell is an error
@@ -222,20 +234,29 @@ def _listing(names: str, most: int = 6) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+#: the criteria of the shared-parameter rank (``estbench rank`` probes first): gradient quality,
+#: at the same parameters for every estimator
+PROBE_PLACED = [("grad_error", "gradient error"), ("variance", "variance"),
+                ("error_x_evals", "gradient error x f-evaluations")]
+
+
 def render_placement(name: str, board: pd.DataFrame, timing: dict | None = None,
-                     biased: frozenset = frozenset()) -> str:
+                     biased: frozenset = frozenset(), placed=PLACED, blocks: str = "seeds") -> str:
     """Where ``name`` ranks, per criterion and task: its place and the interval of places the
     evidence allows, the estimators it is tied with, and a warning where the seeds are too few
     to separate the field or the timings come from different environments.  ``biased``: the tasks
-    where the bias test finds it biased (the criteria among unbiased estimators leave it out)."""
+    where the bias test finds it biased (the criteria among unbiased estimators leave it out).
+    ``placed``: the criteria shown; ``blocks``: what the paired tests pair (seeds of training
+    cells, or the snapshots of a probe)."""
     from estbench.analysis.leaderboard import CRITERIA
 
     unbiased_only = {c.name for c in CRITERIA if c.unbiased_only}
     timing = {t: why for t, why in (timing or {}).items() if why}
     lines = [f"where {name} ranks (1 = best; rank = 1 + the estimators significantly better, "
-             "Holm-corrected paired tests over seeds; 'tied with' = not significantly different):"]
+             f"Holm-corrected paired tests over {blocks}; 'tied with' = not significantly "
+             "different):"]
     few = []
-    for crit, title in PLACED:
+    for crit, title in placed:
         p = placement(board, name, crit)
         if p.empty:
             if crit in unbiased_only and biased:
@@ -263,12 +284,13 @@ def render_placement(name: str, board: pd.DataFrame, timing: dict | None = None,
             effect = separable_effect(int(r.seeds), int(r.of))
             if r.tied and effect > FEW_SEEDS_EFFECT:
                 few.append((r.task, int(r.seeds), int(r.of), effect))
+    one = blocks[:-1]
     for task, seeds, field, effect in sorted(set(few)):
         need = seeds_for_effect(field)
-        lines.append(f"warning: {task}: {seeds} seed{'s' if seeds != 1 else ''} cannot separate a "
+        lines.append(f"warning: {task}: {seeds} {one if seeds == 1 else blocks} cannot separate a "
                      f"field of {field}: a difference must exceed "
-                     + ("every seed-to-seed spread (no paired test below 2 seeds)" if effect == math.inf
-                        else f"{effect:.3g} times its seed-to-seed spread")
-                     + f" to be significant; {need} seeds bring that to {FEW_SEEDS_EFFECT:g} "
-                     "(--seeds)")
+                     + (f"every {one}-to-{one} spread (no paired test below 2 {blocks})"
+                        if effect == math.inf else f"{effect:.3g} times its {one}-to-{one} spread")
+                     + f" to be significant; {need} {blocks} bring that to {FEW_SEEDS_EFFECT:g}"
+                     + (" (--seeds)" if blocks == "seeds" else ""))
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from estbench.engine import executors, protocols, runs, store, sweep
 from estbench.analysis import table
 from estbench.core.budget import Budget
 from estbench.cli.common import cell_timeout, execute, positive, seconds_arg
-from estbench.cli.probe import add_parsers as add_probe_parsers
+from estbench.cli.probe import add_parsers as add_probe_parsers, rank_probe
 from estbench.cli.report import add_parsers
 from estbench.core.errors import ConfigError, RankError, SpecError, UsageError
 from estbench.core.spec import parse_list, parse_seeds
@@ -225,8 +225,10 @@ def _print_problems(cells) -> None:
 
 
 def cmd_rank(args) -> int:
-    """``estbench rank``: the estimator's own cells first, then its rivals' (reused from the
-    reference set where their keys match), then its placement."""
+    """``estbench rank``: first its rank at shared parameters (probed at the snapshot sets of its
+    tasks, :func:`estbench.cli.probe.rank_probe`; ``--probe-only`` stops there), then its own
+    training cells, then its rivals' (reused from the reference set where their keys match),
+    then its placement."""
     from estbench.analysis import rank
 
     cls, reference = _rank_target(args)
@@ -241,6 +243,10 @@ def cmd_rank(args) -> int:
     if from_file and not getattr(executor, "serial", True):
         raise UsageError("an estimator loaded from a file exists only in this process: rank it without "
                          "-j/--parallel-config, or install it as an 'estbench.estimators' entry point")
+    # gradient quality at shared parameters first: minutes, before any training
+    probed = rank_probe(args, cls, task_specs, rivals, devices, executor, out)
+    if probed is not None:
+        return probed
     mine_plan = _plan(args, task_specs, parse_list(cls.name), seeds, devices, overrides,
                       show_skipped=False)
     plan = _plan(args, task_specs, rivals, seeds, devices, overrides, show_skipped=False)
@@ -438,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="named budget (default: that of --reference, else quick); paper: each "
                          "task's published protocol, as 'estbench run --budget paper'")
     _budget_arguments(rk)
+    rk.add_argument("--snapshots", metavar="DIR",
+                    help="probe first at the snapshot sets in DIR for the rank's tasks (default: "
+                         "the shipped results/snapshots; the rivals' probe cells are reused from "
+                         "the shipped results/probe); 'none': no probe")
+    rk.add_argument("--probe-only", dest="probe_only", action="store_true",
+                    help="stop after the rank at shared parameters: no training")
     rk.add_argument("--no-report", action="store_true", help="do not write the report of --out")
     rk.set_defaults(func=cmd_rank)
 

@@ -239,3 +239,76 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     executors.add_cli_arguments(p)
     p.set_defaults(func=cmd_probe)
+
+
+def rank_probe(args, cls, task_specs, rivals, devices, executor, out: Path) -> int | None:
+    """``estbench rank``'s first answer: the estimator and its rivals probed at the snapshot sets
+    of the rank's tasks (``--snapshots``, default the shipped ``results/snapshots``), the rivals'
+    cells reused from the shipped probe (``results/probe``) where their keys match, into
+    ``OUT/probe``; then where it ranks at shared parameters.  Returns an exit status to stop
+    with, or None to go on (to training); with no set for the tasks, a note (or, with
+    ``--probe-only``, an error)."""
+    from estbench.analysis import probe as view
+    from estbench.analysis import rank
+    from estbench.analysis.table import biased_set
+    from estbench.engine import probe, snapshots, store
+
+    chosen = args.snapshots
+    if chosen is not None and chosen.strip().lower() == "none":
+        if args.probe_only:
+            raise UsageError("--probe-only with --snapshots none leaves nothing to do")
+        return None
+    where = Path(chosen) if chosen else rank.shipped_snapshots()
+    if chosen and not where.is_dir():
+        raise UsageError(f"--snapshots {where}: no such folder")
+    names = {t.name for t in task_specs}
+    sets = [s for s in (snapshots.find([where]) if where.is_dir() else [])
+            if parse(s.task).name in names]
+    if not sets:
+        msg = (f"no snapshot set in {where} for {', '.join(sorted(names))}: no rank at shared "
+               "parameters")
+        if args.probe_only:
+            raise UsageError(msg)
+        if not args.quiet:
+            print(f"note: {msg}", file=sys.stderr)
+        return None
+    from estbench.cli.common import cell_timeout, execute
+
+    pout = out / "probe"
+    timeout = cell_timeout(args.cell_timeout) or 0.0
+    mine = probe.plan(sets, parse_list(cls.name), devices, timeout)
+    theirs = probe.plan(sets, rivals, devices, timeout)
+    if not mine.cells:
+        return None
+    reference = rank.shipped_probe()
+    reused = rank.reuse_cells(theirs, reference, pout) if reference.is_dir() else 0
+    if not args.quiet:
+        print(f"probing {cls.name} at {len(sets)} snapshot sets ({', '.join(s.task for s in sets)})"
+              f" against {len({c.estimator for c in theirs.cells})} rivals, {reused} of their "
+              f"{len(theirs.cells)} cells reused from {reference} -> {pout}", file=sys.stderr)
+    meta = {**store.run_metadata(), "command": store.typed_command(["estbench", *args.argv]),
+            "budget": "probe", "mode": probe.MODE, "ranked": cls.name,
+            "snapshot_sets": [{"path": str(s.path), "hash": s.hash, "task": s.task,
+                               "driver": s.driver, "seed": s.seed, "steps": s.steps} for s in sets],
+            "tasks": [s.task for s in sets], "devices": list(devices)}
+    status, _, mine_cells = execute(args, mine, pout, executor, meta)
+    if status is not None:
+        return status
+    if mine_cells.empty or not (mine_cells.status == "ok").any():
+        print(f"{cls.name} finished no probe cell, so it has no rank at shared parameters:")
+        for _, r in mine_cells[mine_cells.status != "ok"].iterrows():
+            print(f"  {r.task}: {'not run' if r.status == 'infeasible' else r.status}: {r.error}")
+        return 1
+    status, _, _ = execute(args, theirs, pout, executor, meta)
+    if status is not None:
+        return status
+    records, cells = store.load(pout)
+    keys = {c.key() for c in [*mine.cells, *theirs.cells]}
+    cells = cells[cells.key.isin(keys)]
+    records = store.finished(records, cells)
+    biased = frozenset(t for t, e in biased_set(view.per_snapshot(records)) if e == cls.name)
+    print("at shared parameters (every estimator measured at the same snapshots of trained "
+          "models, no training):")
+    print(rank.render_placement(cls.name, view.board(records), None, biased,
+                                placed=rank.PROBE_PLACED, blocks="snapshots"), end="")
+    return 0 if args.probe_only else None
