@@ -9,6 +9,7 @@
 # 5. text_vae's paper protocol (dgm4nlp SentVAE_Solutions.ipynb) cut to 200 of its 13,140 steps with
 #    reparam, a short final evaluation (400 test sentences, 50 importance samples): the step time
 #    (times 13,140: a paper cell's training) and the validation ELBO beside the notebook's at step 200.
+# (The CUDA tests include a snapshot set made on the CPU and probed on CUDA: tests/test_probe.py.)
 # Figures go to OUT_DIR (default benchmarks/results/gpu-<date>); quote them with the GPU's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -233,3 +233,31 @@ def test_rank_probes_first_and_can_stop_there(tmp_path, capsys):
     assert main(["rank", "disarm", "--tasks", "liu_toy", "--snapshots", str(sets),
                  "--probe-only", "--reference", "none", "--out", str(out), "--quiet"]) == 2
     assert "no snapshot set in" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_set_made_on_cpu_is_probed_on_cuda_at_the_same_parameters(toy_set, tmp_path):
+    [cpu] = probe.plan([toy_set], parse_list("exact"), ["cpu"]).cells
+    [gpu] = probe.plan([toy_set], parse_list("exact"), ["cuda"]).cells
+    a, b = probe.run_probe(cpu), probe.run_probe(gpu)
+    assert a.status == b.status == "ok", b.error
+    for step, d in a.artifacts["snapshots"].items():  # the reference may differ in rounding
+        other = b.artifacts["snapshots"][step]
+        assert (d["parameters"], d["measure_batch"]) == (other["parameters"], other["measure_batch"])
+    ref = {(r["step"]): r["value"] for r in a.records if r["metric"] == "ref_norm"}
+    ref_gpu = {(r["step"]): r["value"] for r in b.records if r["metric"] == "ref_norm"}
+    assert ref.keys() == ref_gpu.keys()
+    assert all(abs(ref[s] - ref_gpu[s]) <= 1e-5 * max(1.0, ref[s]) for s in ref)
+
+
+def test_the_committed_snapshot_sets_load_and_stay_within_the_size_budget():
+    """README: all committed snapshot sets together at most 50 MB."""
+    from estbench.analysis import rank
+
+    root = rank.shipped_reference().parent / "snapshots"  # the real one, not the fixture's
+    if not root.is_dir():
+        pytest.skip("no committed snapshot sets in this installation")
+    sets = snapshots.find([root])
+    assert sets and all(s.manifest["driver_why"] for s in sets)
+    assert sum(snapshots.size_bytes(s) for s in sets) <= 50 * 10**6
