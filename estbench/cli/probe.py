@@ -103,6 +103,14 @@ def cmd_snapshots(args) -> int:
         probe["n_samples"] = _count(args.n_samples, "--n-samples", 1)
     if args.measure_samples is not None:
         probe["measure_samples"] = _count(args.measure_samples, "--measure-samples", 2)
+    figures = {}
+    for text in args.figure:
+        from estbench.engine.probe import FIGURES
+
+        name, _, count = text.partition("=")
+        if name not in FIGURES:
+            raise UsageError(f"--figure {text!r}: unknown figure {name!r} (known: {sorted(FIGURES)})")
+        figures[name] = _count(count or "", "--figure " + name + "=ESTIMATES", 2)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
@@ -113,7 +121,8 @@ def cmd_snapshots(args) -> int:
     try:
         s = snapshots.build(task, driver, args.seed, budget, steps, out, dtype=args.dtype,
                             device=args.device, probe=probe, why=args.why or "",
-                            command=store.typed_command(["estbench", *args.argv]))
+                            command=store.typed_command(["estbench", *args.argv]),
+                            figures=figures)
     except BudgetError as e:  # checked before any training step
         raise UsageError(f"--driver {driver} cannot train {task} here: {e}") from None
     except (Diverged, OverBudgetError) as e:
@@ -213,6 +222,10 @@ def add_parsers(subparsers) -> None:
                    help="f-evaluations per data point per estimate when probing (default the budget's)")
     s.add_argument("--measure-samples", dest="measure_samples",
                    help="estimates per measurement when probing (default the budget's)")
+    s.add_argument("--figure", action="append", default=[], metavar="NAME=ESTIMATES",
+                   help="a figure the probe records at each snapshot beside the measurement, as "
+                        "its source defines it, from ESTIMATES estimates (repeatable; known: "
+                        "cosine_of_mean, the ReinMax reproduction's cosine of the mean estimate)")
     s.add_argument("--device", default="cpu", help="where the driver trains (default cpu)")
     s.add_argument("--why", help="why this driver does not favour an estimator under test "
                                  "(kept in the manifest)")

@@ -206,6 +206,12 @@ METRICS: tuple[Metric, ...] = (
            doc="seconds per gradient estimate at a snapshot (estbench probe): the measurement's "
                "batched pass over its estimates, with its summary statistics, divided by the "
                "estimates it made"),
+    Metric(name="cosine_of_mean", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR,
+           label="cosine of the mean estimate", probe_only=True,
+           doc="at a snapshot whose set asks for it: the cosine between the mean of many "
+               "estimates and the exact gradient, w.r.t. the distribution's parameters (an "
+               "encoder's logits), the estimated term only: the ReinMax reproduction's figure, "
+               "the direction of the bias (estbench.engine.probe.cosine_of_mean)"),
     # ---- at the checkpoints: the held-out curve ---------------------------------------------------
     Metric(name="elbo", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR,
            label="validation ELBO (during training)",

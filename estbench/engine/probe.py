@@ -26,7 +26,9 @@ updating the estimator's own state and nothing of the model -- under the same co
 """
 from __future__ import annotations
 
+import copy
 import fcntl
+import math
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -51,6 +53,50 @@ MODE = ("probe: every estimator measured at the same parameters, the snapshots o
         "model (no training)")
 #: where a probe folder keeps the reference gradients it computed (one per set, snapshot, device)
 REFERENCES = "references"
+
+
+def cosine_of_mean(task, est, batch, n_samples: int, M: int, counter: EvaluationCounter,
+                   held: bool, budget: Budget) -> float:
+    """The cosine between the mean of ``M`` estimates and the exact gradient, both with respect to
+    the distribution's parameters (an encoder's output logits), of the estimated part of the
+    objective only (sum_b E_q[f]; an analytic KL is left out): the gradient-quality figure of the
+    ReinMax reproduction (``VAE.analyze_gradient``: the mean of 512 estimates against the exact
+    gradient on 100 images; tasks/data/SOURCES.md).  It reads the direction of an estimator's
+    bias, not the quality of one estimate (the ``cosine`` metric).  The exact gradient enumerates
+    the support (the ``exact`` estimator's rule); NaN where that is not possible.  The M estimates
+    are one batched pass (replicas on a leading batch axis, as in the measurement) and are held
+    to the budget."""
+    from estimators import families as fam
+
+    prob = task.problem(batch)
+    leaves = {k: v.detach().requires_grad_() for k, v in fam.params(prob.dist).items()}
+    keys = list(leaves)
+    exact = estimators.get("exact")
+    dist = fam.rebuild(prob.dist, leaves)
+    if exact.skip(dist, n_samples) and exact.skip(dist, exact.budget_unit(dist)):
+        return math.nan
+    e = exact.estimate(dist, prob.f, exact.budget_unit(dist), prob.context)
+    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(e.surrogate, [leaves[k] for k in keys])])
+    stacked = {k: v.unsqueeze(0).expand(M, *v.shape) for k, v in leaves.items()}
+    ctx = prob.context
+    if isinstance(ctx, torch.Tensor):
+        ctx = ctx.unsqueeze(0).expand(M, *ctx.shape)
+    rep = fam.rebuild(prob.dist, stacked)
+    counter.reset()
+    measured = copy.deepcopy(est).eval()  # as the measurement: the probed state is left as it is
+    e = measured.estimate(rep, counter.wrap(prob.f, rep), n_samples, ctx)
+    _check_spent(held, counter.count, budget, "in the cosine of the mean estimate", e.n_evals)
+    grads = torch.autograd.grad(e.surrogate, [stacked[k] for k in keys], allow_unused=True)
+    mean = torch.cat([(g if g is not None else torch.zeros_like(stacked[k])).mean(0).reshape(-1)
+                      for g, k in zip(grads, keys)]).double()
+    ref = ref.double()
+    denom = float(torch.linalg.vector_norm(mean) * torch.linalg.vector_norm(ref))
+    return float(mean @ ref) / denom if denom > 0 else math.nan
+
+
+#: the figures a snapshot set may ask a probe for beside the measurement (its manifest's
+#: ``figures``: name -> estimates), each as its source defines it
+FIGURES = {"cosine_of_mean": cosine_of_mean}
 
 
 def stateful(est) -> bool:
@@ -210,6 +256,10 @@ def _probe(cell: Cell, res: CellResult, report, references: Optional[Path]) -> N
         raise snapshots.SnapshotError(
             f"snapshot set {s.path}: the task's measurement batch is not the one the set was made "
             "with (the data or the task changed); rebuild the set")
+    unknown = sorted(set(s.figures) - set(FIGURES))
+    if unknown:
+        raise snapshots.SnapshotError(f"snapshot set {s.path}: unknown figures {unknown} (known: "
+                                      f"{sorted(FIGURES)})")
     counter, held = EvaluationCounter(), not est.exceeds_budget
     with isolated_rng(cell.seed, device):
         reason = est.skip(task.problem(batch).dist, budget.n_samples)
@@ -242,6 +292,11 @@ def _probe(cell: Cell, res: CellResult, report, references: Optional[Path]) -> N
         for k, v in m.items():
             _record(res, step, k, v)
         _record(res, step, "estimate_time", seconds / max(m["bias_test_samples"], 1.0))
+        for name, estimates in s.figures.items():
+            with isolated_rng(seed + 5_000_011, device):
+                value = FIGURES[name](task, est, batch, budget.n_samples, int(estimates), counter,
+                                      held, budget)
+            _record(res, step, name, value)
         seen[str(step)] = {"parameters": params_digest, "measure_batch": batch_digest,
                            "reference": snapshots.digest([ref.grad, ref.stderr])}
     _record(res, budget.steps, "n_evals", float(n_evals))

@@ -52,6 +52,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _FIELDS = {"task", "driver", "driver_why", "seed", "device", "budget", "steps", "dtype", "probe",
            "code_version", "git_commit", "estbench", "torch", "created", "command",
            "measure_batch", "parameters", "snapshots"}
+#: fields a manifest may leave out (older sets), with their default
+_OPTIONAL = {"figures": {}}
 _PROBE_FIELDS = {"n_samples", "measure_samples"}
 
 
@@ -135,6 +137,12 @@ class SnapshotSet:
         return int(self.manifest["probe"]["measure_samples"])
 
     @property
+    def figures(self) -> dict:
+        """The figures a probe records beside the measurement at each snapshot, as their sources
+        define them: {name: estimates} (:data:`estbench.engine.probe.FIGURES`)."""
+        return dict(self.manifest.get("figures", {}))
+
+    @property
     def hash(self) -> str:
         """A digest of the manifest (which holds every file's sha256): what a probe cell's key
         names, so a rebuilt set with other contents makes its probes new."""
@@ -204,7 +212,7 @@ def load(path) -> SnapshotSet:
         raise SnapshotError(f"{f}: cannot read it ({e})") from None
     if not isinstance(manifest, dict):
         raise SnapshotError(f"{f}: expected a JSON object")
-    missing, unknown = _FIELDS - set(manifest), set(manifest) - _FIELDS
+    missing, unknown = _FIELDS - set(manifest), set(manifest) - _FIELDS - set(_OPTIONAL)
     if missing or unknown:
         raise SnapshotError(f"{f}: " + "; ".join(
             ([f"missing {sorted(missing)}"] if missing else [])
@@ -217,6 +225,9 @@ def load(path) -> SnapshotSet:
     steps = manifest["steps"]
     if not steps or sorted(set(steps)) != steps or set(map(str, steps)) != set(manifest["snapshots"]):
         raise SnapshotError(f"{f}: steps must be increasing and each have a snapshot entry")
+    figs = manifest.get("figures", {})
+    if not isinstance(figs, dict) or not all(isinstance(v, int) and v >= 2 for v in figs.values()):
+        raise SnapshotError(f"{f}: figures must map a figure's name to its number of estimates (>= 2)")
     try:
         Budget(**manifest["budget"])
     except (TypeError, ValueError) as e:
@@ -252,12 +263,14 @@ def evenly(last: int, k: int) -> list[int]:
 
 def build(task: str, driver: str, seed: int, budget: Budget, steps: list[int], out,
           dtype: str = "float32", device: str = "cpu", probe: Optional[dict] = None,
-          why: str = "", command: str = "", threads: int = 1, report=None) -> SnapshotSet:
+          why: str = "", command: str = "", threads: int = 1, report=None,
+          figures: Optional[dict] = None) -> SnapshotSet:
     """Train ``driver`` on ``task`` (spec strings) from ``seed`` under ``budget`` and save the
     parameters after each of ``steps`` updates into the folder ``out`` (made or replaced
     atomically per file; the manifest written last).  ``probe``: the probe's budget,
     {n_samples, measure_samples} (default: ``budget``'s).  ``why``: why this driver, said in the
-    manifest.  Returns the set as :func:`load` reads it."""
+    manifest.  ``figures``: {name: estimates} of the figures a probe records beside the
+    measurement (``estbench.engine.probe.FIGURES``).  Returns the set as :func:`load` reads it."""
     from estbench.engine import train
 
     if dtype not in DTYPES:
@@ -315,6 +328,8 @@ def build(task: str, driver: str, seed: int, budget: Budget, steps: list[int], o
                        "shapes": [list(p.shape) for p in run.params]},
         "snapshots": entries,
     }
+    if figures:
+        manifest["figures"] = {str(k): int(v) for k, v in figures.items()}
     # files of an earlier set in this folder that this one does not have
     for old in out.glob("step_*.pt"):
         if old.name not in {e["file"] for e in entries.values()}:
@@ -331,7 +346,7 @@ def rebuild(s: SnapshotSet, out, threads: int = 1) -> SnapshotSet:
     m = s.manifest
     return build(m["task"], m["driver"], m["seed"], s.budget, m["steps"], out, dtype=m["dtype"],
                  device=m["device"], probe=m["probe"], why=m["driver_why"], command=m["command"],
-                 threads=threads)
+                 threads=threads, figures=s.figures)
 
 
 def same_parameters(a: SnapshotSet, b: SnapshotSet) -> list[int]:

@@ -1186,7 +1186,10 @@ def _at_shared_parameters(a: ProbeAnalysis) -> list:
             blocks.append(Img(fig[0], f"{task}: gradient error, variance, cosine and SNR at each "
                                       "snapshot, every estimator at the same parameters"))
     blocks.append(P(["Grad error, variance and SNR: geometric means over the snapshots; cosine: "
-                     "the mean cosine of one estimate to the reference; bias test: biased when "
+                     "the mean cosine of one estimate to the reference; cos(mean): the cosine of "
+                     "the mean of many estimates to the exact gradient w.r.t. the distribution's "
+                     "parameters, the estimated term only, where the snapshot set asks for it "
+                     "(the ReinMax reproduction's figure: the direction of the bias); bias test: biased when "
                      "more than half of the snapshots reject 'unbiased' at 0.01; ms/est: median "
                      "seconds per estimate (batched); f-evals: per data point per estimate, "
                      "counted by the harness; options: the estimator's defaults, those its task's "
