@@ -37,12 +37,12 @@ import torch
 
 import estimators
 from estbench.core.budget import Budget, EvaluationCounter
-from estbench.core.errors import BudgetError
+from estbench.core.errors import BudgetError, CellTimeout, InfeasibleError, OverBudgetError
 from estbench.core.spec import Spec, parse
 from estbench.engine import protocols, snapshots
 from estbench.engine.cell import Cell, CellResult, Plan, code_version, usable_devices
 from estbench.engine.measure import isolated_rng, measure
-from estbench.engine.train import _check_spent, _record, resolve_device
+from estbench.engine.train import _check_spent, _record, resolve_device, time_limit
 
 #: the module a probe cell runs: its code (and what it imports) is in every probe cell's key
 ENTRY = "estbench.engine.probe"
@@ -209,9 +209,6 @@ def run_probe(cell: Cell, report=None, threads: int = 1, references: Optional[Pa
     """Measure the cell's estimator at every snapshot of its set; never raises for an estimator's
     or a task's failure (a 'failed' / 'infeasible' status with its reason), nor for a cell past
     its time limit."""
-    from estbench.engine.train import time_limit
-    from estbench.core.errors import CellTimeout
-
     report = report or (lambda *a: None)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
@@ -222,17 +219,12 @@ def run_probe(cell: Cell, report=None, threads: int = 1, references: Optional[Pa
             _probe(cell, res, report, references)
     except CellTimeout:
         res.status, res.error = "failed", f"timed out after {cell.timeout:g} s (--cell-timeout)"
-    except BudgetError as exc:
+    except (InfeasibleError, estimators.FamilyError) as exc:  # the budget or the family does not fit
         res.status, res.error = "infeasible", str(exc)
-    except snapshots.SnapshotError as exc:
+    except (snapshots.SnapshotError, OverBudgetError) as exc:
         res.status, res.error = "failed", str(exc)
     except Exception as exc:  # recorded, not raised: one bad cell never stops a probe
-        from estbench.core.errors import OverBudgetError
-
-        res.status = "infeasible" if isinstance(exc, estimators.FamilyError) else "failed"
-        res.error = " ".join(f"{type(exc).__name__}: {exc}".split())
-        if isinstance(exc, OverBudgetError):
-            res.status = "failed"
+        res.status, res.error = "failed", " ".join(f"{type(exc).__name__}: {exc}".split())
     finally:
         torch.set_num_threads(previous)
     _record(res, cell.budget.steps, "diverged", 0.0)
