@@ -278,3 +278,13 @@ def test_the_cosine_of_the_mean_estimate_reads_the_direction_of_the_bias(tmp_pat
     # at the start (near-uniform logits) the relaxation's bias points along the gradient; after
     # training, not: the rloo mean stays on the gradient, the relaxation's does not
     assert got["gumbel_softmax[temperature=2.0]"][1] < 0.99 < got["rloo"][1]
+
+
+def test_a_start_rebuilt_from_the_seed_is_the_stored_one(toy_set, tmp_path):
+    s = snapshots.build("toy_categorical", "rloo", 0, BUDGET, STEPS, tmp_path / "lean",
+                        store_start=False)
+    assert not (s.path / snapshots.snapshot_name(0)).exists()
+    assert snapshots.same_parameters(s, toy_set) == []
+    task = s.make_task(torch.device("cpu"))
+    assert s.apply(task, 0) == toy_set.manifest["snapshots"]["0"]["parameters"]
+    assert snapshots.same_parameters(snapshots.rebuild(s, tmp_path / "again"), s) == []

@@ -122,7 +122,7 @@ def cmd_snapshots(args) -> int:
         s = snapshots.build(task, driver, args.seed, budget, steps, out, dtype=args.dtype,
                             device=args.device, probe=probe, why=args.why or "",
                             command=store.typed_command(["estbench", *args.argv]),
-                            figures=figures)
+                            figures=figures, store_start=not args.rebuild_start)
     except BudgetError as e:  # checked before any training step
         raise UsageError(f"--driver {driver} cannot train {task} here: {e}") from None
     except (Diverged, OverBudgetError) as e:
@@ -226,6 +226,10 @@ def add_parsers(subparsers) -> None:
                    help="a figure the probe records at each snapshot beside the measurement, as "
                         "its source defines it, from ESTIMATES estimates (repeatable; known: "
                         "cosine_of_mean, the ReinMax reproduction's cosine of the mean estimate)")
+    s.add_argument("--rebuild-start", dest="rebuild_start", action="store_true",
+                   help="do not store the start (step 0): rebuild it on loading from the task's "
+                        "initialisation and the seed (its digest is checked): one snapshot less "
+                        "on disk for a large model")
     s.add_argument("--device", default="cpu", help="where the driver trains (default cpu)")
     s.add_argument("--why", help="why this driver does not favour an estimator under test "
                                  "(kept in the manifest)")

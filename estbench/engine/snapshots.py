@@ -170,6 +170,10 @@ class SnapshotSet:
         if entry is None:
             raise SnapshotError(f"snapshot set {self.path}: no snapshot at step {step} "
                                 f"(it has {self.steps})")
+        if entry["file"] is None:  # the start, not stored: the task's initialisation from the seed
+            task = self.make_task(torch.device("cpu"))
+            return [p.detach().to(DTYPES[self.manifest["dtype"]]).clone()
+                    for p in task.parameters()]
         path = self.path / entry["file"]
         if not path.is_file():
             raise SnapshotError(f"snapshot set {self.path}: {entry['file']} is missing")
@@ -225,6 +229,8 @@ def load(path) -> SnapshotSet:
     steps = manifest["steps"]
     if not steps or sorted(set(steps)) != steps or set(map(str, steps)) != set(manifest["snapshots"]):
         raise SnapshotError(f"{f}: steps must be increasing and each have a snapshot entry")
+    if any(e.get("file") is None for k, e in manifest["snapshots"].items() if k != "0"):
+        raise SnapshotError(f"{f}: only the start (step 0) may be rebuilt instead of stored")
     figs = manifest.get("figures", {})
     if not isinstance(figs, dict) or not all(isinstance(v, int) and v >= 2 for v in figs.values()):
         raise SnapshotError(f"{f}: figures must map a figure's name to its number of estimates (>= 2)")
@@ -264,13 +270,16 @@ def evenly(last: int, k: int) -> list[int]:
 def build(task: str, driver: str, seed: int, budget: Budget, steps: list[int], out,
           dtype: str = "float32", device: str = "cpu", probe: Optional[dict] = None,
           why: str = "", command: str = "", threads: int = 1, report=None,
-          figures: Optional[dict] = None) -> SnapshotSet:
+          figures: Optional[dict] = None, store_start: bool = True) -> SnapshotSet:
     """Train ``driver`` on ``task`` (spec strings) from ``seed`` under ``budget`` and save the
     parameters after each of ``steps`` updates into the folder ``out`` (made or replaced
     atomically per file; the manifest written last).  ``probe``: the probe's budget,
     {n_samples, measure_samples} (default: ``budget``'s).  ``why``: why this driver, said in the
     manifest.  ``figures``: {name: estimates} of the figures a probe records beside the
-    measurement (``estbench.engine.probe.FIGURES``).  Returns the set as :func:`load` reads it."""
+    measurement (``estbench.engine.probe.FIGURES``).  ``store_start`` False: the snapshot at step
+    0 is not stored but rebuilt on loading from the task's initialisation and the seed (its digest
+    is kept, so a torch whose initialisation draws differently is caught): one snapshot less on
+    disk for the large models.  Returns the set as :func:`load` reads it."""
     from estbench.engine import train
 
     if dtype not in DTYPES:
@@ -307,6 +316,9 @@ def build(task: str, driver: str, seed: int, budget: Budget, steps: list[int], o
                     report(run.step, steps[-1], "training the driver")
                 watch.check(run.step)
                 stored = [p.detach().to("cpu", DTYPES[dtype]).clone() for p in run.params]
+                if target == 0 and not store_start:
+                    entries["0"] = {"file": None, "sha256": None, "parameters": digest(stored)}
+                    continue
                 name = snapshot_name(target)
                 store.atomic_write(out / name, lambda tmp: torch.save(
                     {"step": target, "parameters": stored}, tmp))
@@ -332,7 +344,7 @@ def build(task: str, driver: str, seed: int, budget: Budget, steps: list[int], o
         manifest["figures"] = {str(k): int(v) for k, v in figures.items()}
     # files of an earlier set in this folder that this one does not have
     for old in out.glob("step_*.pt"):
-        if old.name not in {e["file"] for e in entries.values()}:
+        if old.name not in {e["file"] for e in entries.values() if e["file"]}:
             old.unlink()
     store.atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(
         json.dumps(manifest, indent=1) + "\n"))
@@ -346,7 +358,8 @@ def rebuild(s: SnapshotSet, out, threads: int = 1) -> SnapshotSet:
     m = s.manifest
     return build(m["task"], m["driver"], m["seed"], s.budget, m["steps"], out, dtype=m["dtype"],
                  device=m["device"], probe=m["probe"], why=m["driver_why"], command=m["command"],
-                 threads=threads, figures=s.figures)
+                 threads=threads, figures=s.figures,
+                 store_start=s.manifest["snapshots"].get("0", {}).get("file", "") is not None)
 
 
 def same_parameters(a: SnapshotSet, b: SnapshotSet) -> list[int]:
@@ -358,5 +371,6 @@ def same_parameters(a: SnapshotSet, b: SnapshotSet) -> list[int]:
 
 def size_bytes(s: SnapshotSet) -> int:
     """Bytes the set takes on disk (its manifest and snapshot files)."""
-    return sum(os.path.getsize(s.path / e["file"]) for e in s.manifest["snapshots"].values()) \
+    return sum(os.path.getsize(s.path / e["file"]) for e in s.manifest["snapshots"].values()
+               if e["file"] is not None) \
         + os.path.getsize(s.path / MANIFEST)
