@@ -219,6 +219,17 @@ def _curve_panel(ax, band: pd.DataFrame, style: Style, handles: dict, oracle: st
         handles.setdefault(est, line)
 
 
+def _labelled_panel(ax, band: pd.DataFrame, xlabel: str, ylabel: str, title: str) -> bool:
+    """Label a panel; say so in it and return False when it has nothing to draw."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if band.empty:
+        ax.text(0.5, 0.5, "no measurements", ha="center", va="center", transform=ax.transAxes)
+        return False
+    return True
+
+
 #: a variance below this fraction of the task's largest is shown as zero (rounding noise, e.g. an
 #: exact estimator's 1e-16): on a log axis it would squash every other estimator into a corner
 RELATIVE_ZERO = 1e-9
@@ -261,12 +272,7 @@ def training_curves(records: pd.DataFrame, task: str, style: Style, out_dir: Pat
         fig, axes = plt.subplots(2, 2, figsize=(11, 7.6))
         handles: dict = {}
         for i, (ax, (band, xl, yl, title)) in enumerate(zip(axes.flat, panels)):
-            ax.set_xlabel(xl)
-            ax.set_ylabel(yl)
-            ax.set_title(title)
-            if band.empty:
-                ax.text(0.5, 0.5, "no measurements", ha="center", va="center",
-                        transform=ax.transAxes)
+            if not _labelled_panel(ax, band, xl, yl, title):
                 continue
             _curve_panel(ax, band, style, handles, oracle="level" if i == 1 else "curve")
             if yl.startswith("gradient variance"):
@@ -315,12 +321,8 @@ def shared_parameter_curves(records: pd.DataFrame, task: str, style: Style,
                     means.index[~np.isfinite(means)])
                 sub = sub[~sub.estimator.isin(zero)]
             band = _band(sub, metric, log=log)
-            ax.set_xlabel("training step of the snapshot (the driver's)")
-            ax.set_ylabel(label)
-            ax.set_title(label)
-            if band.empty:
-                ax.text(0.5, 0.5, "no measurements", ha="center", va="center",
-                        transform=ax.transAxes)
+            if not _labelled_panel(ax, band, "training step of the snapshot (the driver's)", label,
+                                   label):
                 continue
             _curve_panel(ax, band, style, handles)
             if log:

@@ -1235,12 +1235,17 @@ def write_probe_report(run_dir, out_dir=None) -> ProbeAnalysis:
     a.table.to_csv(a.out / "shared_parameters.csv", index=False)
     a.board.to_csv(a.out / "leaderboard.csv", index=False)
     a.stability.to_csv(a.out / "stability.csv", index=False)
-    doc = Document(f"estbench probe report: {a.run_dir.name}")
-    for section in PROBE_SECTIONS:
+    _write_document(a, f"estbench probe report: {a.run_dir.name}", PROBE_SECTIONS)
+    return a
+
+
+def _write_document(a, title: str, sections) -> None:
+    """report.md and report.html of an analysis, from its sections in order."""
+    doc = Document(title)
+    for section in sections:
         doc.add(*section(a))
     (a.out / "report.md").write_text(doc.markdown(a.out))
     (a.out / "report.html").write_text(doc.html(a.out))
-    return a
 
 
 def is_probe(run_dir) -> bool:
@@ -1258,11 +1263,7 @@ def write_report(run_dir, out_dir=None) -> Analysis:
         return write_probe_report(run_dir, out_dir)
     a = analyse(run_dir, out_dir)
     write_files(a)
-    doc = Document(f"estbench report: {a.run_dir.name}")
-    for section in SECTIONS:
-        doc.add(*section(a))
-    (a.out / "report.md").write_text(doc.markdown(a.out))
-    (a.out / "report.html").write_text(doc.html(a.out))
+    _write_document(a, f"estbench report: {a.run_dir.name}", SECTIONS)
     return a
 
 
