@@ -27,6 +27,7 @@ updating the estimator's own state and nothing of the model -- under the same co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import math
 import time
@@ -41,7 +42,7 @@ from estbench.core.errors import BudgetError, CellTimeout, InfeasibleError, Over
 from estbench.core.spec import Spec, parse
 from estbench.engine import protocols, snapshots
 from estbench.engine.cell import Cell, CellResult, Plan, code_version, usable_devices
-from estbench.engine.measure import isolated_rng, measure
+from estbench.engine.measure import isolated_rng, measure, replicate
 from estbench.engine.train import _check_spent, _record, resolve_device, time_limit
 
 #: the module a probe cell runs: its code (and what it imports) is in every probe cell's key
@@ -78,11 +79,8 @@ def cosine_of_mean(task, est, batch, n_samples: int, M: int, counter: Evaluation
     exact = estimators.get("exact", max_configs=EXACT_FIGURE_CONFIGS)
     e = exact.estimate(dist, prob.f, exact.budget_unit(dist), prob.context)
     ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(e.surrogate, [leaves[k] for k in keys])])
-    stacked = {k: v.unsqueeze(0).expand(M, *v.shape) for k, v in leaves.items()}
-    ctx = prob.context
-    if isinstance(ctx, torch.Tensor):
-        ctx = ctx.unsqueeze(0).expand(M, *ctx.shape)
-    rep = fam.rebuild(prob.dist, stacked)
+    # the measurement's own replication, of the distribution at the detached logits
+    _, stacked, rep, ctx = replicate(dataclasses.replace(prob, dist=dist), M)
     counter.reset()
     measured = copy.deepcopy(est).eval()  # as the measurement: the probed state is left as it is
     e = measured.estimate(rep, counter.wrap(prob.f, rep), n_samples, ctx)
