@@ -280,6 +280,9 @@ def test_the_cosine_of_the_mean_estimate_reads_the_direction_of_the_bias(tmp_pat
     # at the start (near-uniform logits) the relaxation's bias points along the gradient; after
     # training, not: the rloo mean stays on the gradient, the relaxation's does not
     assert got["gumbel_softmax[temperature=2.0]"][1] < 0.99 < got["rloo"][1]
+    # the figure's exact gradient is computed once per snapshot and kept for every estimator
+    kept = sorted(p.name for p in (tmp_path / "probe" / probe.REFERENCES).glob("*-cosine_of_mean-cpu.pt"))
+    assert kept == [f"{s.hash}-{step}-cosine_of_mean-cpu.pt" for step in (0, 40)]
 
 
 def test_a_start_rebuilt_from_the_seed_is_the_stored_one(toy_set, tmp_path):

@@ -56,29 +56,44 @@ MODE = ("probe: every estimator measured at the same parameters, the snapshots o
 REFERENCES = "references"
 
 
-def cosine_of_mean(task, est, batch, n_samples: int, M: int, counter: EvaluationCounter,
-                   held: bool, budget: Budget) -> float:
-    """The cosine between the mean of ``M`` estimates and the exact gradient, both with respect to
-    the distribution's parameters (an encoder's output logits), of the estimated part of the
-    objective only (sum_b E_q[f]; an analytic KL is left out): the gradient-quality figure of the
-    ReinMax reproduction (``VAE.analyze_gradient``: the mean of 512 estimates against the exact
-    gradient on 100 images; tasks/data/SOURCES.md).  It reads the direction of an estimator's
-    bias, not the quality of one estimate (the ``cosine`` metric).  The exact gradient enumerates
-    the support (the ``exact`` estimator's rule); NaN where that is not possible.  The M estimates
-    are one batched pass (replicas on a leading batch axis, as in the measurement) and are held
-    to the budget."""
+def exact_logits_gradient(task, batch) -> torch.Tensor:
+    """The exact gradient of the estimated part of the objective (sum_b E_q[f]; an analytic KL is
+    left out) with respect to the distribution's parameters (an encoder's output logits),
+    flattened: the reference of :func:`cosine_of_mean`, one per snapshot (a probe keeps it beside
+    the measurement's reference).  It enumerates the support (the ``exact`` estimator's rule, up to
+    ``EXACT_FIGURE_CONFIGS`` configurations per event); empty where that is not possible."""
     from estimators import families as fam
 
     prob = task.problem(batch)
     leaves = {k: v.detach().requires_grad_() for k, v in fam.params(prob.dist).items()}
-    keys = list(leaves)
     dist = fam.rebuild(prob.dist, leaves)
     if fam.family_of(dist) not in estimators.get_class("exact").families \
             or fam.support_size(dist) > EXACT_FIGURE_CONFIGS:
-        return math.nan
+        return torch.empty(0, dtype=torch.float64, device=task.device)
     exact = estimators.get("exact", max_configs=EXACT_FIGURE_CONFIGS)
     e = exact.estimate(dist, prob.f, exact.budget_unit(dist), prob.context)
-    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(e.surrogate, [leaves[k] for k in keys])])
+    grads = torch.autograd.grad(e.surrogate, [leaves[k] for k in leaves])
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def cosine_of_mean(task, est, batch, n_samples: int, M: int, counter: EvaluationCounter,
+                   held: bool, budget: Budget, exact: torch.Tensor) -> float:
+    """The cosine between the mean of ``M`` estimates and the exact gradient ``exact``
+    (:func:`exact_logits_gradient`), both with respect to the distribution's parameters (an
+    encoder's output logits), of the estimated part of the objective only: the gradient-quality
+    figure of the ReinMax reproduction (``VAE.analyze_gradient``: the mean of 512 estimates against
+    the exact gradient on 100 images; tasks/data/SOURCES.md).  It reads the direction of an
+    estimator's bias, not the quality of one estimate (the ``cosine`` metric).  NaN where the exact
+    gradient could not be enumerated.  The M estimates are one batched pass (replicas on a leading
+    batch axis, as in the measurement) and are held to the budget."""
+    from estimators import families as fam
+
+    if exact.numel() == 0:
+        return math.nan
+    prob = task.problem(batch)
+    leaves = {k: v.detach().requires_grad_() for k, v in fam.params(prob.dist).items()}
+    keys = list(leaves)
+    dist = fam.rebuild(prob.dist, leaves)
     # the measurement's own replication, of the distribution at the detached logits
     _, stacked, rep, ctx = replicate(dataclasses.replace(prob, dist=dist), M)
     counter.reset()
@@ -88,9 +103,18 @@ def cosine_of_mean(task, est, batch, n_samples: int, M: int, counter: Evaluation
     grads = torch.autograd.grad(e.surrogate, [stacked[k] for k in keys], allow_unused=True)
     mean = torch.cat([(g if g is not None else torch.zeros_like(stacked[k])).mean(0).reshape(-1)
                       for g, k in zip(grads, keys)]).double()
-    ref = ref.double()
+    ref = exact.to(mean.device).double()
     denom = float(torch.linalg.vector_norm(mean) * torch.linalg.vector_norm(ref))
     return float(mean @ ref) / denom if denom > 0 else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """A gradient-quality figure as a paper defines it: ``reference(task, batch)`` is computed once
+    per snapshot (and kept beside the measurement's reference), ``value(task, est, batch,
+    n_samples, estimates, counter, held, budget, reference)`` once per estimator."""
+    reference: object
+    value: object
 
 
 #: the most configurations per event the exact gradient of :func:`cosine_of_mean` enumerates (the
@@ -99,7 +123,7 @@ EXACT_FIGURE_CONFIGS = 2**14
 
 #: the figures a snapshot set may ask a probe for beside the measurement (its manifest's
 #: ``figures``: name -> estimates), each as its source defines it
-FIGURES = {"cosine_of_mean": cosine_of_mean}
+FIGURES = {"cosine_of_mean": Figure(exact_logits_gradient, cosine_of_mean)}
 
 
 def stateful(est) -> bool:
@@ -155,33 +179,47 @@ def plan(sets: Iterable[snapshots.SnapshotSet], est_specs: Iterable[Spec], devic
     return p
 
 
+def _cached(cache: Optional[Path], name: str, device: torch.device, compute, pack, unpack):
+    """``compute()`` once per ``name`` (a set's hash, a snapshot's step, what is computed) and
+    device, kept in the folder ``cache`` (None: not kept); a file lock lets one worker compute it
+    while the others wait for it."""
+    if cache is None:
+        return compute()
+    path = cache / f"{name}-{device.type}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return unpack(torch.load(path, map_location=device, weights_only=True))
+        value = compute()
+        from estbench.engine import store
+
+        store.atomic_write(path, lambda tmp: torch.save(pack(value), tmp))
+        return value
+
+
 def _reference(s: snapshots.SnapshotSet, task, batch, step: int, seed: int, device: torch.device,
                cache: Optional[Path]):
     """The reference gradient at a snapshot (the task's ``reference_gradient`` on the measurement
-    batch, on the measurement's random stream), computed once per (set, step, device) and kept in
-    ``cache``; a lock lets one worker compute it while the others wait for it."""
+    batch, on the measurement's random stream), computed once per (set, step, device)."""
     from tasks import Reference
 
     def compute() -> Reference:
         with isolated_rng(seed, device):
             return task.reference_gradient(batch)
 
-    if cache is None:
-        return compute()
-    path = cache / f"{s.hash}-{step}-{device.type}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            d = torch.load(path, map_location=device, weights_only=True)
-            return Reference(d["grad"], bool(d["exact"]), d["stderr"], d["n_samples"])
-        ref = compute()
-        from estbench.engine import store
+    return _cached(cache, f"{s.hash}-{step}", device, compute,
+                   lambda r: {"grad": r.grad.detach(), "exact": r.exact, "stderr": r.stderr,
+                              "n_samples": r.n_samples},
+                   lambda d: Reference(d["grad"], bool(d["exact"]), d["stderr"], d["n_samples"]))
 
-        store.atomic_write(path, lambda tmp: torch.save(
-            {"grad": ref.grad.detach(), "exact": ref.exact, "stderr": ref.stderr,
-             "n_samples": ref.n_samples}, tmp))
-        return ref
+
+def _figure_reference(s: snapshots.SnapshotSet, name: str, task, batch, step: int,
+                      device: torch.device, cache: Optional[Path]) -> torch.Tensor:
+    """A figure's reference at a snapshot (:class:`Figure`), computed once per (set, step, device)."""
+    return _cached(cache, f"{s.hash}-{step}-{name}", device,
+                   lambda: FIGURES[name].reference(task, batch).detach(),
+                   lambda t: {"reference": t}, lambda d: d["reference"])
 
 
 def _warm_up(task, est, s: snapshots.SnapshotSet, counter: EvaluationCounter, held: bool,
@@ -288,9 +326,10 @@ def _probe(cell: Cell, res: CellResult, report, references: Optional[Path]) -> N
             _record(res, step, k, v)
         _record(res, step, "estimate_time", seconds / max(m["bias_test_samples"], 1.0))
         for name, estimates in s.figures.items():
+            exact = _figure_reference(s, name, task, batch, step, device, references)
             with isolated_rng(seed + 5_000_011, device):
-                value = FIGURES[name](task, est, batch, budget.n_samples, int(estimates), counter,
-                                      held, budget)
+                value = FIGURES[name].value(task, est, batch, budget.n_samples, int(estimates),
+                                            counter, held, budget, exact)
             _record(res, step, name, value)
         seen[str(step)] = {"parameters": params_digest, "measure_batch": batch_digest,
                            "reference": snapshots.digest([ref.grad, ref.stderr])}
