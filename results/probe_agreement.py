@@ -30,6 +30,8 @@ NEUTRALITY = Path("results/driver_neutrality/probe")
 REFERENCE = Path("results/reference")
 #: the estimators that move most, listed per task
 MOVERS = 3
+#: the README's lines around the tables
+BEGIN, END = "<!-- probe-agreement: begin -->", "<!-- probe-agreement: end -->"
 
 
 def _order(records: pd.DataFrame) -> pd.DataFrame:
@@ -41,10 +43,6 @@ def _order(records: pd.DataFrame) -> pd.DataFrame:
     g = g[[not _oracle(e) for e in g.estimator]]
     out = g.assign(log=np.log10(g.value)).groupby(["task", "estimator"]).log.mean()
     return (10 ** out).rename("grad_error").reset_index()
-
-
-def _records(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(ROOT / path / "results.parquet")
 
 
 def _task_name(task: str) -> str:
@@ -64,7 +62,7 @@ def _tau(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
 
 
 def driver_neutrality(root: Path = ROOT) -> pd.DataFrame:
-    base = _order(_records(PROBE))
+    base = _order(pd.read_parquet(root / PROBE / "results.parquet"))
     other_records = pd.read_parquet(root / NEUTRALITY / "results.parquet")
     other = _order(other_records)
     drivers = {}
@@ -84,8 +82,8 @@ def driver_neutrality(root: Path = ROOT) -> pd.DataFrame:
 
 
 def against_trajectory(root: Path = ROOT) -> pd.DataFrame:
-    probe = _order(_records(PROBE))
-    traj = _order(_records(REFERENCE))
+    probe = _order(pd.read_parquet(root / PROBE / "results.parquet"))
+    traj = _order(pd.read_parquet(root / REFERENCE / "results.parquet"))
     probe["name"] = probe.task.map(_task_name)
     traj["name"] = traj.task.map(_task_name)
     rows = []
@@ -117,15 +115,26 @@ def _md(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def report(root: Path = ROOT) -> str:
+    """Both tables as the README holds them."""
+    parts = []
+    if (root / NEUTRALITY / "results.parquet").is_file():
+        parts += ["Driver neutrality: the probe's order by gradient error at the exact-gradient "
+                  "driver's snapshots against a biased driver's, per toy (Kendall's tau-b):", "",
+                  _md(driver_neutrality(root)), ""]
+    parts += ["The probe's order against the trajectory view's (`results/reference`), by gradient "
+              "error (Kendall's tau-b):", "", _md(against_trajectory(root))]
+    return "\n".join(parts)
+
+
+def readme_block(readme: str) -> str:
+    """The tables as the README holds them (between the markers)."""
+    return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+
+
 if __name__ == "__main__":
     if not (ROOT / PROBE / "results.parquet").is_file():
         print(f"no probe at {PROBE}: run bash results/make_probe.sh", file=sys.stderr)
         sys.exit(2)
-    if (ROOT / NEUTRALITY / "results.parquet").is_file():
-        print("Driver neutrality: the probe's order by gradient error, exact-gradient driver vs a "
-              "biased driver\n")
-        print(_md(driver_neutrality()))
-        print()
-    print("The probe's order against the trajectory view's (results/reference), by gradient error\n")
-    print(_md(against_trajectory()))
+    print(report())
     sys.exit(0)

@@ -266,6 +266,26 @@ def test_the_committed_snapshot_sets_load_and_stay_within_the_size_budget():
     assert sum(snapshots.size_bytes(s) for s in sets) <= 50 * 10**6
 
 
+def test_the_published_cosine_set_lies_on_the_committed_categorical_vae_trajectory():
+    """results/make_reinmax_cosine.sh's set differs from results/snapshots/categorical_vae only in
+    its 100-image measurement batch: the same driver, seed and data order, so the same parameters
+    where both keep a snapshot (the measurement batch draws nothing from the training stream)."""
+    import json
+
+    from estbench.analysis import rank
+
+    root = rank.shipped_reference().parent
+    paths = [root / "snapshots" / "categorical_vae", root / "paper" / "reinmax_cosine_8x4" / "snapshots"]
+    if not all((p / snapshots.MANIFEST).is_file() for p in paths):
+        pytest.skip("the committed categorical_vae sets are not in this installation")
+    a, b = (json.loads((p / snapshots.MANIFEST).read_text()) for p in paths)
+    assert a["driver"] == b["driver"] and a["seed"] == b["seed"] and a["dtype"] == b["dtype"]
+    common = sorted(set(a["snapshots"]) & set(b["snapshots"]), key=int)
+    assert common == ["600", "6000"]
+    assert [a["snapshots"][k]["parameters"] for k in common] == \
+        [b["snapshots"][k]["parameters"] for k in common]
+
+
 def test_the_cosine_of_the_mean_estimate_reads_the_direction_of_the_bias(tmp_path):
     """The ReinMax reproduction's figure: 1 for the exact gradient, near 1 for an unbiased
     estimator averaged over many estimates, further from 1 for a biased relaxation."""

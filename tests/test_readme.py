@@ -89,3 +89,33 @@ def test_the_readme_table_against_the_published_figures_is_the_committed_sets():
     readme = (ROOT / "README.md").read_text()
     assert published_table.readme_block(readme) == published_table.table(ROOT)
     assert "`paper/sst_rationales`" in published_table.table(ROOT)
+
+
+def _results_script(name):
+    sys.path.insert(0, str(ROOT / "results"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_the_readme_cosines_beside_the_published_are_the_committed_probe():
+    """Derived, never typed: results/published_cosine.py over the committed probe of
+    results/paper/reinmax_cosine_8x4 and the published per-seed CSV."""
+    published_cosine = _results_script("published_cosine")
+    readme = (ROOT / "README.md").read_text()
+    table = published_cosine.table(ROOT)
+    assert published_cosine.readme_block(readme) == table
+    # every method the source scored, at the three epochs of the committed snapshots
+    assert len(table.splitlines()) == 2 + 5 * 3
+
+
+def test_the_readme_probe_agreement_tables_are_the_committed_probes():
+    """Derived, never typed: results/probe_agreement.py over results/probe, the driver-neutrality
+    probe and results/reference."""
+    agreement = _results_script("probe_agreement")
+    readme = (ROOT / "README.md").read_text()
+    assert agreement.readme_block(readme) == agreement.report(ROOT)
+    neutral = agreement.driver_neutrality(ROOT)
+    assert set(neutral.task) == {"toy_binary", "toy_categorical"}
+    assert neutral.tau.notna().all()
