@@ -10,6 +10,7 @@ stateful estimator's warm-up leaves the model as it is; the commands end to end.
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -149,6 +150,17 @@ def test_warming_up_a_stateful_estimator_leaves_the_model_as_it_is(toy_set):
     probe._warm_up(task, est, toy_set, probe.EvaluationCounter(), True, BUDGET, 40)
     assert snapshots.digest([p.detach() for p in task.parameters()]) == before
     assert float(est.state_dict()["base.avg"]) != 0.0  # it has learned something
+
+
+def test_an_estimator_with_a_lazily_built_state_is_probed(toy_set):
+    """NVIL's baseline network is built at its first estimate: the probe starts every snapshot's
+    warm-up from the estimator as built, which it cannot clone value by value (it failed so)."""
+    [cell] = probe.plan([toy_set], parse_list("nvil"), ["cpu"]).cells
+    res = probe.run_probe(cell)
+    assert res.status == "ok", res.error
+    assert res.artifacts["warmed_up"]
+    grad_error = [r["value"] for r in res.records if r["metric"] == "grad_error"]
+    assert len(grad_error) == len(STEPS) and all(math.isfinite(v) for v in grad_error)
 
 
 def test_the_commands_end_to_end(tmp_path, capsys):

@@ -227,7 +227,6 @@ def _warm_up(task, est, s: snapshots.SnapshotSet, counter: EvaluationCounter, he
     """``WARMUP_STEPS`` training-mode estimates at the snapshot's parameters, each followed by the
     estimator's own update; the model's parameters are left as they are (the gradient goes to
     the estimator's parameters only)."""
-    own = [p for p in est.parameters() if p.requires_grad]
     batches = task.train_batches(torch.Generator().manual_seed(s.seed + 1_000_003))
     est.train()
     with isolated_rng(s.seed * 7919 + step + 3_000_017, task.device):
@@ -237,6 +236,9 @@ def _warm_up(task, est, s: snapshots.SnapshotSet, counter: EvaluationCounter, he
             e = est.estimate(prob.dist, counter.wrap(prob.f, prob.dist), budget.n_samples,
                              prob.context)
             _check_spent(held, counter.count, budget, "warming up at a snapshot", e.n_evals)
+            # after the estimate: a part built on first use (NVIL's baseline) exists only now
+            own = [p for p in est.parameters() if p.requires_grad
+                   and not isinstance(p, torch.nn.parameter.UninitializedParameter)]
             if own and e.surrogate.requires_grad:
                 grads = torch.autograd.grad(-e.surrogate, own, allow_unused=True)
                 for p, g in zip(own, grads):
@@ -301,14 +303,16 @@ def _probe(cell: Cell, res: CellResult, report, references: Optional[Path]) -> N
     warm = stateful(est)
     seen: dict = {}
     n_evals = 0
-    fresh = {k: v.clone() for k, v in est.state_dict().items()}
+    # the estimator as built, before any warm-up: a deep copy, since a lazily built part (NVIL's
+    # baseline network) has no values to clone until its first estimate
+    pristine = copy.deepcopy(est) if warm else None
     for i, step in enumerate(s.steps):
         report(i, len(s.steps), f"snapshot {i + 1} of {len(s.steps)} (step {step})")
         params_digest = s.apply(task, step)
         seed = cell.seed * 7919 + step  # the driver's measurement stream at this step
         ref = _reference(s, task, batch, step, seed, device, references)
         if warm:
-            est.load_state_dict(fresh)
+            est = copy.deepcopy(pristine)
             _warm_up(task, est, s, counter, held, budget, step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
