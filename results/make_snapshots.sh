@@ -14,7 +14,9 @@
 # paper budgets (10^6 steps on binary_vae, 13,140 of ~1 s on text_vae) are out of reach on this
 # 2-core machine: their sets span what one core trains in minutes, said in each manifest.  Large
 # models are stored in float16 and their start is rebuilt from the seed (--rebuild-start), to keep
-# every committed set together under 50 MB.
+# every committed set together under 50 MB.  On the real tasks the probe takes 64 estimates a
+# snapshot (--measure-samples 64), as the quick budget's trajectory view does, so that a full probe
+# of every estimator fits in 10 minutes at -j 2.
 #
 # usage: bash results/make_snapshots.sh [NAME ...]   (default: every set; names select some, so two
 # can be built side by side on two cores)
@@ -52,18 +54,18 @@ build toy_gaussian toy_gaussian reparam \
 # --- the real tasks ---
 build categorical_vae "categorical_vae[binarize=none,training_images=60000,lr=0.0005]" "reinmax[temperature=1.0]" \
     "the ReinMax reproduction's gradient study trains ReinMax (temperature 1.0, Adam 5e-4, batch 100, all 60,000 images) and scores every method on its models; a biased driver, chosen to put the published figures beside ours: the sets of the toys measure how far a driver moves the probe's ranking" \
-    --budget published --steps 30000 --at 0,600,6000,30000 --n-samples 6 --dtype float16 --rebuild-start
+    --budget published --steps 30000 --at 0,600,6000,30000 --n-samples 6 --measure-samples 64 --dtype float16 --rebuild-start
 build binary_vae binary_vae disarm \
     "unbiased (its 2^200 configurations rule the exact gradient out); 30,000 of the standard budget's 10^6 steps, what one core trains in minutes" \
-    --budget standard --steps 30000 --at 0,3000,10000,30000 --dtype float16 --rebuild-start
+    --budget standard --steps 30000 --at 0,3000,10000,30000 --measure-samples 64 --dtype float16 --rebuild-start
 SST_WHY="unbiased: in expectation it follows the true gradient, shaped by no estimator's bias"
 build sst_rationales sst_rationales rloo "$SST_WHY" \
-    --budget standard --snapshots 3 --dtype float16 --rebuild-start
+    --budget standard --snapshots 3 --measure-samples 64 --dtype float16 --rebuild-start
 build sst_rationales_structured sst_rationales_structured rloo "$SST_WHY" \
-    --budget standard --snapshots 3 --dtype float16 --rebuild-start
+    --budget standard --snapshots 3 --measure-samples 64 --dtype float16 --rebuild-start
 build sst_rationales_categorical sst_rationales_categorical exact \
     "the exact gradient (one latent position per sentence, enumerated): gradient ascent on the true objective" \
-    --budget standard --snapshots 3 --dtype float16 --rebuild-start
+    --budget standard --snapshots 3 --measure-samples 64 --dtype float16 --rebuild-start
 build text_vae text_vae reparam \
     "unbiased, and its noise tiny beside the score-function estimators'; 1,200 of the standard budget's 26,280 steps" \
     --budget standard --steps 1200 --at 0,400,1200 --dtype float16 --rebuild-start
