@@ -61,6 +61,17 @@ def _tau(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
     return float(r.statistic), float(r.pvalue), len(both)
 
 
+def _by_name(t: pd.DataFrame) -> pd.Series:
+    """Gradient error by estimator, named by the plug-in's name where one configuration of it ran
+    (a probe gives a protocol's tuned options, e.g. ``reinmax[temperature=1.3]`` on categorical_vae,
+    where the quick budget's trajectory ran the defaults: the same estimator for this purpose)."""
+    from estbench.core.spec import parse
+
+    names = t.estimator.map(lambda e: parse(e).name)
+    unique = ~names.duplicated(keep=False)
+    return pd.Series(t.grad_error.to_numpy(), index=names.where(unique, t.estimator).to_numpy())
+
+
 def driver_neutrality(root: Path = ROOT) -> pd.DataFrame:
     base = _order(pd.read_parquet(root / PROBE / "results.parquet"))
     other_records = pd.read_parquet(root / NEUTRALITY / "results.parquet")
@@ -91,7 +102,7 @@ def against_trajectory(root: Path = ROOT) -> pd.DataFrame:
         t = traj[traj.name == name]
         if t.empty or p.task.nunique() != 1 or t.task.nunique() != 1:
             continue
-        a, b = p.set_index("estimator").grad_error, t.set_index("estimator").grad_error
+        a, b = _by_name(p), _by_name(t)
         tau, pv, n = _tau(a, b)
         # ranks among the estimators both have (1: the smallest gradient error)
         both = pd.concat([a, b], axis=1, join="inner", keys=["probe", "traj"]).dropna().rank()
