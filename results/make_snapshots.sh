@@ -14,9 +14,9 @@
 # paper budgets (10^6 steps on binary_vae, 13,140 of ~1 s on text_vae) are out of reach on this
 # 2-core machine: their sets span what one core trains in minutes, said in each manifest.  Large
 # models are stored in float16 and their start is rebuilt from the seed (--rebuild-start), to keep
-# every committed set together under 50 MB.  On the real tasks the probe takes 64 estimates a
-# snapshot (--measure-samples 64), as the quick budget's trajectory view does, so that a full probe
-# of every estimator fits in 10 minutes at -j 2.
+# every committed set together under 50 MB.  The probe takes as many estimates a snapshot as the
+# quick budget's trajectory view (--measure-samples: 256 on the toys, 64 on the real tasks), so
+# that a full probe of every estimator fits in 10 minutes at -j 2.
 #
 # usage: bash results/make_snapshots.sh [NAME ...]   (default: every set; names select some, so two
 # can be built side by side on two cores)
@@ -42,14 +42,14 @@ build() {  # build NAME TASK DRIVER WHY [estbench snapshots options...]
 
 EXACT="the exact gradient: plain gradient ascent on the true objective, shaped by no estimator's bias or noise"
 for toy in toy_binary toy_categorical liu_toy; do
-    build "$toy" "$toy" exact "$EXACT" --budget standard --snapshots 6
+    build "$toy" "$toy" exact "$EXACT" --budget standard --snapshots 6 --measure-samples 256
 done
 build poly_toy poly_toy rloo \
     "unbiased (its 2^128 configurations rule the exact gradient out): in expectation it follows the true gradient, shaped by no estimator's bias" \
-    --budget standard --snapshots 6
+    --budget standard --snapshots 6 --measure-samples 256
 build toy_gaussian toy_gaussian reparam \
     "unbiased, and its noise tiny beside the score-function estimators' (no exact gradient for Gaussian latents)" \
-    --budget standard --snapshots 6
+    --budget standard --snapshots 6 --measure-samples 256
 
 # --- the real tasks ---
 build categorical_vae "categorical_vae[binarize=none,training_images=60000,lr=0.0005]" "reinmax[temperature=1.0]" \

@@ -47,8 +47,11 @@ from estbench.engine.train import _check_spent, _record, resolve_device, time_li
 
 #: the module a probe cell runs: its code (and what it imports) is in every probe cell's key
 ENTRY = "estbench.engine.probe"
-#: training batches a stateful estimator is warmed up on at each snapshot before it is measured
-WARMUP_STEPS = 100
+#: training batches a stateful estimator is warmed up on at each snapshot before it is measured:
+#: the moving averages of REINFORCE's and NVIL's baselines (decays 0.9 and 0.8) forget their start
+#: within it (0.9^50 < 0.01); a learned baseline network (NVIL's, RELAX's) is only partly trained in
+#: any short warm-up, as it is early in training
+WARMUP_STEPS = 50
 #: what a probe folder's meta.json says of how it was made
 MODE = ("probe: every estimator measured at the same parameters, the snapshots of one trained "
         "model (no training)")
