@@ -3,7 +3,7 @@
 # gradient; here the same toys are trained by a *biased* estimator instead (its trajectory shaped
 # by its own bias and noise), every estimator is probed at those snapshots, and
 # 'python results/probe_agreement.py' puts the two rankings side by side (Kendall's tau).
-# Output: results/driver_neutrality/{snapshots,probe}.  Resumable (a set present is kept).
+# The probe budget is the committed toy sets' (256 estimates a snapshot).  Output: results/driver_neutrality/{snapshots,probe}.  Resumable (a set present is kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source results/require_clean_source.sh
@@ -13,7 +13,7 @@ BIASED="a biased driver on purpose: its trajectory, not the true gradient's, dec
 build() {  # build TASK DRIVER
     if [ ! -f "$DIR/snapshots/$1/manifest.json" ]; then
         estbench snapshots "$1" --driver "$2" --why "$BIASED" --out "$DIR/snapshots/$1" --quiet \
-            --budget standard --snapshots 6
+            --budget standard --snapshots 6 --measure-samples 256
     fi
 }
 build toy_binary straight_through
