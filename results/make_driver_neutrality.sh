@@ -20,4 +20,5 @@ build toy_binary straight_through
 build toy_categorical gumbel_softmax
 estbench probe "$DIR/snapshots" -j 2 --out "$DIR/probe" --quiet || status=$?
 if [ "${status:-0}" -gt 1 ]; then exit "$status"; fi
+estbench report "$DIR/probe" > /dev/null
 python results/probe_agreement.py
