@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from published_table import between  # results/, beside this script (on the path as a script runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path("results/probe")
@@ -140,7 +141,7 @@ def report(root: Path = ROOT) -> str:
 
 def readme_block(readme: str) -> str:
     """The tables as the README holds them (between the markers)."""
-    return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    return between(readme, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from published_table import between  # results/, beside this script (on the path as a script runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path("results/paper/reinmax_cosine_8x4/probe")
@@ -77,7 +78,7 @@ def table(root: Path = ROOT) -> str:
 
 def readme_block(readme: str) -> str:
     """The table as the README holds it (between the markers)."""
-    return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    return between(readme, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,15 @@ def table(root: Path = ROOT) -> str:
     return "\n".join(rows)
 
 
+def between(text: str, begin: str, end: str) -> str:
+    """What ``text`` holds between two marker lines: a derived block of the README, which a test
+    compares with what its script prints (this one's and the other results/ scripts')."""
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
 def readme_block(readme: str) -> str:
     """The table as the README holds it (between the markers)."""
-    return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    return between(readme, BEGIN, END)
 
 
 if __name__ == "__main__":
