@@ -8,7 +8,8 @@
 # 4. one quick-budget cell per real task on CUDA (step time with torch.cuda.synchronize, end to end);
 # 5. text_vae's paper protocol (dgm4nlp SentVAE_Solutions.ipynb) cut to 200 of its 13,140 steps with
 #    reparam, a short final evaluation (400 test sentences, 50 importance samples): the step time
-#    (times 13,140: a paper cell's training) and the validation ELBO beside the notebook's at step 200.
+#    (times 13,140: a paper cell's training) and the validation ELBO beside the notebook's at step 200;
+# 6. each model's training step against a bare chain of its matrix products (benchmarks/step_flops.py).
 # (The CUDA tests include a snapshot set made on the CPU and probed on CUDA: tests/test_probe.py.)
 # Figures go to OUT_DIR (default benchmarks/results/gpu-<date>); quote them with the GPU's name.
 set -uo pipefail
@@ -49,5 +50,7 @@ print("  the notebook (cell 22) printed -134.28 (KL 3.47) at step 100 and -128.2
 print(f"400 test sentences, 50 importance samples: ELBO {v('final_elbo'):.2f}, KL {v('test_kl'):.2f}, "
       f"NLL {v('test_nll'):.2f}, perplexity {v('test_ppl_is'):.1f} (bound {v('test_ppl_elbo'):.1f})")
 PY
+# 6. how far each model's step is from the GPU's limit for its matrix products
+python benchmarks/step_flops.py --device cuda --steps 20 --rounds 3 2>&1 | tee "$out/step_flops_cuda.txt" || status=1
 echo "figures in $out"
 exit $status
