@@ -293,6 +293,20 @@ def conditional_logistic(logits, hard, k):
     return log_v - log_1mv
 
 
+def two_class_soft(lp, hard, k, tau):
+    """The relaxed samples softmax((lp + G) / tau) of a two-class categorical, G ~ the Gumbel pair
+    given the hard sample ``hard`` (one-hot, ..., 2), averaged over k draws -- computed as the binary
+    Concrete in the categorical's own log-odds d = lp_1 - lp_0: class 1's entry is
+    sigmoid((d + L) / tau) with L = G_1 - G_0 | hard, one truncated logistic per draw
+    (:func:`conditional_logistic`), equal in law to the Gumbel pair's and a fraction of its
+    elementwise work (the two exponentials, logaddexp and 2-wide softmax of
+    :func:`conditional_gumbel` per draw).  Gradients reach ``lp`` through d.  Shape of ``hard``."""
+    d = lp[..., 1] - lp[..., 0]
+    L = conditional_logistic(d.detach(), hard[..., 1], k)
+    x = (d + L) / tau
+    return torch.stack([torch.sigmoid(-x), torch.sigmoid(x)], -1).mean(0)
+
+
 class GumbelRao(Estimator):
     """Gumbel-Rao (Paulus, Maddison & Krause 2021, "Rao-Blackwellizing the straight-through
     Gumbel-Softmax gradient estimator", ICLR, Eq. 7-9).
@@ -302,8 +316,9 @@ class GumbelRao(Estimator):
     over k Gumbel draws from the conditional G | argmax = D.  That is a Monte Carlo version of
     E[ST-Gumbel gradient | D]: the same mean as st_gumbel (so the same bias for the discrete
     objective) and, by the law of total variance, no larger variance -- with no extra f evaluations.
-    Bernoulli cells are 2-class categoricals, computed as the binary Concrete: the conditional
-    noise is one truncated logistic per draw (:func:`conditional_logistic`, equal in law).
+    Bernoulli cells and two-class categoricals (poly_toy's) are computed as the binary Concrete:
+    the conditional noise is one truncated logistic per draw (:func:`conditional_logistic`,
+    :func:`two_class_soft`; equal in law).
     """
 
     name = "gumbel_rao"
@@ -332,8 +347,11 @@ class GumbelRao(Estimator):
             lp = torch.log_softmax(base.logits, -1)
             idx = D.Categorical(logits=lp.detach()).sample((n,))
             hard = F.one_hot(idx, lp.shape[-1]).to(lp.dtype)  # (n, *base batch, K)
-            G = conditional_gumbel(lp.detach(), hard, k)
-            soft = torch.softmax((lp + G) / tau, -1).mean(0)
+            if lp.shape[-1] == 2:  # two classes: the binary Concrete in the log-odds
+                soft = two_class_soft(lp, hard, k, tau)
+            else:
+                G = conditional_gumbel(lp.detach(), hard, k)
+                soft = torch.softmax((lp + G) / tau, -1).mean(0)
         z = straight_through(hard, soft)
         fz = check_f_output(f(z), n, dist.batch_shape, self.name)
         return Estimate(fz.mean(0).sum(), fz.detach().mean(0), n)

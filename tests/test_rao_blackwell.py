@@ -221,3 +221,32 @@ def test_binary_conditional_logistic_is_the_two_class_conditional_gumbel_in_law(
             emp = (L <= x).double().mean()
             se = (q * (1 - q) / N * 2) ** 0.5  # both samples are noisy
             assert abs(emp - q) < Z_TOL * se, (logit, bit, q, float(emp))
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_two_class_soft_is_the_gumbel_pairs_relaxation_in_law(tau):
+    """Gumbel-Rao's two-class categorical path (poly_toy) relaxes with one truncated logistic per
+    draw in the log-odds; per cell and hard sample, its relaxed class-1 entry must have the first
+    two moments of softmax((lp + G) / tau) under the conditional Gumbel pair, and its gradient
+    with respect to the log-probabilities the same mean.  Moments compared within Z_TOL standard
+    errors of the difference, from independent draws of each."""
+    from estimators.rao_blackwell import conditional_gumbel, two_class_soft
+
+    torch.manual_seed(1)
+    N = 40_000
+    logits = torch.tensor([[-3.0, 1.0], [0.4, 0.1], [2.0, -2.5]], dtype=torch.float64)
+    for bit in (0, 1):
+        hard = torch.nn.functional.one_hot(torch.full((3,), bit), 2).double()
+        lp = torch.log_softmax(logits, -1).requires_grad_()
+        new = two_class_soft(lp, hard.expand(N, 3, 2), 1, tau)[..., 1]  # N draws, k = 1 each
+        G = conditional_gumbel(lp.detach(), hard.expand(N, 3, 2), 1)[0]
+        old = torch.softmax((lp + G) / tau, -1)[..., 1]
+        for power in (1, 2):  # the first two moments
+            a, b = new.detach() ** power, old ** power
+            se = (a.var(0) / N + b.var(0) / N).sqrt()
+            assert ((a.mean(0) - b.mean(0)).abs() < Z_TOL * se + 1e-12).all(), (bit, tau, power)
+        ga, = torch.autograd.grad(new.mean(0).sum(), lp, retain_graph=True)
+        gb, = torch.autograd.grad(old.mean(0).sum(), lp)
+        # each draw's derivative is s (1 - s) / tau <= 1 / (4 tau) <= 1/2 in size, so the difference
+        # of two N-draw means has a standard error below 2^-1/2 / sqrt(N)
+        assert torch.allclose(ga, gb, atol=Z_TOL * 2 / N**0.5), (bit, tau, ga, gb)
