@@ -3,7 +3,8 @@
 # gradient; here the same toys are trained by a *biased* estimator instead (its trajectory shaped
 # by its own bias and noise), every estimator is probed at those snapshots, and
 # 'python results/probe_agreement.py' puts the two rankings side by side (Kendall's tau).
-# The probe budget is the committed toy sets' (256 estimates a snapshot).  Output: results/driver_neutrality/{snapshots,probe}.  Resumable (a set present is kept).
+# The probe budget is the committed toy sets' (256 estimates a snapshot).
+# Output: results/driver_neutrality/{snapshots,probe}.  Resumable (a set present is kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source results/require_clean_source.sh
