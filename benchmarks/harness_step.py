@@ -51,15 +51,22 @@ def bare_step(task, est, opt, batch, n: int) -> None:
     est.update()
 
 
+def set_up(task_name: str, task_options: dict, est_name: str, est_options: dict,
+           device: torch.device, seed: int):
+    """(task, estimator, optimiser, training batches) of a freshly set-up model, seeded as a cell
+    seeds them: the bare step's set-up here and in benchmarks/step_flops.py."""
+    torch.manual_seed(seed + 2_000_029)
+    task, est = tasks.get(task_name, **task_options), estimators.get(est_name, **est_options)
+    task.setup(device, torch.Generator().manual_seed(seed))
+    est.to(device)
+    return (task, est, task.make_optimizer(),
+            task.train_batches(torch.Generator().manual_seed(seed + 1_000_003)))
+
+
 def bare_steps(task_name: str, est_name: str, device: torch.device, n: int, steps: int, seed: int):
     """Per-step seconds of the bare estimator step on a freshly set-up model."""
     ts, es = parse(task_name), parse(est_name)
-    torch.manual_seed(seed + 2_000_029)
-    task, est = tasks.get(ts.name, **ts.options), estimators.get(es.name, **es.options)
-    task.setup(device, torch.Generator().manual_seed(seed))
-    est.to(device)
-    opt = task.make_optimizer()
-    batches = task.train_batches(torch.Generator().manual_seed(seed + 1_000_003))
+    task, est, opt, batches = set_up(ts.name, ts.options, es.name, es.options, device, seed)
     torch.manual_seed(seed)
     times = []
     for _ in range(steps):

@@ -31,10 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import estimators  # noqa: E402
-import tasks  # noqa: E402
 from estbench.engine import protocols  # noqa: E402
-from harness_step import bare_step  # noqa: E402
+from harness_step import _sync, bare_step, set_up as set_up_model  # noqa: E402
 
 #: the estimator each protocol's source compares first
 ESTIMATORS = {"binary_vae": "disarm", "categorical_vae": "reinmax", "text_vae": "reparam",
@@ -42,11 +40,6 @@ ESTIMATORS = {"binary_vae": "disarm", "categorical_vae": "reinmax", "text_vae": 
 aten = torch.ops.aten
 #: the matrix products the chain replays (each with the FLOP count of its shapes)
 PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class RecordProducts(TorchDispatchMode):
@@ -90,17 +83,12 @@ def chain(calls, device):
 
 
 def set_up(task_name: str, device: torch.device, seed: int = 0):
-    options = protocols.task_options(task_name, {})
-    n = protocols.get(task_name).budget["n_samples"]
+    """The task at its protocol's settings with the estimator its source compares first."""
     est_name = ESTIMATORS[task_name]
-    est_opts = protocols.estimator_options(task_name, est_name, {})
-    torch.manual_seed(seed + 2_000_029)
-    task, est = tasks.get(task_name, **options), estimators.get(est_name, **est_opts)
-    task.setup(device, torch.Generator().manual_seed(seed))
-    est.to(device)
-    opt = task.make_optimizer()
-    batches = task.train_batches(torch.Generator().manual_seed(seed + 1_000_003))
-    return task, est, opt, batches, n, est.display_name
+    task, est, opt, batches = set_up_model(
+        task_name, protocols.task_options(task_name, {}), est_name,
+        protocols.estimator_options(task_name, est_name, {}), device, seed)
+    return task, est, opt, batches, protocols.get(task_name).budget["n_samples"], est.display_name
 
 
 def measure(task_name: str, device: torch.device, steps: int, rounds: int) -> dict:

@@ -46,7 +46,8 @@ def comparison(root: Path = ROOT) -> pd.DataFrame:
 
     ours = pd.read_parquet(root / PROBE / "results.parquet")
     ours = ours[ours.metric == "cosine_of_mean"].copy()
-    ours["method"] = ours.estimator.map(lambda e: source_names().get(parse(e).name))
+    names = source_names()
+    ours["method"] = ours.estimator.map(lambda e: names.get(parse(e).name))
     ours["epoch"] = ours.step // STEPS_PER_EPOCH
     pub = pd.read_csv(root / PUBLISHED)
     stats = pub.groupby(["method", "epoch"]).cosine.agg(["mean", "std", "count"]).reset_index()

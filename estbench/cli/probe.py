@@ -103,10 +103,10 @@ def cmd_snapshots(args) -> int:
         probe["n_samples"] = _count(args.n_samples, "--n-samples", 1)
     if args.measure_samples is not None:
         probe["measure_samples"] = _count(args.measure_samples, "--measure-samples", 2)
+    from estbench.engine.probe import FIGURES
+
     figures = {}
     for text in args.figure:
-        from estbench.engine.probe import FIGURES
-
         name, _, count = text.partition("=")
         if name not in FIGURES:
             raise UsageError(f"--figure {text!r}: unknown figure {name!r} (known: {sorted(FIGURES)})")
