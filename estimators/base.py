@@ -57,6 +57,9 @@ class Estimator(nn.Module):
                    harness holds to the budget by counting its calls of f
       oracle    True for a reference outside the competition (``exact``): views draw it as a
                 reference line and no leaderboard, profile or test ranks it
+      deterministic  True if the estimate draws no random numbers (an enumeration, a sparse
+                support): the harness then measures two estimates, checks they are identical,
+                and reads its figures as from M identical ones, instead of computing M copies
 
     Whether the estimator can run on a problem at a budget is one declarative rule, :meth:`skip`
     (benchopt's ``skip``): the default rule reads ``min_samples``, ``sample_unit`` and
@@ -80,6 +83,7 @@ class Estimator(nn.Module):
     min_samples: ClassVar[int] = 1
     exceeds_budget: ClassVar[str] = ""
     oracle: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = False
     #: learning rate of the estimator's own optimiser (learned baselines / control variates)
     inner_lr: ClassVar[float] = 1e-3
 

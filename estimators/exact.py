@@ -28,6 +28,7 @@ class Exact(Estimator):
     options = {"max_configs": Option(2**11, "largest number of joint configurations to enumerate",
                                      constraint=constraints.positive_integer)}
     exceeds_budget = "the oracle: enumerates every configuration, whatever the budget"
+    deterministic = True
     oracle = True
 
     def skip(self, dist, n_samples):

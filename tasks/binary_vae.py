@@ -129,15 +129,16 @@ class BinaryVAE(MNISTVAE):
     10k test images.  ``final_metrics()``: ``test_iwae{K}``, the K = ``iwae_samples`` importance-
     weighted bound (Burda et al. 2016) on the first ``iwae_images`` test images (default all 10k).
     The quick budget's *subset* evaluation computes both on the first ``SUBSET_TEST_IMAGES`` =
-    1000 test images, the same for every estimator (paired across estimators, so differences
-    stay well resolved): on the full test set the bound would take most of a quick cell's time.
+    500 test images and the curve on the first ``SUBSET_VAL_IMAGES`` = 500 validation images, the
+    same for every estimator (paired across estimators, so differences stay well resolved): on
+    the full test set the bound would take most of a quick cell's time.
     Evaluation samples come from a fixed generator, so they are common random numbers across
     checkpoints and estimators and never touch the training RNG.
 
     Optimiser: Adam at ``lr`` on all parameters; with ``prior_lr > 0`` Adam at ``lr`` on encoder and
     decoder and plain SGD at ``prior_lr`` on the prior logits, as the DisARM code runs it (Adam 1e-4,
     SGD 1e-2, batch 50, 1e6 steps: ``estbench run --budget paper``, tasks/protocols/binary_vae.yml).  Budgets: "quick" (200 steps, 6 evaluations per image,
-    5 checkpoints of 64 estimates; default model: linear, 200 latents, batch 50; the *subset*
+    3 checkpoints of 64 estimates, 6 points of the curve; default model: linear, 200 latents, batch 50; the *subset*
     evaluation above; sparsemap is the slowest, its active set evaluating f at many structures);
     "standard" is the DisARM setting (1e6 steps; 6 evaluations per image, so that
     pairs and REBAR triples both fit, where DisARM used one pair) -- meant for a GPU; use
@@ -165,8 +166,8 @@ class BinaryVAE(MNISTVAE):
     budgets = {
         # 6 f-evaluations: whole units for every estimator (3 antithetic pairs, 2 REBAR/RELAX triples)
         # a measurement (64 estimates of 157k coordinates) costs far more than an ELBO point
-        "quick": {"steps": 200, "n_samples": 6, "checkpoints": 5, "measure_samples": 64,
-                  "evaluation": "subset"},
+        "quick": {"steps": 200, "n_samples": 6, "checkpoints": 3, "measure_samples": 64,
+                  "evaluation": "subset", "eval_points": 6},
         "standard": {"steps": 1_000_000, "n_samples": 6, "checkpoints": 21, "measure_samples": 256},
     }
     MAX_EXACT_LATENTS = 20

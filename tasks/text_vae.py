@@ -174,7 +174,7 @@ class TextVAE(Task):
     budgets = {
         # a measurement (750k coordinates, its reference) costs far more than a validation ELBO:
         # three measurements and six points of the curve
-        "quick": {"steps": 20, "n_samples": 4, "checkpoints": 3, "measure_samples": 16,
+        "quick": {"steps": 10, "n_samples": 4, "checkpoints": 3, "measure_samples": 16,
                   "eval_points": 6},
         "standard": {"steps": 26280, "n_samples": 4, "checkpoints": 11, "measure_samples": 64},
     }

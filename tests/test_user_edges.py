@@ -171,4 +171,4 @@ def test_list_shows_each_tasks_named_budgets(capsys):
     assert main(["list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["tasks"]["toy_binary"]["budgets"]["quick"]["checkpoints"] == 11
-    assert data["tasks"]["binary_vae"]["budgets"]["quick"]["checkpoints"] == 5
+    assert data["tasks"]["binary_vae"]["budgets"]["quick"]["checkpoints"] == 3

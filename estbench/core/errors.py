@@ -58,6 +58,12 @@ class OverBudgetError(RuntimeError):
     recorded as failed, with both numbers."""
 
 
+class DeclarationError(RuntimeError):
+    """What a plug-in declares is contradicted by what the harness observes (an estimator declared
+    ``deterministic`` whose two estimates at the same parameters differ): the cell is recorded as
+    failed, with the reason."""
+
+
 class CellTimeout(BaseException):
     """A cell ran past its time limit.  A BaseException, so that a plug-in's ``except Exception``
     cannot swallow it."""
