@@ -9,7 +9,9 @@
 # 5. text_vae's paper protocol (dgm4nlp SentVAE_Solutions.ipynb) cut to 200 of its 13,140 steps with
 #    reparam, a short final evaluation (400 test sentences, 50 importance samples): the step time
 #    (times 13,140: a paper cell's training) and the validation ELBO beside the notebook's at step 200;
-# 6. each model's training step against a bare chain of its matrix products (benchmarks/step_flops.py).
+# 6. each model's training step against a bare chain of its matrix products (benchmarks/step_flops.py);
+# 7. k seeds' steps stacked with torch.func against one after the other (benchmarks/stacked_seeds.py):
+#    on a CPU core 1.1x at 8 seeds; on a GPU, where these models are launch-bound, the question.
 # (The CUDA tests include a snapshot set made on the CPU and probed on CUDA: tests/test_probe.py.)
 # Figures go to OUT_DIR (default benchmarks/results/gpu-<date>); quote them with the GPU's name.
 set -uo pipefail
@@ -52,5 +54,8 @@ print(f"400 test sentences, 50 importance samples: ELBO {v('final_elbo'):.2f}, K
 PY
 # 6. how far each model's step is from the GPU's limit for its matrix products
 python benchmarks/step_flops.py --device cuda --steps 20 --rounds 3 2>&1 | tee "$out/step_flops_cuda.txt" || status=1
+# 7. stacked seeds
+python benchmarks/stacked_seeds.py --device cuda --seeds 1,4,16,64 --steps 10 --rounds 3 2>&1 \
+    | tee "$out/stacked_seeds_cuda.txt" || status=1
 echo "figures in $out"
 exit $status

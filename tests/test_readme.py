@@ -119,3 +119,21 @@ def test_the_readme_probe_agreement_tables_are_the_committed_probes():
     neutral = agreement.driver_neutrality(ROOT)
     assert set(neutral.task) == {"toy_binary", "toy_categorical"}
     assert neutral.tau.notna().all()
+
+
+def test_readme_says_what_every_tasks_quick_budget_is():
+    """Every registered task has a row in the README's quick-budget table, and the row's steps,
+    f-evaluations and measurements are the task's declared quick budget (a task added later
+    needs its row)."""
+    import tasks
+    from estbench.engine.sweep import task_budget
+
+    text = README.read_text()
+    table = text.split("## The quick budget, task by task", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    for name in tasks.available():
+        [row] = [r for r in rows if f"`{name}`" in r.split("|")[1]]
+        b = task_budget(tasks.get(name), "quick")
+        assert f"{b.steps} steps" in row, (name, row)
+        assert f"{b.n_samples} f-evals" in row, (name, row)
+        assert f"{b.checkpoints} x {b.measure_samples}" in row, (name, row)

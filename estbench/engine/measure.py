@@ -108,6 +108,11 @@ def _parameter_blocks(outs, g_stacked, targets, M: int) -> list[torch.Tensor]:
         return [torch.stack(rows).detach()]
 
 
+#: how far apart (relative to their largest coordinate) two estimates of a declared-deterministic
+#: estimator may be: float32 rounding, nothing more
+DETERMINISTIC_RTOL = 1e-5
+
+
 def _measured_estimates(task, estimator, batch, n_samples: int, M: int, batched: bool = True,
                         counter: Optional[EvaluationCounter] = None):
     """:func:`_estimate_blocks` for a measurement.  An estimator declared ``deterministic`` (it
@@ -119,9 +124,15 @@ def _measured_estimates(task, estimator, batch, n_samples: int, M: int, batched:
     if not _two_for_all(estimator, batched, M):
         return _estimate_blocks(task, estimator, batch, n_samples, M, batched, counter)
     blocks, n_evals, reported = _estimate_blocks(task, estimator, batch, n_samples, 2, batched, counter)
-    if not all(torch.equal(b[0], b[1]) for b in blocks):
+    # equal to float32 rounding: the replicas are rows of one batched computation, and a row's
+    # reductions may take another vector path than its neighbour's (liu_toy's exact gradient:
+    # -0.0450 in both, 9e-8 apart); a random estimate differs at its own scale
+    scale = max(float(b.abs().max()) for b in blocks)
+    diff = max(float((b[0] - b[1]).abs().max()) for b in blocks)
+    if not diff <= DETERMINISTIC_RTOL * scale:
         raise DeclarationError(f"estimator {estimator.name!r} is declared deterministic, but two of "
-                               f"its estimates at the same parameters differ")
+                               f"its estimates at the same parameters differ (by {diff:.3g}, "
+                               f"{diff / scale if scale else math.inf:.3g} of their largest coordinate)")
     return [b[:1].expand(M, b.shape[1]) for b in blocks], n_evals, reported
 
 
