@@ -301,10 +301,16 @@ def two_class_soft(lp, hard, k, tau):
     (:func:`conditional_logistic`), equal in law to the Gumbel pair's and a fraction of its
     elementwise work (the two exponentials, logaddexp and 2-wide softmax of
     :func:`conditional_gumbel` per draw).  Gradients reach ``lp`` through d.  Shape of ``hard``."""
-    d = lp[..., 1] - lp[..., 0]
-    L = conditional_logistic(d.detach(), hard[..., 1], k)
-    x = (d + L) / tau
+    x = binary_concrete_logits(lp[..., 1] - lp[..., 0], hard[..., 1], k, tau)
     return torch.stack([torch.sigmoid(-x), torch.sigmoid(x)], -1).mean(0)
+
+
+def binary_concrete_logits(d, hard, k, tau):
+    """(d + L) / tau for k draws of L = G_1 - G_0 given the hard sample ``hard`` (0/1, one truncated
+    logistic per draw, :func:`conditional_logistic`): the binary Concrete's logits of class 1 in
+    the log-odds ``d``, conditioned on the sample; its sigmoid is the relaxed sample.  Gradients
+    reach ``d``, not the noise.  Shape (k, *hard.shape)."""
+    return (d + conditional_logistic(d.detach(), hard, k)) / tau
 
 
 class GumbelRao(Estimator):
@@ -341,8 +347,7 @@ class GumbelRao(Estimator):
             l = base.logits
             hard = (torch.rand((n, *l.shape), dtype=l.dtype, device=l.device)
                     < torch.sigmoid(l.detach())).to(l.dtype)
-            L = conditional_logistic(l.detach(), hard, k)
-            soft = torch.sigmoid((l + L) / tau).mean(0)
+            soft = torch.sigmoid(binary_concrete_logits(l, hard, k, tau)).mean(0)
         else:
             lp = torch.log_softmax(base.logits, -1)
             idx = D.Categorical(logits=lp.detach()).sample((n,))

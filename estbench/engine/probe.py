@@ -59,6 +59,17 @@ MODE = ("probe: every estimator measured at the same parameters, the snapshots o
 REFERENCES = "references"
 
 
+def _at_detached_parameters(task, batch):
+    """``(problem, leaves, dist)``: the task's problem on ``batch`` with its distribution rebuilt
+    on detached leaf copies of its parameters, so gradients stop at the logits (the figures of
+    :func:`exact_logits_gradient` and :func:`cosine_of_mean` are w.r.t. them)."""
+    from estimators import families as fam
+
+    prob = task.problem(batch)
+    leaves = {k: v.detach().requires_grad_() for k, v in fam.params(prob.dist).items()}
+    return prob, leaves, fam.rebuild(prob.dist, leaves)
+
+
 def exact_logits_gradient(task, batch) -> torch.Tensor:
     """The exact gradient of the estimated part of the objective (sum_b E_q[f]; an analytic KL is
     left out) with respect to the distribution's parameters (an encoder's output logits),
@@ -67,9 +78,7 @@ def exact_logits_gradient(task, batch) -> torch.Tensor:
     ``EXACT_FIGURE_CONFIGS`` configurations per event); empty where that is not possible."""
     from estimators import families as fam
 
-    prob = task.problem(batch)
-    leaves = {k: v.detach().requires_grad_() for k, v in fam.params(prob.dist).items()}
-    dist = fam.rebuild(prob.dist, leaves)
+    prob, leaves, dist = _at_detached_parameters(task, batch)
     if fam.family_of(dist) not in estimators.get_class("exact").families \
             or fam.support_size(dist) > EXACT_FIGURE_CONFIGS:
         return torch.empty(0, dtype=torch.float64, device=task.device)
@@ -89,14 +98,10 @@ def cosine_of_mean(task, est, batch, n_samples: int, M: int, counter: Evaluation
     estimator's bias, not the quality of one estimate (the ``cosine`` metric).  NaN where the exact
     gradient could not be enumerated.  The M estimates are one batched pass (replicas on a leading
     batch axis, as in the measurement) and are held to the budget."""
-    from estimators import families as fam
-
     if exact.numel() == 0:
         return math.nan
-    prob = task.problem(batch)
-    leaves = {k: v.detach().requires_grad_() for k, v in fam.params(prob.dist).items()}
+    prob, leaves, dist = _at_detached_parameters(task, batch)
     keys = list(leaves)
-    dist = fam.rebuild(prob.dist, leaves)
     # the measurement's own replication, of the distribution at the detached logits
     _, stacked, rep, ctx = replicate(dataclasses.replace(prob, dist=dist), M)
     counter.reset()
