@@ -137,3 +137,14 @@ def test_readme_says_what_every_tasks_quick_budget_is():
         assert f"{b.steps} steps" in row, (name, row)
         assert f"{b.n_samples} f-evals" in row, (name, row)
         assert f"{b.checkpoints} x {b.measure_samples}" in row, (name, row)
+
+
+def test_quick_budget_check_reads_the_committed_reference(capsys):
+    """results/quick_budget_check.py runs on the committed reference and prints the README's tau."""
+    sys.path.insert(0, str(ROOT / "results"))
+    import quick_budget_check
+
+    assert quick_budget_check.main(["--tasks", "binary_vae"]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.split()[0] == "binary_vae" and row.split()[-1] == "0.87"
+    assert "0.87 `binary_vae`" in README.read_text()
