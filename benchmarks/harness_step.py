@@ -38,6 +38,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def add_timing_args(ap: argparse.ArgumentParser, steps: int, rounds: int = 5,
+                    steps_help: str = "steps per timed block") -> None:
+    """The options every timing script here shares: device, block length, rounds, threads."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--rounds", type=int, default=rounds, help="alternating blocks of each")
+    ap.add_argument("--threads", type=int, default=1)
+
+
+def timing_set_up(args) -> tuple[torch.device, str]:
+    """The device of :func:`add_timing_args`' options, with the intra-op threads set, and the
+    first line of the script's output: device (the GPU's name on CUDA), torch, threads, blocks."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return device, (f"device {device}"
+                    + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+                    + f", torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x "
+                    f"{args.rounds} rounds")
+
+
 def bare_step(task, est, opt, batch, n: int) -> None:
     """One estimator step against the task and estimator APIs and nothing else: problem,
     estimate, backward of minus (surrogate + analytic), optimiser step, estimator update.  The
@@ -89,17 +109,12 @@ def harness_step(task_name: str, est_name: str, device: str, n: int, steps: int,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
+    add_timing_args(ap, steps=40)
     ap.add_argument("--tasks", default="binary_vae,text_vae")
     ap.add_argument("--estimators", default="rloo,disarm,gumbel_softmax,reparam")
-    ap.add_argument("--steps", type=int, default=40, help="steps per timed block")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating blocks of each")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x {args.rounds} rounds")
+    device, header = timing_set_up(args)
+    print(header)
     print(f"{'task':<14} {'estimator':<16} {'bare ms':>9} {'harness ms':>11} {'ratio':>7}")
     for task_name in args.tasks.split(","):
         family = tasks.get_class(parse(task_name).name).family

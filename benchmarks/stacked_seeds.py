@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from estbench.core.spec import parse  # noqa: E402
 from estbench.engine.sweep import task_budget  # noqa: E402
-from harness_step import _sync, bare_step, set_up  # noqa: E402
+from harness_step import _sync, add_timing_args, bare_step, set_up, timing_set_up  # noqa: E402
 
 
 class _Objective(nn.Module):
@@ -114,23 +114,18 @@ def stacked_ms(stacked: Stacked, steps: int, device) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
+    add_timing_args(ap, steps=10, rounds=3)
     ap.add_argument("--tasks", default="binary_vae,categorical_vae")
     ap.add_argument("--estimators", default="binary_vae=rloo,categorical_vae=gumbel_softmax",
                     help="task=estimator per task (an estimator whose sampling vmap cannot batch "
                          "is reported as such: torch's OneHotCategorical.sample is one)")
     ap.add_argument("--seeds", default="1,2,4,8", help="numbers of seeds k to stack")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, header = timing_set_up(args)
     import tasks
 
     chosen = dict(pair.split("=") for pair in args.estimators.split(","))
-    print(f"device {device}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{args.steps} steps x {args.rounds} rounds, medians")
+    print(header + ", medians")
     print(f"{'task':16s} {'estimator':16s} {'seeds':>5s} {'separate ms/seed-step':>22s} "
           f"{'stacked ms/seed-step':>21s} {'speed-up':>8s}")
     for task in args.tasks.split(","):

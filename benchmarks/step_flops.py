@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from estbench.engine import protocols  # noqa: E402
-from harness_step import _sync, bare_step, set_up as set_up_model  # noqa: E402
+from harness_step import (_sync, add_timing_args, bare_step, set_up as set_up_model,  # noqa: E402
+                          timing_set_up)
 
 #: the estimator each protocol's source compares first
 ESTIMATORS = {"binary_vae": "disarm", "categorical_vae": "reinmax", "text_vae": "reparam",
@@ -125,17 +126,11 @@ def measure(task_name: str, device: torch.device, steps: int, rounds: int) -> di
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
+    add_timing_args(ap, steps=20, steps_help="steps (and chains) per timed block")
     ap.add_argument("--tasks", default="binary_vae,categorical_vae,text_vae")
-    ap.add_argument("--steps", type=int, default=20, help="steps (and chains) per timed block")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating blocks of each")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x "
-          f"{args.rounds} rounds, medians")
+    device, header = timing_set_up(args)
+    print(header + ", medians")
     print(f"{'task':<16} {'estimator':<26} {'GFLOP/step':>10} {'products':>9} {'step ms':>8} "
           f"{'step GFLOP/s':>12} {'chain ms':>9} {'chain GFLOP/s':>13} {'of limit':>9}")
     for task_name in args.tasks.split(","):
