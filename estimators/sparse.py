@@ -185,23 +185,25 @@ def _chain_scores(Z, theta, transition):
     return c
 
 
-def _kkt(Z, active, ridge, Q=None):
-    """KKT matrix [[Q_A, 1], [1^T, 0]] of the equality-constrained QP on each active set.
+def _gram(Z):
+    """Q_ij = m_i . m_j of the structures ``Z`` (N, S, D), with the one-hot unary vectors
+    m = (1 - z, z) per position: D - Hamming(z_i, z_j)."""
+    n1 = Z.sum(-1)
+    return 2 * (Z @ Z.transpose(1, 2)) - n1[:, :, None] - n1[:, None, :] + Z.shape[-1]
 
-    Q_ij = m_i . m_j with the one-hot unary vectors m = (1 - z, z) per position, i.e. D - Hamming
-    (computed from ``Z`` unless given).  Inactive slots get an identity row (so their weight solves
-    to 0).  ``ridge`` regularises a (degenerate) affinely dependent active set: the solution then
-    steps along the null direction.
+
+def _kkt(Q, active, ridge):
+    """KKT matrix [[Q_A, 1], [1^T, 0]] of the equality-constrained QP on each active set, from the
+    Gram matrix ``Q`` of the slots (:func:`_gram`).  Inactive slots get an identity row (so their
+    weight solves to 0).  ``ridge`` regularises a (degenerate) affinely dependent active set: the
+    solution then steps along the null direction.
     """
-    N, S, D = Z.shape
-    am = active.to(Z.dtype)
-    if Q is None:
-        n1 = Z.sum(-1)
-        Q = 2 * (Z @ Z.transpose(1, 2)) - n1[:, :, None] - n1[:, None, :] + D  # D - Hamming
-    eye = torch.eye(S, dtype=Z.dtype, device=Z.device)
-    K = Z.new_zeros(N, S + 1, S + 1)
-    K[:, :S, :S] = Q * am[:, :, None] * am[:, None, :] + eye * (1 - am)[:, None, :] \
-        + ridge * eye * am[:, None, :]
+    N, S = active.shape
+    am = active.to(Q.dtype)
+    K = Q.new_zeros(N, S + 1, S + 1)
+    K[:, :S, :S] = Q * (am[:, :, None] * am[:, None, :])
+    K[:, :S, :S].diagonal(dim1=-2, dim2=-1).add_(
+        torch.where(active, torch.tensor(ridge, dtype=Q.dtype, device=Q.device), 1.0))
     K[:, :S, S] = am
     K[:, S, :S] = am
     return K
@@ -321,17 +323,17 @@ def _solve_eqp(state: _ActiveSets, ridge: float, every: int):
         idx = state.fresh.nonzero().squeeze(1)
         if 0 < idx.numel() < n:
             active = state.active[idx]
-            K = _kkt(state.Z[idx], active, ridge, state.Q[idx])
+            K = _kkt(state.Q[idx], active, ridge)
             rhs = torch.cat([state.c[idx] * active, state.theta.new_ones(idx.numel(), 1)], -1)
             sol = torch.linalg.solve(K, rhs)
             state.sol_x[idx], state.sol_tau[idx] = sol[:, :cap] * active, sol[:, cap]
         elif idx.numel():
             rhs = torch.cat([state.c * state.active, state.theta.new_ones(n, 1)], -1)
-            sol = torch.linalg.solve(_kkt(state.Z, state.active, ridge, state.Q), rhs)
+            sol = torch.linalg.solve(_kkt(state.Q, state.active, ridge), rhs)
             state.sol_x, state.sol_tau = sol[:, :cap] * state.active, sol[:, cap]
     else:
         rhs = torch.cat([state.c * state.active, state.theta.new_ones(n, 1)], -1)
-        sol = torch.linalg.solve(_kkt(state.Z, state.active, ridge, state.Q), rhs)
+        sol = torch.linalg.solve(_kkt(state.Q, state.active, ridge), rhs)
         state.sol_x = torch.where(state.fresh[:, None], sol[:, :cap] * state.active, state.sol_x)
         state.sol_tau = torch.where(state.fresh, sol[:, cap], state.sol_tau)
     return state.sol_x, state.sol_tau
@@ -386,7 +388,8 @@ def _step_to_blocking(state: _ActiveSets, move: torch.Tensor, step: torch.Tensor
     """Step 2b, for the chains ``move`` not stationary on their active set (Niculae et al. 2018,
     Sec. 3.2; Nocedal & Wright 1999, Sec. 16.4): move xi towards the EQP solution, xi + alpha
     step with the largest alpha <= 1 that keeps every weight >= 0; a weight that reaches zero
-    first (alpha < 1) is the blocking constraint, and its structure leaves A."""
+    first (alpha < 1) is the blocking constraint, and its structure leaves A.  Returns the chains
+    that took the full step (alpha = 1): they now sit at the EQP solution of an unchanged A."""
     xi, active = state.xi, state.active
     neg = active & (step < 0)
     ratio = torch.where(neg, -xi / torch.where(neg, step, -torch.ones_like(step)),
@@ -399,6 +402,7 @@ def _step_to_blocking(state: _ActiveSets, move: torch.Tensor, step: torch.Tensor
     state.xi = torch.where(out, 0.0, xi)
     state.active = active & ~out
     state.fresh = state.fresh | drop
+    return move & ~drop
 
 
 def _assemble(finished: list):
@@ -419,7 +423,7 @@ def _polish(xi, Z, active, theta, transition):
     N = theta.shape[0]
     cap = Z.shape[1]
     rhs = torch.cat([_chain_scores(Z, theta, transition) * active, theta.new_ones(N, 1)], -1)
-    exact, info = torch.linalg.solve_ex(_kkt(Z, active, 0.0), rhs)
+    exact, info = torch.linalg.solve_ex(_kkt(_gram(Z), active, 0.0), rhs)
     exact = exact[:, :cap] * active
     ok = (info == 0) & torch.isfinite(exact).all(-1) & ((exact - xi).abs().amax(-1) < 1e-6)
     xi = torch.where(ok[:, None], exact, xi)
@@ -483,10 +487,13 @@ def sparsemap_chain_solve(theta: torch.Tensor, transition: float, max_iter: int 
         stationary = step.abs().amax(-1) < tol
         st, move = ~state.done & stationary, ~state.done & ~stationary
         state.fresh = torch.zeros_like(state.done)
-        if every > 1 or bool(st.any()):  # (on the CPU, skip what no chain needs: it is free to ask)
+        if every > 1 or bool(move.any()):  # (on the CPU, skip what no chain needs: it is free to ask)
+            # a chain that takes the full step is stationary on its unchanged A (the next solve
+            # would return the same xi_hat and tau): it looks for a structure to add at once,
+            # which halves the iterations (an addition used to take a step, then an addition)
+            st = st | _step_to_blocking(state, move, step)
+        if every > 1 or bool(st.any()):
             _add_most_violating(state, st, xi_hat, tau, transition, tol, every)
-        if every > 1 or bool(move.any()):
-            _step_to_blocking(state, move, step)
     if state.live.numel():  # the iteration budget ran out: these chains did not converge
         finished.append((state.live, state.xi, state.Z, state.active, state.done & ~state.stuck))
     xi, Z, active, converged = _assemble(finished)
@@ -517,7 +524,7 @@ class SparseMAPChain(torch.autograd.Function):
     def backward(ctx, g_xi, g_z, g_active):
         Z, active = ctx.saved_tensors
         N, S, _ = Z.shape
-        K = _kkt(Z, active, 0.0)
+        K = _kkt(_gram(Z), active, 0.0)
         rhs = torch.cat([g_xi.double() * active, Z.new_zeros(N, 1)], -1)
         g_c = torch.linalg.solve(K, rhs)[:, :S] * active
         g_theta = torch.einsum("ns,nsd->nd", g_c, Z)

@@ -29,7 +29,10 @@ def test_stacked_seeds_step_is_each_seeds_step():
         obj.backward()
         own = {n: p.grad for n, p in stacked_seeds._Objective(task, est, 1).named_parameters()}
         for name, grad_i in own.items():
-            torch.testing.assert_close(g[name][i], grad_i, rtol=1e-4, atol=1e-5)
+            # float32 sums over the batch in another order: rounding of the block's largest entry
+            # (1.5e-5 at 1.7 on the encoder of one 2-core Xeon), not an absolute 1e-5
+            scale = float(grad_i.abs().max())
+            torch.testing.assert_close(g[name][i], grad_i, rtol=1e-4, atol=2e-5 * max(scale, 1.0))
 
 
 def test_the_speed_scripts_run(capsys):

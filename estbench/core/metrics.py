@@ -194,7 +194,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(name="bias_test_samples", recorded=CHECKPOINT, direction=NONE, scale=LINEAR,
            label="bias test estimates",
            doc="estimates the bias test used: M, or 16 M where its second stage re-tested a "
-               "rejection whose bias was within 10x its noise floor (measure.BIAS_RECHECK_FACTOR)"),
+               "rejection of an estimator declared unbiased whose bias was within 10x its noise "
+               "floor (measure.BIAS_RECHECK_FACTOR)"),
     Metric(name="cosine", recorded=CHECKPOINT, direction=HIGHER, scale=LINEAR, label="cosine",
            doc="mean cosine between one estimate and the reference gradient"),
     Metric(name="snr", recorded=CHECKPOINT, direction=HIGHER, scale=LOG10,

@@ -176,8 +176,18 @@ BIAS_TEST_FLOAT_TOL = 1e-5
 #: the test can reject with a tiny p at a bias of a few times its noise floor (IndeCateR and MuProp
 #: on toy_categorical), where BIAS_RECHECK_FACTOR times as many estimates at the same checkpoints
 #: find no bias.  A bias many times its noise floor (a relaxation's on the toys) is not that: it
-#: needs no second stage.
+#: needs no second stage.  Only an estimator declared ``unbiased`` is re-tested: the second stage
+#: guards a declaration of unbiasedness against a false alarm, and a declared-biased estimator's
+#: rejection agrees with its declaration (in the quick sweep of every task the second stage
+#: confirmed 457 of 461 rejections of declared-biased estimators and cleared all 8 of declared-
+#: unbiased ones, at up to half of a categorical_vae cell's time).
 BIAS_RECHECK_ALPHA, BIAS_RECHECK_FACTOR, BIAS_RECHECK_NOISE_RATIO = 0.01, 16, 10.0
+
+
+def _recheck_due(estimator, first: dict) -> bool:
+    """Whether the bias test's first stage calls for the second (:data:`BIAS_RECHECK_FACTOR`)."""
+    return (estimator.unbiased and first["bias_p"] < BIAS_RECHECK_ALPHA
+            and first["bias"] < BIAS_RECHECK_NOISE_RATIO * first["bias_noise"])
 
 
 @lru_cache(maxsize=2)
@@ -425,7 +435,7 @@ def measure(task, estimator, n_samples: int, M: int, seed: int, batch=None,
     f-evaluations of one estimate as counted (``n_evals``) and as reported (``n_evals_reported``).
 
     Every figure comes from the M estimates, except the bias test's where its second stage ran
-    (see :data:`BIAS_RECHECK_FACTOR`): then ``bias_z`` / ``bias_p`` are from the 16 M estimates,
+    (see :data:`BIAS_RECHECK_FACTOR`; estimators declared unbiased only): then ``bias_z`` / ``bias_p`` are from the 16 M estimates,
     and ``bias_test_samples`` says how many the test used."""
     if batch is None:
         batch = task.measure_batch()
@@ -438,7 +448,7 @@ def measure(task, estimator, n_samples: int, M: int, seed: int, batch=None,
     out, proj = _summary(G, reference)
     del G
     out["bias_test_samples"] = float(M)
-    if out["bias_p"] < BIAS_RECHECK_ALPHA and out["bias"] < BIAS_RECHECK_NOISE_RATIO * out["bias_noise"]:
+    if _recheck_due(estimator, out):
         # the second stage, on a fresh stream: the first M estimates and (factor - 1) x M more,
         # in batched passes of M, each kept only as its K projections -- from the gradients
         # w.r.t. the distribution parameters where the graph allows (direction_tangents), so no
