@@ -428,6 +428,19 @@ def isolated_rng(seed: int, device: torch.device):
         yield
 
 
+#: offset of the reference gradient's random stream from its measurement's: the reference is
+#: drawn apart from the estimates, so that one computed elsewhere at the same parameters (a probe's
+#: cache, the start of training shared by a (task, seed)'s cells) stands in without moving them
+REFERENCE_STREAM = 4_000_037
+
+
+def reference_at(task, batch, seed: int) -> Reference:
+    """The task's reference gradient on ``batch`` at the measurement with stream ``seed``: on its
+    own stream (:data:`REFERENCE_STREAM`), a function of the parameters, the batch and ``seed``."""
+    with isolated_rng(seed + REFERENCE_STREAM, task.device):
+        return task.reference_gradient(batch)
+
+
 def measure(task, estimator, n_samples: int, M: int, seed: int, batch=None,
             reference: Optional[Reference] = None, batched: bool = True,
             counter: Optional[EvaluationCounter] = None) -> dict[str, float]:
@@ -435,14 +448,16 @@ def measure(task, estimator, n_samples: int, M: int, seed: int, batch=None,
     f-evaluations of one estimate as counted (``n_evals``) and as reported (``n_evals_reported``).
 
     Every figure comes from the M estimates, except the bias test's where its second stage ran
-    (see :data:`BIAS_RECHECK_FACTOR`; estimators declared unbiased only): then ``bias_z`` / ``bias_p`` are from the 16 M estimates,
-    and ``bias_test_samples`` says how many the test used."""
+    (see :data:`BIAS_RECHECK_FACTOR`; estimators declared unbiased only): then ``bias_z`` /
+    ``bias_p`` are from the 16 M estimates, and ``bias_test_samples`` says how many the test used.
+    ``reference``: the reference gradient when the caller has it (:func:`reference_at` with the
+    same ``seed`` and batch); computed here otherwise."""
     if batch is None:
         batch = task.measure_batch()
     device = task.device
+    if reference is None:
+        reference = reference_at(task, batch, seed)
     with isolated_rng(seed, device):
-        if reference is None:
-            reference = task.reference_gradient(batch)
         G, n_evals, reported = _measured_estimates(task, estimator, batch, n_samples, M,
                                                    batched=batched, counter=counter)
     out, proj = _summary(G, reference)

@@ -42,7 +42,8 @@ from estbench.core.errors import BudgetError, CellTimeout, InfeasibleError, Over
 from estbench.core.spec import Spec, parse
 from estbench.engine import protocols, snapshots
 from estbench.engine.cell import Cell, CellResult, Plan, code_version, usable_devices
-from estbench.engine.measure import isolated_rng, measure, replicate
+from estbench.engine.measure import (REFERENCE_STREAM, isolated_rng, measure, reference_at,
+                                      replicate)
 from estbench.engine.train import _check_spent, _record, resolve_device, time_limit
 
 #: the module a probe cell runs: its code (and what it imports) is in every probe cell's key
@@ -208,15 +209,15 @@ def _cached(cache: Optional[Path], name: str, device: torch.device, compute, pac
 
 def _reference(s: snapshots.SnapshotSet, task, batch, step: int, seed: int, device: torch.device,
                cache: Optional[Path]):
-    """The reference gradient at a snapshot (the task's ``reference_gradient`` on the measurement
-    batch, on the measurement's random stream), computed once per (set, step, device)."""
+    """The reference gradient at a snapshot (``measure.reference_at``, the driver's own at that
+    measurement), computed once per (set, step, device)."""
     from tasks import Reference
 
     def compute() -> Reference:
-        with isolated_rng(seed, device):
-            return task.reference_gradient(batch)
+        return reference_at(task, batch, seed)
 
-    return _cached(cache, f"{s.hash}-{step}", device, compute,
+    # the stream's offset in the name: a reference drawn on another stream is not this one
+    return _cached(cache, f"{s.hash}-{step}-stream{REFERENCE_STREAM}", device, compute,
                    lambda r: {"grad": r.grad.detach(), "exact": r.exact, "stderr": r.stderr,
                               "n_samples": r.n_samples},
                    lambda d: Reference(d["grad"], bool(d["exact"]), d["stderr"], d["n_samples"]))

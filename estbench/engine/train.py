@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import math
 import signal
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -34,7 +36,7 @@ import tasks
 from estbench.core.budget import Budget, EvaluationCounter, over_budget_message
 from estbench.core.errors import BudgetError, CellTimeout, Diverged, InfeasibleError, OverBudgetError
 from estbench.engine.cell import Cell, CellResult
-from estbench.engine.measure import isolated_rng, measure
+from estbench.engine.measure import isolated_rng, measure, reference_at
 from estbench.core.spec import parse
 from estbench.core.records import RECORD_IDENTITY
 
@@ -314,6 +316,8 @@ class _Training:
     #: training steps and summed objective since the last evaluation (read at evaluations)
     since_eval_steps: int = 0
     since_eval_obj: Optional[torch.Tensor] = None
+    #: what identifies the model before its first step (:func:`_shared_at_start`), once computed
+    start_key: Optional[tuple] = None
 
 
 def _set_up(cell: Cell, rec, report) -> _Training:
@@ -347,13 +351,55 @@ def _check_feasible(run: _Training) -> None:
         raise BudgetError(reason)
 
 
+#: how many (task, seed) starts a worker process keeps (:func:`_shared_at_start`): the seeds of a
+#: sweep's task, whose cells run one estimator after another
+SHARED_STARTS = 8
+_shared_starts: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def _parameters_digest(task) -> str:
+    """A digest of the values of the task's parameters (bytes, whatever the dtype or device)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in task.parameters():
+        h.update(p.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _shared_at_start(run: _Training, what: str, compute: Callable):
+    """``compute()`` at step 0 once per worker process for all the cells of a (task, seed): before
+    the first step every estimator's model is the same, and so are the step-0 measurement's
+    reference gradient and the step-0 held-out figure (deterministic functions of the parameters,
+    the task and the seed; the reference on its own stream, ``measure.reference_at``, so that
+    skipping it moves no other draw).  Keyed by the task's spec, the seed, the device, the
+    evaluation and a digest of the parameters' values, so a hit is the same computation on the same
+    values; the records are those of a cell run alone (tests/test_shared_start.py).  Later steps
+    compute as usual."""
+    if run.step != 0:
+        return compute()
+    if run.start_key is None:
+        c = run.cell
+        run.start_key = (c.task, c.seed, str(run.device), c.budget.evaluation,
+                         _parameters_digest(run.task))
+    key = (*run.start_key, what)
+    if key in _shared_starts:
+        _shared_starts.move_to_end(key)
+        return _shared_starts[key]
+    value = _shared_starts[key] = compute()
+    while len(_shared_starts) > 2 * SHARED_STARTS:  # two entries per start
+        _shared_starts.popitem(last=False)
+    return value
+
+
 def _measure_at(run: _Training, checkpoint: int) -> None:
     """Bias, variance and the rest at a checkpoint (``measure``, on its own RNG stream), the
     evaluations of f counted and held to the budget."""
     budget, step = run.cell.budget, run.step
     run.report(step, budget.steps, f"measuring (checkpoint {checkpoint} of {budget.checkpoints})")
-    m = measure(run.task, run.est, budget.n_samples, budget.measure_samples,
-                seed=run.cell.seed * 7919 + step, counter=run.counter)
+    seed = run.cell.seed * 7919 + step
+    batch = run.task.measure_batch()
+    reference = _shared_at_start(run, "reference", lambda: reference_at(run.task, batch, seed))
+    m = measure(run.task, run.est, budget.n_samples, budget.measure_samples, seed=seed,
+                batch=batch, reference=reference, counter=run.counter)
     spent, reported = int(m.pop("n_evals")), m.pop("n_evals_reported")
     _check_spent(run.held, spent, budget, f"in the measurement at step {step}", reported)
     for k, v in m.items():
@@ -363,7 +409,7 @@ def _measure_at(run: _Training, checkpoint: int) -> None:
 def _evaluate_at(run: _Training) -> None:
     """The held-out figure along training, the training time so far, and the mean training
     objective since the last evaluation."""
-    run.rec(run.step, "elbo", run.task.evaluate(final=False))
+    run.rec(run.step, "elbo", _shared_at_start(run, "elbo", lambda: run.task.evaluate(final=False)))
     run.rec(run.step, "wall_time", run.train_time)
     if run.since_eval_steps:
         run.rec(run.step, "train_objective", float(run.since_eval_obj) / run.since_eval_steps)
