@@ -42,6 +42,19 @@ _GL_X, _GL_W = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(20)
 
 
 # ---- copulas ----------------------------------------------------------------------------------
+def _integer_power(x, k: int):
+    """x^k for an integer k >= 1 by repeated squaring (torch's pow takes a generic path for most
+    exponents: several times the cost of the few products)."""
+    out = None
+    while k:
+        if k & 1:
+            out = x if out is None else out * x
+        k >>= 1
+        if k:
+            x = x * x
+    return out
+
+
 class DirichletCopula:
     """The Dirichlet copula (Dimitriev & Zhou 2021, ARMS, Sec. 3): u_i = F(D_i), D ~ Dir(1_n),
     F(x) = 1 - (1-x)^(n-1) the Beta(1, n-1) CDF."""
@@ -59,6 +72,18 @@ class DirichletCopula:
         a = 1/(n-1)."""
         a = 1.0 / (n - 1)
         return p + q - 1 + ((1 - p) ** a + (1 - q) ** a - 1).clamp_min(0) ** (n - 1)
+
+    @staticmethod
+    def rectangle(La, Ra, Lb, Rb, n):
+        """P(u_i in [La, Ra), u_j in [Lb, Rb)) = C(Ra, Rb) - C(La, Rb) - C(Ra, Lb) + C(La, Lb): the
+        linear parts of :meth:`cdf` cancel, leaving h(P_Ra + P_Rb - 1) - h(P_La + P_Rb - 1)
+        - h(P_Ra + P_Lb - 1) + h(P_La + P_Lb - 1) with P_x = (1-x)^a and h(t) = t_+^(n-1): four
+        fractional powers instead of eight, and h by multiplication (what a CARMS step spends
+        most of its time on, at a sentence's K(K-1)/2 orderings)."""
+        a = 1.0 / (n - 1)
+        PLa, PRa, PLb, PRb = ((1 - x.clamp(0, 1)) ** a for x in (La, Ra, Lb, Rb))
+        h = lambda t: _integer_power((t - 1).clamp_min(0), n - 1)
+        return h(PRa + PRb) - h(PLa + PRb) - h(PRa + PLb) + h(PLa + PLb)
 
     @staticmethod
     def upper_tail(q, n):
@@ -107,6 +132,12 @@ class GaussianCopula:
     def upper_tail(cls, q, n):
         """P(u_i > 1-q, u_j > 1-q) = C(q, q): the Gaussian copula is radially symmetric."""
         return cls.cdf(q, q, n)
+
+    @classmethod
+    def rectangle(cls, La, Ra, Lb, Rb, n):
+        """P(u_i in [La, Ra), u_j in [Lb, Rb)) = C(Ra, Rb) - C(La, Rb) - C(Ra, Lb) + C(La, Lb)."""
+        C = lambda x, y: cls.cdf(x.clamp(0, 1), y.clamp(0, 1), n)
+        return C(Ra, Rb) - C(La, Rb) - C(Ra, Lb) + C(La, Lb)
 
 
 COPULAS = {"dirichlet": DirichletCopula, "gaussian": GaussianCopula}
@@ -291,9 +322,7 @@ def carms_joint(a, b, probs, n, copula, orders=None):
     # at the observed categories: (P, 1, *cells, K) against (1, m, *cells, 1) -> (P, m, *cells)
     at = lambda x, c: torch.take_along_dim(x.unsqueeze(1), c.unsqueeze(0).unsqueeze(-1), -1).squeeze(-1)
     La, Ra, Lb, Rb = at(L, a), at(R, a), at(L, b), at(R, b)
-    C = lambda x, y: copula.cdf(x.clamp(0, 1), y.clamp(0, 1), n)
-    mass = C(Ra, Rb) - C(La, Rb) - C(Ra, Lb) + C(La, Lb)
-    return mass.clamp_min(0).mean(0)
+    return copula.rectangle(La, Ra, Lb, Rb, n).clamp_min(0).mean(0)
 
 
 def carms_weight(fz, z, probs, copula, orders=None):

@@ -513,3 +513,23 @@ def test_finite_at_saturated_logits(copula, dtype):
         lambda z: (z * torch.arange(4, dtype=dtype)).sum((-1, -2)) ** 2, 4)
     (g,) = torch.autograd.grad(e.surrogate, lc)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("copula", ["dirichlet", "gaussian"])
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_copula_rectangle_is_the_cdfs_inclusion_exclusion(copula, n):
+    """``rectangle`` (the Dirichlet copula's in four powers, not eight) is
+    C(Ra, Rb) - C(La, Rb) - C(Ra, Lb) + C(La, Lb) to float64 rounding, and is the copula's mass
+    of the rectangle: it sums to 1 over a tiling of the square."""
+    g = torch.Generator().manual_seed(n)
+    cut = torch.sort(torch.rand(5, generator=g, dtype=F64)).values
+    ends = torch.cat([torch.zeros(1, dtype=F64), cut, torch.ones(1, dtype=F64)])
+    L, R = ends[:-1], ends[1:]
+    La, Lb = torch.meshgrid(L, L, indexing="ij")
+    Ra, Rb = torch.meshgrid(R, R, indexing="ij")
+    C = lambda x, y: A.COPULAS[copula].cdf(x, y, n)
+    by_cdf = C(Ra, Rb) - C(La, Rb) - C(Ra, Lb) + C(La, Lb)
+    rect = A.COPULAS[copula].rectangle(La, Ra, Lb, Rb, n)
+    torch.testing.assert_close(rect, by_cdf, rtol=0, atol=1e-13)
+    assert float(rect.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert A._integer_power(torch.tensor([1.5], dtype=F64), 5).item() == pytest.approx(1.5**5, rel=1e-15)
