@@ -2,7 +2,8 @@
 
     python results/quick_budget_check.py [RUN] [--tasks a,b] [--at 0.5]
 
-For each task of ``RUN`` (default ``results/reference``): the estimators' mean held-out ELBO (the
+For each task of ``RUN`` (default ``results/quick_budget_evidence``: the committed reference's
+curves before issue #23 cut the budgets, see its README): the estimators' mean held-out ELBO (the
 curve's ``elbo``, means over seeds) at the curve point nearest ``--at`` of the run's steps and at
 its last step, and Kendall's tau-b between the two orders.  Issue #23 read it to cut quick budgets:
 a high tau says the estimators' order is already there at the shorter length, a mean that no
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", nargs="?", default=str(ROOT / "results" / "reference"))
+    ap.add_argument("run", nargs="?", default=str(ROOT / "results" / "quick_budget_evidence"))
     ap.add_argument("--tasks", default="")
     ap.add_argument("--at", type=float, default=0.5, help="the shorter length, as a share of the run's")
     args = ap.parse_args(argv)

@@ -140,7 +140,8 @@ def test_readme_says_what_every_tasks_quick_budget_is():
 
 
 def test_quick_budget_check_reads_the_committed_reference(capsys):
-    """results/quick_budget_check.py runs on the committed reference and prints the README's tau."""
+    """results/quick_budget_check.py runs on the committed evidence (the reference's curves before
+    #23 cut the budgets) and prints the README's tau."""
     sys.path.insert(0, str(ROOT / "results"))
     import quick_budget_check
 
