@@ -454,8 +454,9 @@ def sparsemap_chain_solve(theta: torch.Tensor, transition: float, max_iter: int 
     state of the chains still running is one :class:`_ActiveSets`.
 
     Cost.  The Gram matrix Q = D - Hamming of the slots is updated by one row per addition rather
-    than recomputed; the KKT system of a chain is re-solved only when its active set changed (a
-    full step on an unchanged set is followed by the stationary solve of the same set); the slot
+    than recomputed, and the KKT matrix built from it alone; the KKT system of a chain is re-solved
+    only when its active set changed, and a chain that takes the full step looks for its next
+    structure in the same iteration (it sits at the EQP solution of its unchanged set); the slot
     dimension grows with the largest active set instead of being padded to S; finished chains leave
     the batch.  That bookkeeping (:func:`_retire_and_grow`) reads the state on the host every
     ``sync_every`` iterations (0: every iteration on the CPU, where it is free and also lets an
