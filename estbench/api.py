@@ -8,6 +8,7 @@ from __future__ import annotations
 import operator
 import sys
 
+from estbench.core import process
 from estbench.analysis import table
 from estbench.core.errors import OptionError, UsageError
 from estbench.core.spec import parse_seeds
@@ -47,6 +48,7 @@ def run(tasks=None, estimators=None, seeds=(0, 1, 2), out=None, budget="quick", 
     ConfigError) with one clear line; notes (a device missing, points a budget cannot hold) go to
     stderr.
     """
+    process.prepare()  # the workers' environment: estbench.core.process
     if device not in runs.DEVICES:
         raise OptionError(f"device must be one of {', '.join(runs.DEVICES)}, got {device!r}")
     task_specs, est_specs = runs.select(tasks, estimators, budget)

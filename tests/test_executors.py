@@ -377,3 +377,42 @@ def test_the_memory_share_divides_among_the_jobs_asked_for():
     assert one > 0 and abs(four * 4 - one) <= 4
     settings = executors.make_executor(4).settings
     assert settings.jobs == 4 and settings.memory_limit is None  # the worker's machine decides
+
+
+@pytest.mark.parametrize("user", [None, "0"], ids=["unset", "user-off"])
+def test_loky_workers_start_with_huge_pages_unless_the_user_said_no(tmp_path, monkeypatch, user):
+    """torch reads THP_MEM_ALLOC_ENABLE once, from the environment, at its first allocation: the
+    pool's workers are started with it (estbench.core.process), whatever the parent process has,
+    and a user's own value wins.  Each cell's record says what its worker had."""
+    from estbench.core import process
+
+    if user is None:
+        monkeypatch.delenv(process.HUGE_PAGES, raising=False)
+    else:
+        monkeypatch.setenv(process.HUGE_PAGES, user)
+    plan = plan4()
+    plan.cells = plan.cells[:2]
+    sweep.run(plan, tmp_path, executor=executors.LokyExecutor(n_jobs=2))
+    _, cells = store.load(tmp_path)
+    assert len(cells) == 2
+    assert [env["huge_pages"] for env in cells.env] == [user is None] * 2
+
+
+def test_the_command_line_sets_huge_pages_before_torch(monkeypatch):
+    """Importing the command line sets the variable (torch not yet imported by it) and keeps a
+    user's value."""
+    import os
+    import subprocess
+    import sys
+
+    from estbench.core import process
+
+    code = ("import sys, os, estbench.cli; "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
+    for given, expected in ((None, "1 False"), ("0", "0 False")):
+        env = {k: v for k, v in os.environ.items() if k != process.HUGE_PAGES}
+        if given is not None:
+            env[process.HUGE_PAGES] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.split("\n")[0]
+        assert out == expected

@@ -1,4 +1,4 @@
-"""benchmarks/stacked_seeds.py and benchmarks/measure_paths.py run, and what they compare is the
+"""benchmarks/stacked_seeds.py, measure_paths.py and huge_pages.py run, and what they compare is the
 same computation (no timing is asserted: speed figures come from running the scripts alone)."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import huge_pages  # noqa: E402
 import measure_paths  # noqa: E402
 import stacked_seeds  # noqa: E402
 
@@ -40,5 +41,6 @@ def test_the_speed_scripts_run(capsys):
                                "--rounds", "1"]) == 0
     assert measure_paths.main(["--cases", "toy_binary:gumbel_softmax,toy_binary:spigot",
                                "--rounds", "1"]) == 0
+    assert huge_pages.main(["--cells", "toy_binary=rloo", "--seeds", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "binary_vae" in out and "spigot" in out
+    assert "binary_vae" in out and "spigot" in out and "toy_binary=rloo" in out

@@ -175,7 +175,10 @@ def test_a_worker_records_the_settings_it_was_handed(tmp_path):
     executors.run_and_store(cell, str(tmp_path), settings=settings)
     _, cells = store.load(tmp_path)
     env = cells.env.iat[0]
-    assert env == {"cpu": store._cpu_model(), "cuda_device": None, "threads": 2, "jobs": 3}
+    from estbench.core import process
+
+    assert env == {"cpu": store._cpu_model(), "cuda_device": None, "threads": 2, "jobs": 3,
+                   "huge_pages": process.huge_pages()}
 
 
 @pytest.mark.slow

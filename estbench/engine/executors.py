@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from estbench.engine import store
+from estbench.core import process
 from estbench.core.errors import ConfigError, WorkerError  # noqa: F401 (WorkerError re-exported)
 from estbench.engine.cell import Cell, CellResult
 from estbench.engine.train import DEFAULT_THREADS, run_cell
@@ -137,7 +138,8 @@ class WorkerSettings:
 
     def environment(self) -> dict:
         """What of these a cell's record keeps (``store.write_cell``'s ``env``)."""
-        return {"threads": self.threads, "jobs": self.jobs}
+        return {"threads": self.threads, "jobs": self.jobs,
+                "huge_pages": process.huge_pages()}
 
 
 def run_and_store(cell: Cell, run_dir: str, force: bool = False,
@@ -380,7 +382,8 @@ class LokyExecutor(Executor):
         settings = self.settings
         while todo:
             pool = get_reusable_executor(max_workers=self.n_jobs, reuse=False,
-                                         initializer=_ignore_interrupts)
+                                         initializer=_ignore_interrupts,
+                                         env=process.worker_environment())
             try:
                 futures = {pool.submit(run_and_store, c, str(run_dir), force, settings): c
                            for c in todo}
