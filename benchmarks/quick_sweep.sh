@@ -13,6 +13,7 @@ start=$SECONDS
 estbench run --tasks "$tasks" --estimators "$ests" --seeds 0,1 -j 2 --out "$out" --quiet \
     > "$out.log" 2>&1 || status=$?
 if [ "${status:-0}" -gt 1 ]; then tail -5 "$out.log"; exit "$status"; fi
+if [ ! -d "$out" ]; then tail -5 "$out.log"; exit 1; fi  # estbench did not start
 python - "$out" "$((SECONDS - start))" <<'PY'
 import sys
 import estbench

@@ -112,7 +112,7 @@ class TextVAE(Task):
     run --budget paper`` runs those settings (tasks/protocols/text_vae.yml lists what differs).
 
     **Budgets.**  quick (default options: emb 64, hidden 128, D = 32, batch 32, all sentence
-    lengths; 20 steps, 4 samples, 3 checkpoints with M = 16 estimates on 4 sentences, reference
+    lengths; 10 steps, 4 samples, 3 checkpoints with M = 16 estimates on 4 sentences, reference
     R*S = 8*8; final figures on 200 test sentences with 5 importance samples), cheap on a CPU.  It is a *gradient-quality* budget: the variance, cosine and SNR of the encoder
     gradient separate the estimators by orders of magnitude from the first checkpoint on, while
     the ELBO and perplexity of a model this little trained do not (even several times as many steps leave the
