@@ -398,7 +398,7 @@ def test_loky_workers_start_with_huge_pages_unless_the_user_said_no(tmp_path, mo
     assert [env["huge_pages"] for env in cells.env] == [user is None] * 2
 
 
-def test_the_command_line_sets_huge_pages_before_torch(monkeypatch):
+def test_the_command_line_sets_huge_pages_before_torch():
     """Importing the command line sets the variable (torch not yet imported by it) and keeps a
     user's value."""
     import os
@@ -408,7 +408,7 @@ def test_the_command_line_sets_huge_pages_before_torch(monkeypatch):
     from estbench.core import process
 
     code = ("import sys, os, estbench.cli; "
-            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
+            f"print(os.environ.get({process.HUGE_PAGES!r}), 'torch' in sys.modules)")
     for given, expected in ((None, "1 False"), ("0", "0 False")):
         env = {k: v for k, v in os.environ.items() if k != process.HUGE_PAGES}
         if given is not None:
