@@ -194,6 +194,25 @@ def test_step_time_not_comparable_across_environments(tmp_path, monkeypatch, cap
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("pages_a, note", [
+    (False, "not comparable: huge pages False in A vs True in B"),
+    (None, "not comparable: huge pages not recorded in A vs True in B"),  # a set from before
+])
+def test_step_time_not_comparable_across_huge_page_settings(tmp_path, monkeypatch, pages_a, note):
+    """A run with torch's huge pages off (or from before the switch was recorded) is not timed
+    like one with them on (estbench.core.process): its step times get no verdict."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, n in enumerate(NOISE):
+        env_a = {"jobs": 1} if pages_a is None else {"jobs": 1, "huge_pages": pages_a}
+        _hand_cell(a, "toy", "e", seed, -10 * (1 + n), 1 + n, step_time=0.002 * (1 + n), env=env_a)
+        _hand_cell(b, "toy", "e", seed, -10 * (1 + n), 1 + n, step_time=0.002 * (1 + n),
+                   env={"jobs": 1, "huge_pages": True})
+    df, quality, speed = compare(a, b)
+    row = df.set_index("metric").loc["step_ms"]
+    assert not (quality or speed) and row.mark == "not comparable"
+    assert row.note == note
+
+
 def test_step_time_of_runs_without_environment_not_comparable(tmp_path, monkeypatch):
     a = _timed_run(tmp_path / "a", monkeypatch)
     b = _timed_run(tmp_path / "b", monkeypatch, step_time=0.010)

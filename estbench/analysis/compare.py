@@ -87,8 +87,11 @@ COLUMNS = [*SETTING_KEYS, "metric", "a", "b", "change", "rel_change", "p_value",
 #: machine; every other one is of quality (bit 1)
 SPEED_METRICS = frozenset(name for name in METRICS if metrics.get(name).timing)
 #: the fields of a cell's timing environment (``env`` in its status row), as named in notes
-ENV_FIELDS = {"cpu": "CPU", "cuda_device": "CUDA device", "threads": "threads", "jobs": "jobs"}
+ENV_FIELDS = {"cpu": "CPU", "cuda_device": "CUDA device", "threads": "threads", "jobs": "jobs",
+              "huge_pages": "huge pages"}
 NOT_RECORDED = "timing environment not recorded"
+#: an ENV_FIELDS entry a cell's ``env`` lacks (recorded by a later version than the cell's)
+FIELD_NOT_RECORDED = "not recorded"
 #: the budget fields a cell's status row records (``Budget``): settings compare only alike
 BUDGET_FIELDS = [f.name for f in dataclasses.fields(Budget)]
 #: the statuses of cells that ran (an infeasible cell never did)
@@ -279,14 +282,20 @@ def timing_envs(cells: pd.DataFrame) -> dict:
     return out
 
 
+def env_values(envs, field: str) -> list:
+    """The distinct values (as text, sorted) of one ENV_FIELDS entry over recorded environments;
+    FIELD_NOT_RECORDED for an environment recorded before that entry existed."""
+    return sorted({str(e[field]) if field in e else FIELD_NOT_RECORDED for e in envs})
+
+
 def env_difference(envs_a, envs_b) -> str:
     """'' when every cell of A and B was timed in one same environment, else what differs."""
     if not envs_a or not envs_b or any(e is None for e in [*envs_a, *envs_b]):
         return NOT_RECORDED
     diffs = []
     for f, name in ENV_FIELDS.items():
-        va = sorted({str(e.get(f)) for e in envs_a})
-        vb = sorted({str(e.get(f)) for e in envs_b})
+        va = env_values(envs_a, f)
+        vb = env_values(envs_b, f)
         if va != vb or len(va) > 1:
             diffs.append(f"{name} {'/'.join(va)} in A vs {'/'.join(vb)} in B")
     return "; ".join(diffs)

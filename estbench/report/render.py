@@ -265,7 +265,7 @@ nav.toc{font-size:0.92em}nav.toc ul{columns:2}
 # ---- content ------------------------------------------------------------------------------------
 def _mixed_timing(cells) -> dict:
     """{task: what differs} for the tasks whose finished cells were timed in more than one
-    environment (compare.ENV_FIELDS: CPU, CUDA device, threads, parallel jobs)."""
+    environment (compare.ENV_FIELDS: CPU, CUDA device, threads, parallel jobs, huge pages)."""
     by_task: dict = {}
     for (task, *_), envs in compare.timing_envs(cells).items():
         by_task.setdefault(task, []).extend(envs)
@@ -275,9 +275,9 @@ def _mixed_timing(cells) -> dict:
             if not all(e is None for e in envs):
                 out[task] = compare.NOT_RECORDED + " for some cells"
             continue
-        differ = [f"{name} {'/'.join(sorted({str(e.get(f)) for e in envs}))}"
+        differ = [f"{name} {'/'.join(compare.env_values(envs, f))}"
                   for f, name in compare.ENV_FIELDS.items()
-                  if len({str(e.get(f)) for e in envs}) > 1]
+                  if len(compare.env_values(envs, f)) > 1]
         if differ:
             out[task] = ", ".join(differ)
     return out
