@@ -6,6 +6,7 @@ wall_time) legitimately differ between runs and are left out of the comparisons.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -416,3 +417,28 @@ def test_the_command_line_sets_huge_pages_before_torch():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True).stdout.split("\n")[0]
         assert out == expected
+
+
+_KEPT = []  # what a worker keeps between tasks (a cache, as a task's data set is)
+
+
+def _grow_and_report(megabytes: int = 0):
+    import time
+
+    _KEPT.append(bytearray(megabytes << 20))
+    time.sleep(1.2 if megabytes else 0)  # loky checks a worker's memory at most once a second
+    return os.getpid()
+
+
+def test_a_loky_worker_that_keeps_caches_is_not_replaced():
+    """loky's leak check replaces a worker grown by 300 MB since its first task; the pool's
+    workers tolerate what one cell may allocate instead (executors._init_worker), so a worker
+    that loads a task's data set keeps it, and its imports, for the cells after."""
+    pool = executors.LokyExecutor(n_jobs=1).pool()
+    try:
+        first = pool.submit(_grow_and_report).result()
+        grown = pool.submit(_grow_and_report, 400).result()
+        after = pool.submit(_grow_and_report).result()
+    finally:
+        pool.shutdown(wait=True, kill_workers=True)
+    assert first == grown == after

@@ -319,13 +319,29 @@ class SerialExecutor(Executor):
 MAX_POOL_RESTARTS = 2
 
 
-def _ignore_interrupts() -> None:
-    """A loky worker's initializer: Ctrl-C (SIGINT, sent to the terminal's whole process group)
-    is the parent's to handle -- it cancels the pending cells and kills the workers -- so a worker
-    neither prints a traceback for it nor turns it into a failed cell."""
+def _init_worker(growth_allowed: int = 0) -> None:
+    """A loky worker's initializer.
+
+    Ctrl-C (SIGINT, sent to the terminal's whole process group) is the parent's to handle -- it
+    cancels the pending cells and kills the workers -- so a worker neither prints a traceback for
+    it nor turns it into a failed cell.
+
+    loky replaces a worker whose memory grew by more than 300 MB since its first task (its leak
+    check).  A worker here keeps bounded caches on purpose (each task's data set, the step-0
+    results its cells share), so moving from the toys to the MNIST or SST tasks grows it past that
+    and the pool restarts it, which costs the replacement its imports and every cache again (three
+    restarts in one reference remake).  ``growth_allowed`` (> 0: the memory one cell may allocate,
+    :func:`cell_memory_limit`) is the growth tolerated instead; a real leak past it is still caught.
+    """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if growth_allowed > 0:
+        from joblib.externals.loky import process_executor
+
+        if hasattr(process_executor, "_MAX_MEMORY_LEAK_SIZE"):  # loky's own setting (private)
+            process_executor._MAX_MEMORY_LEAK_SIZE = max(process_executor._MAX_MEMORY_LEAK_SIZE,
+                                                         growth_allowed)
 
 
 def _stop_pool(pool) -> None:
@@ -361,6 +377,17 @@ class LokyExecutor(Executor):
 
     name = "loky"
 
+    def pool(self):
+        """A fresh pool of ``n_jobs`` workers, started with huge pages for torch
+        (:mod:`estbench.core.process`) and :func:`_init_worker`'s settings."""
+        from joblib.externals.loky import get_reusable_executor
+
+        settings = self.settings
+        return get_reusable_executor(
+            max_workers=self.n_jobs, reuse=False, initializer=_init_worker,
+            initargs=(cell_memory_limit(settings.jobs, settings.memory_limit),),
+            env=process.worker_environment())
+
     def run_cells(self, cells, run_dir, force=False):
         """Cells as they finish.  A worker that dies (killed by the operating system) breaks the
         whole pool: the cells that were running then are reported lost (not stored; a rerun
@@ -370,7 +397,6 @@ class LokyExecutor(Executor):
         cells they ran are not stored; every finished one is)."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        from joblib.externals.loky import get_reusable_executor
         from joblib.externals.loky.process_executor import BrokenProcessPool
 
         # loky replaces a worker whose memory grew between cells (its leak check) and says so
@@ -381,9 +407,7 @@ class LokyExecutor(Executor):
         restarts: dict = {}  # cell -> fresh pools it has been handed to after a break
         settings = self.settings
         while todo:
-            pool = get_reusable_executor(max_workers=self.n_jobs, reuse=False,
-                                         initializer=_ignore_interrupts,
-                                         env=process.worker_environment())
+            pool = self.pool()
             try:
                 futures = {pool.submit(run_and_store, c, str(run_dir), force, settings): c
                            for c in todo}
