@@ -399,8 +399,8 @@ class LokyExecutor(Executor):
 
         from joblib.externals.loky.process_executor import BrokenProcessPool
 
-        # loky replaces a worker whose memory grew between cells (its leak check) and says so
-        # each time: a worker's memory growing over cells of different tasks is not a leak
+        # loky says so each time its leak check replaces a worker (past what one cell may
+        # allocate: _init_worker); the cells are not lost, so the sweep's output stays quiet
         warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given")
         todo = list(_interleave(cells))
         run_dir = Path(run_dir)
