@@ -275,9 +275,8 @@ def _mixed_timing(cells) -> dict:
             if not all(e is None for e in envs):
                 out[task] = compare.NOT_RECORDED + " for some cells"
             continue
-        differ = [f"{name} {'/'.join(compare.env_values(envs, f))}"
-                  for f, name in compare.ENV_FIELDS.items()
-                  if len(compare.env_values(envs, f)) > 1]
+        values = {name: compare.env_values(envs, f) for f, name in compare.ENV_FIELDS.items()}
+        differ = [f"{name} {'/'.join(v)}" for name, v in values.items() if len(v) > 1]
         if differ:
             out[task] = ", ".join(differ)
     return out
